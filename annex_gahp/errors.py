@@ -1,0 +1,47 @@
+"""Errors with messages a user can act on. Stdlib only."""
+
+from __future__ import annotations
+
+
+class AnnexError(Exception):
+    """Base: the message is shown to the user as it is, so it must say what to do."""
+
+    code = "ERROR"
+
+
+class InputError(AnnexError):
+    """A value the user gave is wrong; the message names the keyword and what is allowed."""
+
+    code = "BAD_INPUT"
+
+
+class PermissionDenied(AnnexError):
+    """The caller may not act on this annex (it belongs to someone else)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class NotFound(AnnexError):
+    code = "NOT_FOUND"
+
+
+class LimitExceeded(AnnexError):
+    """An admin limit (ANNEX_MAX_*) binds; the message names the knob."""
+
+    code = "LIMIT"
+
+
+class CloudError(AnnexError):
+    """The cloud refused or failed; the message carries AWS's error code, never a secret."""
+
+    code = "CLOUD"
+
+
+class SetupError(AnnexError):
+    """What `htcondor-annex setup` should have created is missing or drifted."""
+
+    code = "SETUP"
+
+
+class CredentialsError(AnnexError):
+    code = "CREDENTIALS"

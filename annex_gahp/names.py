@@ -1,0 +1,72 @@
+"""The public names of the contract (docs/contract.md), in one place.
+
+Stdlib only: the hooks import this module.
+"""
+
+from __future__ import annotations
+
+# EC2 tags on everything an annex creates.
+TAG_NAME = "htcondor-annex:name"
+TAG_OWNER = "htcondor-annex:owner"
+TAG_REQUEST = "htcondor-annex:request"
+TAG_EXPIRES = "htcondor-annex:expires"
+TAG_POOL = "htcondor-annex:pool"
+TAG_PREFIX = "htcondor-annex:"
+
+# Collector ad.
+ANNEX_MYTYPE = "Annex"
+
+# Annex lifecycle states, as published in AnnexState (collector and job ads).
+REQUESTED = "requested"
+PROVISIONING = "provisioning"
+RUNNING = "running"
+RETIRING = "retiring"
+RETIRED = "retired"
+FAILED = "failed"
+STATES = (REQUESTED, PROVISIONING, RUNNING, RETIRING, RETIRED, FAILED)
+
+MODES = ("pool", "provision")
+STRATEGIES = ("fleet", "stack")
+
+# Canonical job attributes, after the schedd transform has folded every spelling into these.
+JOB_TARGET = "TargetAnnexName"
+JOB_ATTRS = {
+    "instances": "AnnexInstances",
+    "instance_types": "AnnexInstanceTypes",
+    "image_ids": "AnnexImageIds",
+    "spot_prices": "AnnexSpotPrices",
+    "lease": "AnnexLease",
+    "expiry": "AnnexExpiry",
+    "idle_timeout": "AnnexIdleTimeout",
+    "region": "AnnexRegion",
+    "vpc": "AnnexVpc",
+    "subnets": "AnnexSubnets",
+    "keypair": "AnnexKeypair",
+    "security_groups": "AnnexSecurityGroups",
+    "mode": "AnnexMode",
+    "central_manager": "AnnexCentralManager",
+    "user_data_file": "AnnexUserDataFile",
+    "tags": "AnnexTags",
+    "strategy": "AnnexStrategy",
+    "stack_name": "AnnexStackName",
+}
+
+# Job attributes the system sets while a job waits for its annex.
+JOB_STATUS_ATTRS = (
+    "AnnexState",
+    "AnnexRequestedInstances",
+    "AnnexRunningInstances",
+    "AnnexLeaseExpiration",
+    "AnnexLastError",
+)
+
+# Where the hooks and the CLI find the helper when nothing else says: HTCondor's default
+# $(RUN) on Debian and RPM installs. ANNEX_GAHP_SOCKET in the environment, or AnnexGahpSocket
+# in the ad the hook is given, take precedence.
+DEFAULT_SOCKET = "/var/run/condor/annex_gahp.sock"
+SOCKET_ENV = "ANNEX_GAHP_SOCKET"
+SOCKET_ATTR = "AnnexGahpSocket"
+
+# Annex names: what an EC2 tag, a ClassAd string and a CloudFormation stack name all accept.
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9-]{0,62}$"
+NAME_MAX = 63

@@ -1,0 +1,110 @@
+"""The helper's knobs, read from HTCondor's own configuration (never a parallel config file).
+
+Every knob starts with ANNEX_. Defaults here are the documented ones (docs/admin.md); the
+shipped condor_config.d/10-annex-gahp.conf repeats them so `condor_config_val -v` shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable
+
+from annex_gahp import durations
+from annex_gahp.errors import SetupError
+
+ParamLookup = Callable[[str], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    endpoint_url: str  # "" means real AWS
+    region: str  # "" means: AWS shared config, then us-west-1
+    default_instance_types: tuple[str, ...]
+    default_image_id: str
+    default_lease: int  # seconds
+    max_lease: int
+    max_instances: int  # per annex
+    max_instances_per_user: int
+    idle_timeout: int
+    state_dir: str
+    log_file: str
+    socket_path: str
+    update_interval: int
+    reconcile_interval: int
+    pool_id: str  # the value of the htcondor-annex:pool tag
+    central_manager: str  # what pool-mode instances report to by default
+    uid_domain: str
+    launch_template: str  # name or id, from `htcondor-annex setup`
+    instance_profile: str
+    security_group: str
+    token_parameter_prefix: str  # SSM path prefix where instance tokens live
+    allowed_instance_types: tuple[str, ...]
+    allowed_image_ids: tuple[str, ...]
+    allowed_regions: tuple[str, ...]
+    reaper_grace: int
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.replace(" ", ",").split(",") if item.strip())
+
+
+def _duration(name: str, value: str) -> int:
+    try:
+        return durations.parse_duration(value)
+    except ValueError as err:
+        raise SetupError(f"{name} = {value!r}: {err}") from None
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SetupError(f"{name} = {value!r} is not a whole number") from None
+
+
+def load(lookup: ParamLookup | None = None) -> Settings:
+    """Read the knobs. `lookup` defaults to htcondor2.param.get (injectable for tests)."""
+    if lookup is None:
+        import htcondor2  # noqa: PLC0415 - heavy import kept out of module load
+
+        lookup = htcondor2.param.get
+
+    def get(name: str, default: str = "") -> str:
+        value = lookup(name)
+        return default if value is None else str(value).strip()
+
+    host = socket.getfqdn()
+    state_dir = get("ANNEX_STATE_DIR", "/var/lib/condor/annex")
+    collector = get("COLLECTOR_HOST", get("CONDOR_HOST", host))
+    return Settings(
+        endpoint_url=get("ANNEX_AWS_ENDPOINT_URL"),
+        region=get("ANNEX_AWS_REGION"),
+        default_instance_types=_list(get("ANNEX_DEFAULT_INSTANCE_TYPES", "m5.large")),
+        default_image_id=get("ANNEX_DEFAULT_IMAGE_ID"),
+        default_lease=_duration("ANNEX_DEFAULT_LEASE", get("ANNEX_DEFAULT_LEASE", "1h")),
+        max_lease=_duration("ANNEX_MAX_LEASE", get("ANNEX_MAX_LEASE", "24h")),
+        max_instances=_int("ANNEX_MAX_INSTANCES", get("ANNEX_MAX_INSTANCES", "50")),
+        max_instances_per_user=_int(
+            "ANNEX_MAX_INSTANCES_PER_USER", get("ANNEX_MAX_INSTANCES_PER_USER", "100")
+        ),
+        idle_timeout=_duration("ANNEX_IDLE_TIMEOUT", get("ANNEX_IDLE_TIMEOUT", "15m")),
+        state_dir=state_dir,
+        log_file=get("ANNEX_GAHP_LOG", "/var/log/condor/AnnexGahpLog"),
+        socket_path=get("ANNEX_GAHP_SOCKET", "/var/run/condor/annex_gahp.sock"),
+        update_interval=_duration("UPDATE_INTERVAL", get("UPDATE_INTERVAL", "300")),
+        reconcile_interval=_duration(
+            "ANNEX_RECONCILE_INTERVAL", get("ANNEX_RECONCILE_INTERVAL", "10")
+        ),
+        pool_id=get("ANNEX_POOL_ID", f"{collector}"),
+        central_manager=get("ANNEX_CENTRAL_MANAGER", collector),
+        uid_domain=get("UID_DOMAIN", host),
+        launch_template=get("ANNEX_LAUNCH_TEMPLATE"),
+        instance_profile=get("ANNEX_INSTANCE_PROFILE"),
+        security_group=get("ANNEX_SECURITY_GROUP"),
+        token_parameter_prefix=get("ANNEX_TOKEN_PARAMETER_PREFIX", "/htcondor-annex/tokens"),
+        allowed_instance_types=_list(get("ANNEX_ALLOWED_INSTANCE_TYPES")),
+        allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
+        allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
+        reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
+    )
