@@ -1,0 +1,65 @@
+"""One `Annex` ad per annex in the collector, so operators see annexes with condor_status."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from annex_gahp import names
+
+log = logging.getLogger(__name__)
+
+
+def ad_name(owner: str, annex: str, schedd: str) -> str:
+    # Owner first: alice's burst and bob's burst are different annexes.
+    return f"{owner}/{annex}@{schedd}"
+
+
+def schedd_name() -> str:
+    import htcondor2  # noqa: PLC0415
+
+    return htcondor2.param.get("SCHEDD_NAME") or socket.getfqdn()
+
+
+class Publisher:
+    """Advertises with UPDATE_AD_GENERIC; the helper must run as the condor user for this."""
+
+    def __init__(self, schedd: str | None = None) -> None:
+        self.schedd = schedd or schedd_name()
+
+    def make_ad(self, view: Mapping[str, Any]) -> Any:
+        import classad2  # noqa: PLC0415
+
+        ad = classad2.ClassAd()
+        ad["MyType"] = names.ANNEX_MYTYPE
+        ad["Name"] = ad_name(view["Owner"], view["AnnexName"], self.schedd)
+        ad["ScheddName"] = self.schedd
+        for key, value in view.items():
+            if value is None:
+                continue
+            ad[key] = value
+        return ad
+
+    def publish(self, views: Iterable[Mapping[str, Any]]) -> None:
+        ads = [self.make_ad(v) for v in views]
+        if not ads:
+            return
+        import htcondor2  # noqa: PLC0415
+
+        htcondor2.Collector().advertise(ads, "UPDATE_AD_GENERIC")
+        log.debug("published %d Annex ad(s)", len(ads))
+
+    def invalidate(self, owner: str, annex: str) -> None:
+        import classad2  # noqa: PLC0415
+        import htcondor2  # noqa: PLC0415
+
+        name = ad_name(owner, annex, self.schedd)
+        ad = classad2.ClassAd()
+        ad["MyType"] = "Query"
+        ad["TargetType"] = names.ANNEX_MYTYPE
+        ad["Name"] = name
+        ad["Requirements"] = classad2.ExprTree(f'Name == "{name}"')
+        htcondor2.Collector().advertise([ad], "INVALIDATE_ADS_GENERIC")
+        log.info("invalidated the Annex ad %s", name)

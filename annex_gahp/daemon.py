@@ -1,0 +1,192 @@
+"""`annex_gahp`: the helper. Under condor_master it is a daemon; on a terminal or pipe it is a GAHP.
+
+Under condor_master (CONDOR_INHERIT set, started as root): become the condor user (keeping
+root only as the saved uid, for minting tokens), open the state store, serve the Unix socket
+the hooks and CLI use, and run the reconcile loop. On stdin/stdout: relay to the running
+daemon's socket, so a GAHP client gets the same records and the kernel's word on who it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from annex_gahp import logsetup, settings as settings_mod
+from annex_gahp.errors import AnnexError
+
+log = logging.getLogger("annex_gahp")
+
+
+def _drop_privileges(user: str = "condor") -> pwd.struct_passwd:
+    entry = pwd.getpwnam(user)
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+        # Saved uid stays root: tokens.mint regains it in the child that reads the signing key.
+        os.setresuid(entry.pw_uid, entry.pw_uid, 0)
+    os.environ["HOME"] = entry.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = user
+    return entry
+
+
+def _prepare_dirs(cfg: settings_mod.Settings, owner: pwd.struct_passwd) -> None:
+    for path, mode in ((cfg.state_dir, 0o700), (os.path.dirname(cfg.socket_path), 0o755)):
+        os.makedirs(path, mode=mode, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    if os.geteuid() == 0 and os.path.dirname(cfg.log_file):
+        os.makedirs(os.path.dirname(cfg.log_file), exist_ok=True)
+        if not os.path.exists(cfg.log_file):
+            open(cfg.log_file, "a").close()
+        os.chown(cfg.log_file, owner.pw_uid, owner.pw_gid)
+
+
+def _take_lock(state_dir: str) -> Any:
+    handle = open(os.path.join(state_dir, "annex_gahp.lock"), "w")  # noqa: SIM115 - held for life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise AnnexError(
+            f"another annex_gahp already owns {state_dir}; only one helper may run per state dir"
+        ) from None
+    return handle
+
+
+class Helper:
+    """The long-running parts, wired together."""
+
+    def __init__(self, cfg: settings_mod.Settings) -> None:
+        from annex_gahp.cloud import AwsCloud  # noqa: PLC0415
+        from annex_gahp.collector import Publisher  # noqa: PLC0415
+        from annex_gahp.reconcile import Reconciler  # noqa: PLC0415
+        from annex_gahp.schedd import ScheddDemand  # noqa: PLC0415
+        from annex_gahp.service import AnnexService  # noqa: PLC0415
+        from annex_gahp.store import Store  # noqa: PLC0415
+
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
+        self.service = AnnexService(self.store, cfg, wake=self._wake.set)
+        self.reconciler = Reconciler(
+            self.store, self.service, AwsCloud(cfg), ScheddDemand(), Publisher()
+        )
+
+    def reload(self) -> None:
+        import htcondor2  # noqa: PLC0415
+
+        htcondor2.reload_config()
+        cfg = settings_mod.load()
+        self.cfg = self.service.settings = self.reconciler.settings = cfg
+        self.reconciler.cloud.settings = cfg
+        log.info("configuration reloaded")
+        self._wake.set()
+
+    def loop(self) -> None:
+        try:
+            self.reconciler.recover()
+        except Exception:
+            log.exception("recovery after restart failed; retrying in the loop")
+        while not self.stop.is_set():
+            try:
+                self.reconciler.run_once()
+            except Exception:
+                log.exception("reconcile cycle failed")
+            self._wake.wait(self.cfg.reconcile_interval)
+            self._wake.clear()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self._wake.set()
+
+
+def run_daemon() -> int:
+    from annex_gahp.gahp import Dispatcher  # noqa: PLC0415
+    from annex_gahp.transports import SocketServer  # noqa: PLC0415
+
+    cfg = settings_mod.load()
+    condor = pwd.getpwnam("condor")
+    _prepare_dirs(cfg, condor)
+    _drop_privileges()
+    logsetup.configure(cfg.log_file)
+    log.info("annex_gahp starting (pid %d) as %s", os.getpid(), condor.pw_name)
+    try:
+        lock = _take_lock(cfg.state_dir)
+        helper = Helper(cfg)
+    except AnnexError as err:
+        log.error("%s", err)
+        print(f"annex_gahp: {err}", file=sys.stderr)
+        return 1
+    dispatcher = Dispatcher(helper.service.commands())
+    server = SocketServer(cfg.socket_path, dispatcher, admin_uids={condor.pw_uid})
+
+    def on_term(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        helper.shutdown()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, lambda *_: helper.reload())
+    threading.Thread(target=server.serve_forever, name="socket", daemon=True).start()
+    log.info("serving %s", cfg.socket_path)
+    try:
+        helper.loop()
+    finally:
+        server.shutdown()
+        helper.store.close()
+        lock.close()
+        log.info("annex_gahp stopped")
+    return 0
+
+
+def relay_stdio(path: str) -> int:
+    """Be a plain GAHP on stdin/stdout by relaying to the daemon's socket."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError as err:
+        print(
+            f"annex_gahp: the helper daemon is not running ({path}: {err.strerror}); "
+            "ask your HTCondor admin to check ANNEX_GAHP in DAEMON_LIST",
+            file=sys.stderr,
+        )
+        return 1
+
+    def pump_out() -> None:
+        while data := conn.recv(65536):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        os._exit(0)  # the daemon closed (QUIT): nothing more to relay
+
+    threading.Thread(target=pump_out, daemon=True).start()
+    for chunk in iter(lambda: sys.stdin.buffer.readline(), b""):
+        conn.sendall(chunk)
+    conn.shutdown(socket.SHUT_WR)
+    threading.Event().wait(5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="annex_gahp", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--daemon", action="store_true", help="run as the helper daemon")
+    mode.add_argument("--stdio", action="store_true", help="speak GAHP on stdin/stdout")
+    args = parser.parse_args(argv)
+    # condor_master starts DAEMON_LIST programs with CONDOR_INHERIT set and no arguments.
+    if args.daemon or (not args.stdio and os.environ.get("CONDOR_INHERIT")):
+        return run_daemon()
+    from annex_gahp.client import socket_path  # noqa: PLC0415
+
+    return relay_stdio(socket_path())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The reconcile loop: compare what the records want with what the cloud has, and act.
+
+Each cycle makes one tag-filtered, paginated describe per region in use and one schedd query,
+however many jobs and annexes there are. Every cloud call that creates something writes its
+intent (with the request id its resources are tagged with) before the call, so a helper killed
+at any instant adopts on restart instead of launching twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from annex_gahp import lifecycle, names
+from annex_gahp.errors import AnnexError
+from annex_gahp.schedd import Demand
+from annex_gahp.service import AnnexService, spec_from_record
+from annex_gahp.store import Annex, Op, Store
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("pending", "running")
+# An instance we launched may not show in describe at once (eventual consistency).
+SEEN_GRACE = 60
+RETRY_AFTER_FAILURE = 60
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One instance as the cloud reports it, reduced to what decisions need."""
+
+    id: str
+    state: str
+    instance_type: str
+    region: str
+    tags: dict[str, str]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tags.get(names.TAG_OWNER, ""), self.tags.get(names.TAG_NAME, ""))
+
+    @property
+    def request(self) -> str:
+        return self.tags.get(names.TAG_REQUEST, "")
+
+    @property
+    def expires(self) -> int:
+        try:
+            return int(self.tags.get(names.TAG_EXPIRES, "0"))
+        except ValueError:
+            return 0
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    instance_ids: list[tuple[str, str]]  # (id, instance type)
+    errors: list[str] = field(default_factory=list)
+
+
+class Cloud(Protocol):
+    def observe(self, regions: Iterable[str]) -> list[Observed]: ...
+
+    def prepare(self, annex: Annex) -> dict[str, str]: ...
+
+    def launch(self, annex: Annex, count: int, request: str) -> LaunchOutcome: ...
+
+    def terminate(self, region: str, ids: list[str]) -> None: ...
+
+    def set_expiry(self, annex: Annex, ids: list[str]) -> None: ...
+
+    def release(self, annex: Annex) -> None: ...
+
+
+class DemandSource(Protocol):
+    def counts(self) -> dict[tuple[str, str], Demand]: ...
+
+    def hold(self, owner: str, annex: str, reason: str) -> None: ...
+
+
+class Publisher(Protocol):
+    def publish(self, views: Iterable[dict[str, Any]]) -> None: ...
+
+    def invalidate(self, owner: str, annex: str) -> None: ...
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        service: AnnexService,
+        cloud: Cloud,
+        demand: DemandSource,
+        publisher: Publisher,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.settings = service.settings
+        self.cloud = cloud
+        self.demand = demand
+        self.publisher = publisher
+        self.clock = clock
+        self._last_publish = 0.0
+        self._published: dict[int, dict[str, Any]] = {}
+        self._orphans_seen: dict[str, int] = {}
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a restart: settle calls that were in flight, adopt what only tags remember."""
+        observed = self._observe(self.store.annexes())
+        for op in self.store.open_ops():
+            self._settle(op, observed)
+        if self.store.fresh:
+            self._adopt_untracked(observed)
+
+    def _settle(self, op: Op, observed: list[Observed]) -> None:
+        found = [o for o in observed if o.request == op.request]
+        if op.kind == "launch":
+            self.store.record_instances(
+                op.annex_id,
+                op.request,
+                [(o.id, o.state, o.instance_type) for o in found],
+                int(self.clock()),
+            )
+            log.warning(
+                "launch %s was interrupted; adopted %d instance(s) tagged with it",
+                op.request,
+                len(found),
+            )
+            self.store.finish_op(op.id, result={"instances": [o.id for o in found], "adopted": True})
+        else:
+            # Everything else is idempotent and is simply redone by the next cycle.
+            self.store.finish_op(op.id, error="interrupted; redone by the next cycle")
+
+    def _adopt_untracked(self, observed: list[Observed]) -> None:
+        """A lost state file must not mean lost instances: rebuild annexes from their tags."""
+        groups: dict[tuple[str, str], list[Observed]] = defaultdict(list)
+        for o in observed:
+            if o.state in LIVE_STATES and all(o.key):
+                groups[o.key].append(o)
+        now = int(self.clock())
+        for (owner, name), members in groups.items():
+            if self.store.live(owner, name):
+                continue
+            expires = max(o.expires for o in members) or now + self.settings.default_lease
+            annex = self.store.insert_annex(
+                owner=owner,
+                name=name,
+                state=names.RUNNING,
+                spec={"name": name, "owner": owner, "instances": len(members)},
+                region=members[0].region,
+                requested=len(members),
+                lease_expiration=expires,
+                now=now,
+                adopted=True,
+            )
+            for request in {o.request for o in members}:
+                self.store.record_instances(
+                    annex.id,
+                    request,
+                    [(o.id, o.state, o.instance_type) for o in members if o.request == request],
+                    now,
+                )
+            log.warning(
+                "adopted annex %s from tags: %d instance(s), lease until %d",
+                annex.key, len(members), expires,
+            )
+
+    # --- one cycle -----------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        annexes = self.store.annexes()
+        observed = self._observe(annexes)
+        try:
+            demand: dict[tuple[str, str], Demand] | None = self.demand.counts()
+        except Exception as err:  # the schedd restarting must not retire annexes as idle
+            log.warning("could not read demand from the schedd: %s", err)
+            demand = None
+        mine: dict[tuple[str, str], list[Observed]] = defaultdict(list)
+        for o in observed:
+            mine[o.key].append(o)
+        changed: list[Annex] = []
+        for annex in annexes:
+            try:
+                after = self._step(annex, mine.get((annex.owner, annex.name), []), demand)
+            except AnnexError as err:
+                log.error("annex %s: %s", annex.key, err)
+                after = self.store.update_annex(annex.id, last_error=str(err))
+            changed.append(after)
+        self._reap(observed)
+        self._publish(changed)
+
+    def _observe(self, annexes: list[Annex]) -> list[Observed]:
+        regions = {a.region for a in annexes}
+        if not regions:
+            regions = {self.service._resolve_region("", self.settings)}
+        return self.cloud.observe(sorted(regions))
+
+    def _step(
+        self, annex: Annex, seen: list[Observed], demand: dict[tuple[str, str], Demand] | None
+    ) -> Annex:
+        now = int(self.clock())
+        if seen:
+            for request in {o.request for o in seen}:
+                self.store.record_instances(
+                    annex.id,
+                    request,
+                    [(o.id, o.state, o.instance_type) for o in seen if o.request == request],
+                    now,
+                )
+        live = [o for o in seen if o.state in LIVE_STATES]
+        if annex.state in lifecycle.ACTIVE:
+            annex = self._policy(annex, live, demand, now)
+        if annex.state in lifecycle.ACTIVE:
+            annex = self._converge(annex, live, now)
+        if annex.state == names.RETIRING:
+            annex = self._retire(annex, live, now)
+        return annex
+
+    def _policy(
+        self,
+        annex: Annex,
+        live: list[Observed],
+        demand: dict[tuple[str, str], Demand] | None,
+        now: int,
+    ) -> Annex:
+        if now >= annex.lease_expiration:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
+            self.demand.hold(
+                annex.owner,
+                annex.name,
+                f"annex {annex.name} reached the end of its lease at {when}; its instances were "
+                "terminated. Extend leases with htcondor-annex extend before they end, or "
+                "condor_release these jobs to start a new annex.",
+            )
+            return self.service.retire(annex, "lease")
+        if demand is None:
+            return annex
+        wanted = demand.get((annex.owner, annex.name), Demand())
+        changes: dict[str, Any] = {}
+        if (wanted.idle, wanted.running) != (annex.demand_idle, annex.demand_running):
+            changes.update(demand_idle=wanted.idle, demand_running=wanted.running)
+        if wanted.total:
+            if annex.idle_since is not None:
+                changes["idle_since"] = None
+        elif annex.idle_since is None:
+            changes["idle_since"] = now
+        if changes:
+            annex = self.store.update_annex(annex.id, **changes)
+        timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
+        if annex.idle_since is not None and now - annex.idle_since >= timeout:
+            return self.service.retire(annex, "idle")
+        return annex
+
+    def _converge(self, annex: Annex, live: list[Observed], now: int) -> Annex:
+        known = {o.id for o in live}
+        # Launched by us, not yet visible to describe: count them so we do not launch twice.
+        recent = [
+            i for i in self.store.instances(annex.id)
+            if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
+        ]
+        have = len(live) + len(recent)
+        running = sum(1 for o in live if o.state == "running")
+        if have < annex.requested and self._may_launch(annex, now):
+            annex = self._launch(annex, annex.requested - have, now)
+        elif have > annex.requested:
+            surplus = sorted(live, key=lambda o: (o.state == "running", o.id))
+            ids = [o.id for o in surplus[: have - annex.requested]]
+            self.cloud.terminate(annex.region, ids)
+            log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
+        if running and annex.state == names.PROVISIONING:
+            annex = self.store.update_annex(
+                annex.id, state=lifecycle.next_state(annex.state, "up")
+            )
+        stale = [o.id for o in live if o.expires != annex.lease_expiration]
+        if stale:
+            self.cloud.set_expiry(annex, stale)
+        return annex
+
+    def _may_launch(self, annex: Annex, now: int) -> bool:
+        if annex.state != names.FAILED:
+            return True
+        return now - annex.updated >= RETRY_AFTER_FAILURE
+
+    def _launch(self, annex: Annex, count: int, now: int) -> Annex:
+        prepared = self.cloud.prepare(annex)
+        if prepared and (
+            prepared.get("template_id") != annex.template_id
+            or prepared.get("token_parameter") != annex.token_parameter
+        ):
+            annex = self.store.update_annex(
+                annex.id,
+                template_id=prepared.get("template_id", ""),
+                token_parameter=prepared.get("token_parameter", ""),
+            )
+        op = self.store.begin_op(annex.id, "launch", {"count": count, "region": annex.region})
+        try:
+            outcome = self.cloud.launch(annex, count, op.request)
+        except AnnexError as err:
+            self.store.finish_op(op.id, error=str(err))
+            return self._launch_failed(annex, str(err))
+        self.store.finish_op(
+            op.id,
+            result={"instances": [i for i, _ in outcome.instance_ids], "errors": outcome.errors},
+        )
+        self.store.record_instances(
+            annex.id, op.request, [(i, "pending", t) for i, t in outcome.instance_ids], now
+        )
+        log.info(
+            "annex %s: launched %d of %d (request %s)%s",
+            annex.key, len(outcome.instance_ids), count, op.request,
+            f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
+        )
+        if not outcome.instance_ids:
+            return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity")
+        error = "; ".join(outcome.errors)
+        return self.store.update_annex(
+            annex.id, state=lifecycle.next_state(annex.state, "launch"), last_error=error
+        )
+
+    def _launch_failed(self, annex: Annex, error: str) -> Annex:
+        return self.store.update_annex(
+            annex.id, state=lifecycle.next_state(annex.state, "launch_failed"), last_error=error
+        )
+
+    def _retire(self, annex: Annex, live: list[Observed], now: int) -> Annex:
+        if live:
+            self.cloud.terminate(annex.region, [o.id for o in live])
+            log.info("annex %s: terminating %d instance(s)", annex.key, len(live))
+            return annex
+        self.cloud.release(annex)
+        annex = self.store.update_annex(
+            annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
+        )
+        try:
+            self.publisher.invalidate(annex.owner, annex.name)
+        except Exception as err:
+            log.warning("could not invalidate the ad of %s: %s", annex.key, err)
+        self._published.pop(annex.id, None)
+        log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
+        return annex
+
+    def _reap(self, observed: list[Observed]) -> None:
+        """Terminate pool instances no live record owns, once they outlive the grace period."""
+        now = int(self.clock())
+        orphans: dict[str, list[str]] = defaultdict(list)
+        for o in observed:
+            if o.state not in LIVE_STATES:
+                continue
+            owner_id = self.store.instance_owner(o.id)
+            owner = self.store.get(owner_id) if owner_id is not None else None
+            if owner is not None and owner.state != names.RETIRED:
+                self._orphans_seen.pop(o.id, None)
+                continue
+            live = self.store.live(*o.key)
+            if live is not None:
+                continue  # recorded on the next cycle of that annex
+            first = self._orphans_seen.setdefault(o.id, now)
+            retired = owner is not None  # its annex is gone: no reason to wait
+            if retired or now - first >= self.settings.reaper_grace:
+                orphans[o.region].append(o.id)
+                log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
+        for region, ids in orphans.items():
+            self.cloud.terminate(region, ids)
+            for instance_id in ids:
+                self._orphans_seen.pop(instance_id, None)
+
+    def _publish(self, annexes: list[Annex]) -> None:
+        now = self.clock()
+        due = now - self._last_publish >= self.settings.update_interval
+        views = []
+        for annex in annexes:
+            if annex.state == names.RETIRED:
+                continue
+            view = self.service.describe(annex)
+            if due or self._published.get(annex.id) != view:
+                views.append(view)
+                self._published[annex.id] = view
+        if not views:
+            return
+        try:
+            self.publisher.publish(views)
+        except Exception as err:
+            log.warning("could not publish Annex ads: %s", err)
+            self._published.clear()
+            return
+        if due:
+            self._last_publish = now

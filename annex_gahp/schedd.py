@@ -1,0 +1,68 @@
+"""What the schedd knows about demand: one query per reconcile cycle, whatever the job count."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from annex_gahp import names
+
+log = logging.getLogger(__name__)
+
+IDLE, RUNNING, HELD = 1, 2, 5
+
+# Routed copies (RoutedFromJobId defined) mirror their source job: count each job once.
+_DEMAND = (
+    f"{names.JOB_TARGET} =!= undefined && RoutedFromJobId =?= undefined"
+    f" && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
+)
+
+
+@dataclass(frozen=True)
+class Demand:
+    idle: int = 0
+    running: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.idle + self.running
+
+
+def quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ScheddDemand:
+    def __init__(self) -> None:
+        import htcondor2  # noqa: PLC0415
+
+        self._htcondor = htcondor2
+
+    def _schedd(self):  # noqa: ANN202 - htcondor2.Schedd
+        return self._htcondor.Schedd()
+
+    def counts(self) -> dict[tuple[str, str], Demand]:
+        """(owner, annex) -> jobs waiting for or running on it. Raises if the schedd is down."""
+        ads = self._schedd().query(
+            constraint=_DEMAND, projection=["Owner", names.JOB_TARGET, "JobStatus"]
+        )
+        idle: Counter[tuple[str, str]] = Counter()
+        running: Counter[tuple[str, str]] = Counter()
+        for ad in ads:
+            key = (str(ad.get("Owner")), str(ad.get(names.JOB_TARGET)))
+            if ad.get("JobStatus") == RUNNING:
+                running[key] += 1
+            else:
+                idle[key] += 1
+        return {k: Demand(idle[k], running[k]) for k in idle.keys() | running.keys()}
+
+    def hold(self, owner: str, annex: str, reason: str) -> None:
+        """Hold the jobs still waiting for an annex that will not come back."""
+        constraint = (
+            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
+            f" && RoutedFromJobId =?= undefined && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
+        )
+        # A plain-string reason is dropped by the 23.9 bindings; (text, code) is kept.
+        self._schedd().act(self._htcondor.JobAction.Hold, constraint, (reason, 0))
+        log.info("held the jobs of %s/%s: %s", owner, annex, reason)

@@ -1,0 +1,390 @@
+"""The helper's command handlers: who may do what, and what gets recorded.
+
+No cloud call happens here: handlers change records and wake the reconcile loop, so the hooks
+get their answer in milliseconds and every cloud call goes through the one place that writes
+its intent first (reconcile.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from annex_gahp import durations, lifecycle, names, spec
+from annex_gahp.errors import InputError, LimitExceeded, NotFound, PermissionDenied
+from annex_gahp.gahp import Caller
+from annex_gahp.settings import Settings
+from annex_gahp.store import Annex, Store
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Caller, dict[str, str]], dict[str, str]]
+
+
+def spec_to_record(value: spec.AnnexSpec) -> dict[str, Any]:
+    return dataclasses.asdict(value)
+
+
+def spec_from_record(record: Mapping[str, Any]) -> spec.AnnexSpec:
+    def tuples(item: Any) -> Any:
+        if isinstance(item, list):
+            return tuple(tuples(x) for x in item)
+        return item
+
+    known = {f.name for f in dataclasses.fields(spec.AnnexSpec)}
+    return spec.AnnexSpec(**{k: tuples(v) for k, v in record.items() if k in known})
+
+
+def classad_literal(value: Any) -> str:
+    """A Python value as ClassAd expression text, for the hooks to print verbatim."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    return f'"{text}"'
+
+
+def parse_job_ad(text: str) -> dict[str, Any]:
+    """The attributes we read from a job ad the hooks forwarded, evaluated."""
+    import classad2  # noqa: PLC0415 - only the daemon needs the bindings
+
+    try:
+        ad = classad2.parseOne(text)
+    except Exception as err:
+        raise InputError(f"the job ad could not be parsed: {err}") from None
+    wanted = ("Owner", "ClusterId", "ProcId", "QDate", names.JOB_TARGET, "RoutedFromJobId")
+    values: dict[str, Any] = {}
+    for attr in (*wanted, *names.JOB_ATTRS.values()):
+        if attr not in ad:
+            continue
+        try:
+            value = ad.eval(attr)
+        except Exception:
+            continue
+        if isinstance(value, (str, int, float, bool)):
+            values[attr] = value
+    return values
+
+
+class AnnexService:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        wake: Callable[[], None] = lambda: None,
+        resolve_region: Callable[[str, Settings], str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.wake = wake
+        self._resolve_region = resolve_region or _default_region
+        self._clock = clock
+        # Serialises ensure(): two hooks racing for the same new annex must not both insert.
+        self._lock = threading.Lock()
+
+    # --- the command table -----------------------------------------------------------------
+
+    def commands(self) -> dict[str, Handler]:
+        return {
+            "ANNEX_CREATE": self.create,
+            "ANNEX_EXTEND": self.extend,
+            "ANNEX_DELETE": self.delete,
+            "ANNEX_STATUS": self.status,
+            "ANNEX_LIST": self.list,
+            "JOB_ROUTED": self.job_routed,
+            "JOB_UPDATE": self.job_update,
+            "JOB_FINALIZE": self.job_finalize,
+            "JOB_CLEANUP": self.job_cleanup,
+        }
+
+    # --- authorisation -------------------------------------------------------------------
+
+    @staticmethod
+    def _owner_for(caller: Caller, args: Mapping[str, str]) -> str:
+        owner = args.get("owner") or caller.user
+        if owner != caller.user and not caller.is_admin:
+            raise PermissionDenied(
+                f"{caller.user} may not act on annexes of {owner}: an annex belongs to the "
+                "user who asked for it"
+            )
+        return owner
+
+    def _find(self, caller: Caller, args: Mapping[str, str]) -> Annex:
+        name = args.get("name", "")
+        if not name:
+            raise InputError("name= is required: which annex?")
+        owner = self._owner_for(caller, args)
+        annex = self.store.live(owner, name)
+        if annex is None:
+            raise NotFound(f"{owner} has no annex named {name!r} (htcondor-annex status lists them)")
+        return annex
+
+    # --- creation and growth ---------------------------------------------------------------
+
+    def ensure(self, wanted: spec.AnnexSpec, *, qdate: int | None = None) -> Annex:
+        """Create the annex, or fold this request into the live one of the same owner and name."""
+        now = int(self._clock())
+        with self._lock:
+            live = self.store.live(wanted.owner, wanted.name)
+            if live is None:
+                self._refuse_expired_recreation(wanted, qdate)
+                requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
+                region = self._resolve_region(wanted.region, self.settings)
+                annex = self.store.insert_annex(
+                    owner=wanted.owner,
+                    name=wanted.name,
+                    state=names.REQUESTED,
+                    spec=spec_to_record(wanted),
+                    region=region,
+                    requested=requested,
+                    lease_expiration=wanted.expires_at(now, self.settings),
+                    now=now,
+                )
+                if limit:
+                    annex = self.store.update_annex(annex.id, binding_limit=limit)
+                log.info(
+                    "annex %s requested: %d instance(s) in %s, lease until %d%s",
+                    annex.key, requested, region, annex.lease_expiration,
+                    f" ({limit} binds)" if limit else "",
+                )
+                self.wake()
+                return annex
+            if live.state not in lifecycle.ACTIVE:
+                # Retiring: the new request will find a fresh annex once this one is gone.
+                raise InputError(
+                    f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
+                    "it is gone, or use another annex_name"
+                )
+            merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+            requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
+            requested = max(requested, live.requested)
+            lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
+            changes: dict[str, Any] = {}
+            if merged != spec_from_record(live.spec):
+                changes["spec"] = spec_to_record(merged)
+            if requested != live.requested:
+                changes["requested"] = requested
+            if lease != live.lease_expiration:
+                changes["lease_expiration"] = lease
+            if limit != live.binding_limit:
+                changes["binding_limit"] = limit
+            if not changes:
+                return live
+            annex = self.store.update_annex(live.id, **changes)
+            log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
+            self.wake()
+            return annex
+
+    def _refuse_expired_recreation(self, wanted: spec.AnnexSpec, qdate: int | None) -> None:
+        if qdate is None:
+            return
+        last = self.store.last_retired(wanted.owner, wanted.name)
+        if last and last.retire_reason == "lease" and last.retired_at and qdate <= last.retired_at:
+            raise InputError(
+                f"annex {wanted.name} reached the end of its lease at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(last.lease_expiration))}; "
+                "jobs submitted before then do not bring it back. Resubmit them to start a new "
+                "annex, or use htcondor-annex extend before a lease ends."
+            )
+
+    def _capped(self, owner: str, wanted: int, exclude: int | None) -> tuple[int, str]:
+        """Instances we may ask for, and which knob binds (empty if none)."""
+        limit = ""
+        count = wanted
+        if count > self.settings.max_instances:
+            count, limit = self.settings.max_instances, "ANNEX_MAX_INSTANCES"
+        others = sum(
+            a.requested
+            for a in self.store.annexes(owner)
+            if a.id != exclude and a.state in lifecycle.LIVE
+        )
+        room = self.settings.max_instances_per_user - others
+        if count > room:
+            if room <= 0:
+                raise LimitExceeded(
+                    f"{owner} already has {others} instance(s) in annexes, the most "
+                    f"ANNEX_MAX_INSTANCES_PER_USER ({self.settings.max_instances_per_user}) "
+                    "allows; retire one with htcondor-annex delete or wait"
+                )
+            count, limit = room, "ANNEX_MAX_INSTANCES_PER_USER"
+        return count, limit
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def create(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        owner = self._owner_for(caller, args)
+        keywords = {k: v for k, v in args.items() if k != "owner"}
+        annex = self.ensure(spec.from_keywords(keywords, owner, self.settings))
+        return {"name": annex.name, "owner": annex.owner, "state": annex.state,
+                "requested": str(annex.requested)}
+
+    def extend(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        annex = self._find(caller, args)
+        if annex.state not in lifecycle.ACTIVE:
+            raise InputError(f"annex {annex.name} is {annex.state}; only a live annex can be extended")
+        now = int(self._clock())
+        changes: dict[str, Any] = {}
+        if args.get("lease") and args.get("expiry"):
+            raise InputError("give lease= or expiry=, not both")
+        try:
+            if args.get("lease"):
+                changes["lease_expiration"] = now + durations.parse_duration(args["lease"])
+            elif args.get("expiry"):
+                changes["lease_expiration"] = durations.parse_expiry(args["expiry"])
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        if "lease_expiration" in changes:
+            end = changes["lease_expiration"]
+            if end <= now:
+                raise InputError("the new lease end is in the past")
+            if end - now > self.settings.max_lease:
+                raise LimitExceeded(
+                    f"a lease may run at most ANNEX_MAX_LEASE "
+                    f"({durations.format_duration(self.settings.max_lease)}) from now"
+                )
+        if args.get("instances"):
+            try:
+                wanted = int(args["instances"])
+            except ValueError:
+                raise InputError("instances= must be a whole number") from None
+            if wanted < 1:
+                raise InputError("instances= must be at least 1 (delete retires an annex)")
+            changes["requested"], changes["binding_limit"] = self._capped(
+                annex.owner, wanted, exclude=annex.id
+            )
+        if not changes:
+            raise InputError("nothing to extend: give lease=, expiry= or instances=")
+        annex = self.store.update_annex(annex.id, **changes)
+        log.info("annex %s extended: %s", annex.key, changes)
+        self.wake()
+        return {"name": annex.name, "state": annex.state,
+                "lease_expiration": str(annex.lease_expiration),
+                "requested": str(annex.requested)}
+
+    def delete(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        annex = self._find(caller, args)
+        annex = self.retire(annex, "deleted")
+        return {"name": annex.name, "state": annex.state}
+
+    def retire(self, annex: Annex, reason: str) -> Annex:
+        state = lifecycle.next_state(annex.state, "retire")
+        if annex.state != state or not annex.retire_reason:
+            annex = self.store.update_annex(annex.id, state=state, retire_reason=reason)
+            log.info("annex %s retiring: %s", annex.key, reason)
+            self.wake()
+        return annex
+
+    def status(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        annex = self._find(caller, args)
+        view = self.describe(annex)
+        view["instances"] = [
+            {"id": i.id, "state": i.state, "type": i.instance_type, "launched": i.launched}
+            for i in self.store.instances(annex.id)
+        ]
+        return {"json": json.dumps(view, sort_keys=True)}
+
+    def list(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        owner = args.get("owner") or None
+        if not caller.is_admin:
+            owner = self._owner_for(caller, {"owner": owner or caller.user})
+        views = [self.describe(a) for a in self.store.annexes(owner)]
+        return {"json": json.dumps(views, sort_keys=True)}
+
+    def describe(self, annex: Annex) -> dict[str, Any]:
+        """The annex as the collector ad, the CLI and the job ads see it."""
+        live = [i for i in self.store.instances(annex.id) if i.state in ("pending", "running")]
+        running = sum(1 for i in live if i.state == "running")
+        current = spec_from_record(annex.spec)
+        return {
+            "AnnexName": annex.name,
+            "Owner": annex.owner,
+            "AnnexState": annex.state,
+            "RequestedInstances": annex.requested,
+            "RunningInstances": running,
+            "PendingInstances": max(0, len(live) - running),
+            "LeaseExpiration": annex.lease_expiration,
+            "Region": annex.region,
+            "Strategy": current.strategy,
+            "Mode": current.mode,
+            "LastError": annex.last_error,
+            "BindingLimit": annex.binding_limit,
+            "RetireReason": annex.retire_reason,
+            "IdleJobs": annex.demand_idle,
+            "RunningJobs": annex.demand_running,
+        }
+
+    # --- the job router hooks ------------------------------------------------------------
+
+    def _job(self, caller: Caller, args: Mapping[str, str]) -> dict[str, Any]:
+        text = args.get("ad", "")
+        if not text.strip():
+            raise InputError("ad= is required: the job ad, as the job router gave it")
+        attrs = parse_job_ad(text)
+        owner = attrs.get("Owner")
+        if not isinstance(owner, str) or not owner:
+            raise InputError("the job ad has no Owner")
+        if owner != caller.user and not caller.is_admin:
+            raise PermissionDenied(
+                f"{caller.user} sent a job ad owned by {owner}: hooks run as the job's owner"
+            )
+        if not isinstance(attrs.get(names.JOB_TARGET), str):
+            raise InputError(f"the job ad has no {names.JOB_TARGET}: it names no annex")
+        return attrs
+
+    def _job_status_attrs(self, annex: Annex | None, owner: str, name: str) -> dict[str, str]:
+        if annex is None:
+            last = self.store.last_retired(owner, name)
+            if last is None:
+                return {"AnnexState": classad_literal("unknown")}
+            annex = last
+        view = self.describe(annex)
+        return {
+            "AnnexState": classad_literal(view["AnnexState"]),
+            "AnnexRequestedInstances": classad_literal(view["RequestedInstances"]),
+            "AnnexRunningInstances": classad_literal(view["RunningInstances"]),
+            "AnnexLeaseExpiration": classad_literal(view["LeaseExpiration"]),
+            "AnnexLastError": classad_literal(
+                view["LastError"]
+                or (f"limited by {view['BindingLimit']}" if view["BindingLimit"] else "")
+            ),
+        }
+
+    def job_routed(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        attrs = self._job(caller, args)
+        owner = attrs["Owner"]
+        wanted = spec.from_job_attrs(attrs, owner, self.settings)
+        qdate = attrs.get("QDate") if isinstance(attrs.get("QDate"), int) else None
+        annex = self.ensure(wanted, qdate=qdate)
+        out = self._job_status_attrs(annex, owner, wanted.name)
+        out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
+        return {"json": json.dumps(out, sort_keys=True)}
+
+    def job_update(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        attrs = self._job(caller, args)
+        owner, name = attrs["Owner"], attrs[names.JOB_TARGET]
+        out = self._job_status_attrs(self.store.live(owner, name), owner, name)
+        return {"json": json.dumps(out, sort_keys=True)}
+
+    def job_finalize(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        result = self.job_update(caller, args)
+        self.wake()  # demand changed: let the idle clock start now rather than next cycle
+        return result
+
+    def job_cleanup(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        self._job(caller, args)
+        self.wake()
+        return {}
+
+
+def _default_region(job_region: str, settings: Settings) -> str:
+    from annex_gahp.aws.session import resolve_region  # noqa: PLC0415 - boto3 is heavy
+
+    return resolve_region(job_region, settings)

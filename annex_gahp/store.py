@@ -1,0 +1,373 @@
+"""The helper's records, in SQLite (WAL) under ANNEX_STATE_DIR.
+
+What must survive a SIGKILL at any instant lives here: every annex, every cloud call's intent
+(written before the call, with the request id its resources will be tagged with) and result
+(written after), and the last observation of each instance. The emulator, like a careless
+client, does not honour ClientToken, so these records plus the request tag are what make a
+restarted helper adopt instead of duplicate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from annex_gahp.errors import AnnexError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS annexes (
+    id INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    region TEXT NOT NULL,
+    requested INTEGER NOT NULL,
+    lease_expiration INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    idle_since INTEGER,
+    demand_idle INTEGER NOT NULL DEFAULT 0,
+    demand_running INTEGER NOT NULL DEFAULT 0,
+    retire_reason TEXT NOT NULL DEFAULT '',
+    retired_at INTEGER,
+    last_error TEXT NOT NULL DEFAULT '',
+    binding_limit TEXT NOT NULL DEFAULT '',
+    template_id TEXT NOT NULL DEFAULT '',
+    token_parameter TEXT NOT NULL DEFAULT '',
+    adopted INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_live_annex ON annexes(owner, name)
+    WHERE state != 'retired';
+CREATE TABLE IF NOT EXISTS ops (
+    id INTEGER PRIMARY KEY,
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL UNIQUE,
+    intent TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    finished INTEGER,
+    result TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    instance_type TEXT NOT NULL DEFAULT '',
+    launched INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
+"""
+
+
+class StoreError(AnnexError):
+    code = "STATE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Annex:
+    id: int
+    owner: str
+    name: str
+    state: str
+    spec: dict[str, Any]
+    region: str
+    requested: int
+    lease_expiration: int
+    created: int
+    updated: int
+    idle_since: int | None
+    demand_idle: int
+    demand_running: int
+    retire_reason: str
+    retired_at: int | None
+    last_error: str
+    binding_limit: str
+    template_id: str
+    token_parameter: str
+    adopted: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    id: int
+    annex_id: int
+    kind: str
+    request: str
+    intent: dict[str, Any]
+    started: int
+    finished: int | None
+    result: dict[str, Any] | None
+    error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRecord:
+    id: str
+    annex_id: int
+    request: str
+    state: str
+    instance_type: str
+    launched: int
+    last_seen: int
+
+
+_ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
+_UPDATABLE = set(_ANNEX_FIELDS) - {"id", "owner", "name", "created"}
+
+
+def _annex(row: sqlite3.Row) -> Annex:
+    values = dict(row)
+    values["spec"] = json.loads(values["spec"])
+    return Annex(**values)
+
+
+def _op(row: sqlite3.Row) -> Op:
+    values = dict(row)
+    values["intent"] = json.loads(values["intent"])
+    values["result"] = json.loads(values["result"]) if values["result"] else None
+    return Op(**values)
+
+
+class Store:
+    """One connection shared by the helper's threads, serialised by a lock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        fresh = not os.path.exists(path)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if not fresh:
+                self._check_integrity()
+            self._db.executescript(_SCHEMA)
+            self._check_version(fresh)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(
+                f"the state file {path} is unreadable ({err}). Move it aside and restart "
+                "annex_gahp: it rebuilds its records from the instances' htcondor-annex tags."
+            ) from None
+        self.fresh = fresh
+        self._lock = threading.RLock()
+
+    def _check_integrity(self) -> None:
+        (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {verdict}")
+
+    def _check_version(self, fresh: bool) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            if not fresh and self._db.execute("SELECT count(*) FROM annexes").fetchone()[0]:
+                raise sqlite3.DatabaseError("no schema version recorded")
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {row[0]} is not the supported {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- annexes -------------------------------------------------------------------------
+
+    def insert_annex(
+        self,
+        *,
+        owner: str,
+        name: str,
+        state: str,
+        spec: dict[str, Any],
+        region: str,
+        requested: int,
+        lease_expiration: int,
+        now: int | None = None,
+        adopted: bool = False,
+    ) -> Annex:
+        now = int(time.time()) if now is None else now
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO annexes(owner, name, state, spec, region, requested,"
+                " lease_expiration, created, updated, adopted)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    owner,
+                    name,
+                    state,
+                    json.dumps(spec, sort_keys=True),
+                    region,
+                    requested,
+                    lease_expiration,
+                    now,
+                    now,
+                    int(adopted),
+                ),
+            )
+            row = db.execute("SELECT * FROM annexes WHERE id=?", (cur.lastrowid,)).fetchone()
+        return _annex(row)
+
+    def update_annex(self, annex_id: int, **fields: Any) -> Annex:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        if "spec" in fields:
+            fields["spec"] = json.dumps(fields["spec"], sort_keys=True)
+        fields.setdefault("updated", int(time.time()))
+        assignments = ", ".join(f"{name}=?" for name in fields)
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE annexes SET {assignments} WHERE id=?",  # noqa: S608 - names are checked
+                (*fields.values(), annex_id),
+            )
+            row = db.execute("SELECT * FROM annexes WHERE id=?", (annex_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"annex record {annex_id} vanished")
+        return _annex(row)
+
+    def get(self, annex_id: int) -> Annex | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM annexes WHERE id=?", (annex_id,)).fetchone()
+        return _annex(row) if row else None
+
+    def live(self, owner: str, name: str) -> Annex | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM annexes WHERE owner=? AND name=? AND state != 'retired'",
+                (owner, name),
+            ).fetchone()
+        return _annex(row) if row else None
+
+    def last_retired(self, owner: str, name: str) -> Annex | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM annexes WHERE owner=? AND name=? AND state='retired'"
+                " ORDER BY retired_at DESC LIMIT 1",
+                (owner, name),
+            ).fetchone()
+        return _annex(row) if row else None
+
+    def annexes(self, owner: str | None = None, include_retired: bool = False) -> list[Annex]:
+        query = "SELECT * FROM annexes WHERE 1=1"
+        params: list[Any] = []
+        if owner is not None:
+            query += " AND owner=?"
+            params.append(owner)
+        if not include_retired:
+            query += " AND state != 'retired'"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY owner, name, id", params).fetchall()
+        return [_annex(row) for row in rows]
+
+    # --- cloud-call intents ----------------------------------------------------------------
+
+    def begin_op(self, annex_id: int, kind: str, intent: dict[str, Any]) -> Op:
+        """Record what we are about to ask the cloud, before asking."""
+        request = f"r-{uuid.uuid4().hex[:16]}"
+        now = int(time.time())
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO ops(annex_id, kind, request, intent, started) VALUES (?,?,?,?,?)",
+                (annex_id, kind, request, json.dumps(intent, sort_keys=True), now),
+            )
+            row = db.execute("SELECT * FROM ops WHERE id=?", (cur.lastrowid,)).fetchone()
+        return _op(row)
+
+    def finish_op(
+        self, op_id: int, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE ops SET finished=?, result=?, error=? WHERE id=?",
+                (
+                    int(time.time()),
+                    json.dumps(result, sort_keys=True) if result is not None else None,
+                    error,
+                    op_id,
+                ),
+            )
+
+    def open_ops(self, annex_id: int | None = None) -> list[Op]:
+        query = "SELECT * FROM ops WHERE finished IS NULL"
+        params: tuple[Any, ...] = ()
+        if annex_id is not None:
+            query += " AND annex_id=?"
+            params = (annex_id,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", params).fetchall()
+        return [_op(row) for row in rows]
+
+    def ops(self, annex_id: int) -> list[Op]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM ops WHERE annex_id=? ORDER BY id", (annex_id,)
+            ).fetchall()
+        return [_op(row) for row in rows]
+
+    def count_ops(self, kind: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM ops WHERE kind=?", (kind,)).fetchone()[0]
+
+    # --- instances -----------------------------------------------------------------------
+
+    def record_instances(
+        self, annex_id: int, request: str, rows: Iterable[tuple[str, str, str]], now: int
+    ) -> None:
+        """Upsert (instance id, state, type) as last seen."""
+        with self.transaction() as db:
+            for instance_id, state, instance_type in rows:
+                db.execute(
+                    "INSERT INTO instances(id, annex_id, request, state, instance_type,"
+                    " launched, last_seen) VALUES (?,?,?,?,?,?,?)"
+                    " ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
+                    " last_seen=excluded.last_seen",
+                    (instance_id, annex_id, request, state, instance_type, now, now),
+                )
+
+    def instances(self, annex_id: int) -> list[InstanceRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE annex_id=? ORDER BY launched, id", (annex_id,)
+            ).fetchall()
+        return [InstanceRecord(**dict(row)) for row in rows]
+
+    def instance_owner(self, instance_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT annex_id FROM instances WHERE id=?", (instance_id,)
+            ).fetchone()
+        return row[0] if row else None
