@@ -19,7 +19,8 @@ import sys
 import threading
 from typing import Any
 
-from annex_gahp import logsetup, settings as settings_mod
+from annex_gahp import logsetup
+from annex_gahp import settings as settings_mod
 from annex_gahp.errors import AnnexError
 
 log = logging.getLogger("annex_gahp")
@@ -50,7 +51,7 @@ def _prepare_dirs(cfg: settings_mod.Settings, owner: pwd.struct_passwd) -> None:
 
 
 def _take_lock(state_dir: str) -> Any:
-    handle = open(os.path.join(state_dir, "annex_gahp.lock"), "w")  # noqa: SIM115 - held for life
+    handle = open(os.path.join(state_dir, "annex_gahp.lock"), "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -167,7 +168,7 @@ def relay_stdio(path: str) -> int:
         os._exit(0)  # the daemon closed (QUIT): nothing more to relay
 
     threading.Thread(target=pump_out, daemon=True).start()
-    for chunk in iter(lambda: sys.stdin.buffer.readline(), b""):
+    for chunk in iter(sys.stdin.buffer.readline, b""):
         conn.sendall(chunk)
     conn.shutdown(socket.SHUT_WR)
     threading.Event().wait(5)

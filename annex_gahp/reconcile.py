@@ -57,7 +57,7 @@ class Observed:
 
 @dataclass(frozen=True)
 class LaunchOutcome:
-    instance_ids: list[tuple[str, str]]  # (id, instance type)
+    instance_ids: list[str]
     errors: list[str] = field(default_factory=list)
 
 
@@ -133,7 +133,8 @@ class Reconciler:
                 op.request,
                 len(found),
             )
-            self.store.finish_op(op.id, result={"instances": [o.id for o in found], "adopted": True})
+            adopted = {"instances": [o.id for o in found], "adopted": True}
+            self.store.finish_op(op.id, result=adopted)
         else:
             # Everything else is idempotent and is simply redone by the next cycle.
             self.store.finish_op(op.id, error="interrupted; redone by the next cycle")
@@ -307,10 +308,10 @@ class Reconciler:
             return self._launch_failed(annex, str(err))
         self.store.finish_op(
             op.id,
-            result={"instances": [i for i, _ in outcome.instance_ids], "errors": outcome.errors},
+            result={"instances": outcome.instance_ids, "errors": outcome.errors},
         )
         self.store.record_instances(
-            annex.id, op.request, [(i, "pending", t) for i, t in outcome.instance_ids], now
+            annex.id, op.request, [(i, "pending", "") for i in outcome.instance_ids], now
         )
         log.info(
             "annex %s: launched %d of %d (request %s)%s",

@@ -65,7 +65,8 @@ def parse_job_ad(text: str) -> dict[str, Any]:
             continue
         try:
             value = ad.eval(attr)
-        except Exception:
+        except Exception as err:  # an expression that does not evaluate is treated as absent
+            log.debug("job attribute %s does not evaluate: %s", attr, err)
             continue
         if isinstance(value, (str, int, float, bool)):
             values[attr] = value
@@ -124,7 +125,9 @@ class AnnexService:
         owner = self._owner_for(caller, args)
         annex = self.store.live(owner, name)
         if annex is None:
-            raise NotFound(f"{owner} has no annex named {name!r} (htcondor-annex status lists them)")
+            raise NotFound(
+                f"{owner} has no annex named {name!r} (htcondor-annex status lists them)"
+            )
         return annex
 
     # --- creation and growth ---------------------------------------------------------------
@@ -229,7 +232,9 @@ class AnnexService:
     def extend(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
         if annex.state not in lifecycle.ACTIVE:
-            raise InputError(f"annex {annex.name} is {annex.state}; only a live annex can be extended")
+            raise InputError(
+                f"annex {annex.name} is {annex.state}; only a live annex can be extended"
+            )
         now = int(self._clock())
         changes: dict[str, Any] = {}
         if args.get("lease") and args.get("expiry"):

@@ -354,7 +354,9 @@ class Store:
                     "INSERT INTO instances(id, annex_id, request, state, instance_type,"
                     " launched, last_seen) VALUES (?,?,?,?,?,?,?)"
                     " ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
-                    " last_seen=excluded.last_seen",
+                    " last_seen=excluded.last_seen, instance_type=CASE WHEN"
+                    " excluded.instance_type != '' THEN excluded.instance_type"
+                    " ELSE instances.instance_type END",
                     (instance_id, annex_id, request, state, instance_type, now, now),
                 )
 
