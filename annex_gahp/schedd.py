@@ -39,7 +39,7 @@ class ScheddDemand:
 
         self._htcondor = htcondor2
 
-    def _schedd(self):  # noqa: ANN202 - htcondor2.Schedd
+    def _schedd(self):
         return self._htcondor.Schedd()
 
     def counts(self) -> dict[tuple[str, str], Demand]:
