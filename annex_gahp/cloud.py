@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from annex_gahp import names, tokens, userdata
@@ -27,8 +27,11 @@ TOKEN_MARGIN = 900
 
 
 class AwsCloud:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, mint: Callable[[str, int], str] = tokens.mint
+    ) -> None:
         self.settings = settings
+        self._mint = mint
         self._clients: dict[tuple[str, str], Any] = {}
 
     def _client(self, service: str, region: str) -> Any:
@@ -72,17 +75,17 @@ class AwsCloud:
     def _store_token(self, annex: Annex) -> str:
         parameter = self._token_parameter(annex)
         lifetime = max(60, annex.lease_expiration - int(time.time())) + TOKEN_MARGIN
-        token = tokens.mint(f"condor@{self.settings.uid_domain}", lifetime)
+        token = self._mint(f"condor@{self.settings.uid_domain}", lifetime)
         secrets.put_token(self._client("ssm", annex.region), parameter, token, self._tags(annex))
         return parameter
 
-    def _user_data(self, annex: Annex, parameter: str) -> str:
+    def _user_data(self, annex: Annex, parameter: str) -> bytes:
         wanted = spec_from_record(annex.spec)
         if wanted.mode == "provision":
             if not wanted.user_data_file:
                 raise InputError("provision mode needs annex_user_data_file")
             raise InputError("provision mode is not available yet in this version")
-        return userdata.render_pool_user_data(
+        return userdata.render_user_data(
             userdata.BootContext(
                 annex=annex.name,
                 owner=annex.owner,
@@ -96,7 +99,9 @@ class AwsCloud:
             )
         )
 
-    def _plan(self, annex: Annex, count: int, request: str, user_data: str) -> fleet.LaunchPlan:
+    def _plan(
+        self, annex: Annex, count: int, request: str, user_data: bytes | str
+    ) -> fleet.LaunchPlan:
         wanted = spec_from_record(annex.spec)
         image_ids = tuple(wanted.image_ids) or (
             (self.settings.default_image_id,) if self.settings.default_image_id else ()
