@@ -155,8 +155,12 @@ class AwsCloud:
             )
         if spec_from_record(annex.spec).mode == "pool":
             self._store_token(annex)
-        log.info("annex %s: lease now ends at %d on %d instance(s)",
-                 annex.key, annex.lease_expiration, len(ids))
+        log.info(
+            "annex %s: lease now ends at %d on %d instance(s)",
+            annex.key,
+            annex.lease_expiration,
+            len(ids),
+        )
 
     def release(self, annex: Annex) -> None:
         ec2 = self._client("ec2", annex.region)

@@ -170,7 +170,9 @@ class Reconciler:
                 )
             log.warning(
                 "adopted annex %s from tags: %d instance(s), lease until %d",
-                annex.key, len(members), expires,
+                annex.key,
+                len(members),
+                expires,
             )
 
     # --- one cycle -----------------------------------------------------------------------
@@ -263,7 +265,8 @@ class Reconciler:
         known = {o.id for o in live}
         # Launched by us, not yet visible to describe: count them so we do not launch twice.
         recent = [
-            i for i in self.store.instances(annex.id)
+            i
+            for i in self.store.instances(annex.id)
             if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
         ]
         have = len(live) + len(recent)
@@ -276,9 +279,7 @@ class Reconciler:
             self.cloud.terminate(annex.region, ids)
             log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
         if running and annex.state == names.PROVISIONING:
-            annex = self.store.update_annex(
-                annex.id, state=lifecycle.next_state(annex.state, "up")
-            )
+            annex = self.store.update_annex(annex.id, state=lifecycle.next_state(annex.state, "up"))
         stale = [o.id for o in live if o.expires != annex.lease_expiration]
         if stale:
             self.cloud.set_expiry(annex, stale)
@@ -315,7 +316,10 @@ class Reconciler:
         )
         log.info(
             "annex %s: launched %d of %d (request %s)%s",
-            annex.key, len(outcome.instance_ids), count, op.request,
+            annex.key,
+            len(outcome.instance_ids),
+            count,
+            op.request,
             f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
         )
         if not outcome.instance_ids:

@@ -155,7 +155,10 @@ class AnnexService:
                     annex = self.store.update_annex(annex.id, binding_limit=limit)
                 log.info(
                     "annex %s requested: %d instance(s) in %s, lease until %d%s",
-                    annex.key, requested, region, annex.lease_expiration,
+                    annex.key,
+                    requested,
+                    region,
+                    annex.lease_expiration,
                     f" ({limit} binds)" if limit else "",
                 )
                 self.wake()
@@ -226,8 +229,12 @@ class AnnexService:
         owner = self._owner_for(caller, args)
         keywords = {k: v for k, v in args.items() if k != "owner"}
         annex = self.ensure(spec.from_keywords(keywords, owner, self.settings))
-        return {"name": annex.name, "owner": annex.owner, "state": annex.state,
-                "requested": str(annex.requested)}
+        return {
+            "name": annex.name,
+            "owner": annex.owner,
+            "state": annex.state,
+            "requested": str(annex.requested),
+        }
 
     def extend(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
@@ -270,9 +277,12 @@ class AnnexService:
         annex = self.store.update_annex(annex.id, **changes)
         log.info("annex %s extended: %s", annex.key, changes)
         self.wake()
-        return {"name": annex.name, "state": annex.state,
-                "lease_expiration": str(annex.lease_expiration),
-                "requested": str(annex.requested)}
+        return {
+            "name": annex.name,
+            "state": annex.state,
+            "lease_expiration": str(annex.lease_expiration),
+            "requested": str(annex.requested),
+        }
 
     def delete(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)

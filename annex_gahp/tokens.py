@@ -34,7 +34,11 @@ def mint(identity: str, lifetime: int, key: str = "POOL") -> str:
     if key:
         command += ["-key", key]
     result = subprocess.run(
-        command, capture_output=True, text=True, preexec_fn=_become_root, check=False,
+        command,
+        capture_output=True,
+        text=True,
+        preexec_fn=_become_root,
+        check=False,
         timeout=60,
     )
     token = result.stdout.strip()
