@@ -34,6 +34,7 @@ class Timeline:
     def __init__(self, out: Callable[[str], None]) -> None:
         self.start = time.time()
         self.stages: dict[str, float] = {}
+        self.ran_on: dict[int, str] = {}
         self.out = out
 
     def mark(self, stage: str, detail: str = "") -> None:
@@ -139,6 +140,23 @@ def finished_jobs(cluster: int) -> list[Any]:
     return done + ran
 
 
+def ran_on(cluster: int, ads: list[Any]) -> dict[int, str]:
+    """proc id -> MachineAttrAnnexName0 of the job that ran it (its routed copy, if routed)."""
+    result: dict[int, str] = {}
+    for ad in ads:
+        routed_from = str(ad.get("RoutedFromJobId") or "")
+        if routed_from.startswith(f"{cluster}."):
+            proc = int(routed_from.split(".")[1])
+        elif ad.get("ClusterId") == cluster:
+            proc = int(ad["ProcId"])
+        else:
+            continue
+        name = ad.get("MachineAttrAnnexName0")
+        if name is not None or proc not in result:
+            result[proc] = str(name)
+    return result
+
+
 def run(  # noqa: PLR0917 - keyword defaults describe the demo
     out: Callable[[str], None] = print,
     owner: str = "alice",
@@ -194,13 +212,8 @@ def run(  # noqa: PLR0917 - keyword defaults describe the demo
         return ads if len(done) >= jobs else None
 
     ads = wait_for(f"{jobs} jobs to complete", all_done, timeout, every=2)
-    where = sorted(
-        {
-            str(a.get("MachineAttrAnnexName0"))
-            for a in ads
-            if a.get("MachineAttrAnnexName0") is not None
-        }
-    )
+    timeline.ran_on = ran_on(cluster, ads)
+    where = sorted(set(timeline.ran_on.values()))
     timeline.mark("jobs completed", f"ran on annex slots: {', '.join(where) or 'unknown'}")
 
     wait_for(
