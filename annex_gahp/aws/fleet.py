@@ -1,0 +1,400 @@
+"""The `fleet` strategy: one EC2 Fleet (type `instant`) call per annex change.
+
+Why a per-annex launch template: CreateFleet takes no UserData, neither at top level nor in
+overrides, so the pool-mode boot script (which names the annex, its owner and its token's
+parameter) lives in a launch template of its own, copied from the setup's base template data
+plus UserData, key pair and security groups. It is created once per annex, reused when the
+annex grows, and deleted when the annex retires.
+
+What moto 5.2 (server mode) does with this, checked by hand and by tests/unit/test_aws_fleet.py:
+- CreateFleet instant launches from the launch template: the instances get the template's
+  ImageId, and `describe_instance_attribute(Attribute="userData")` returns the template's
+  UserData (base64, as given). So an emulated-instance booter reads user data there (or from
+  the template version named in the fleet response), exactly as EC2 hands it to cloud-init.
+- Override ImageId, InstanceType, SubnetId and MaxPrice are honoured, but moto puts EVERY
+  instance on the FIRST override (no spreading, no priorities, no capacity errors): fall-through
+  is tested with injected responses.
+- Instance tags = the template's instance TagSpecifications plus CreateFleet's instance
+  TagSpecifications; the fleet's own tags are kept too.
+- moto does NOT apply the template's MetadataOptions (instances report HttpTokens=optional,
+  InstanceMetadataTags=disabled), IamInstanceProfile, or InstanceInitiatedShutdownBehavior
+  (reported as "stop"): the emulated booter must not rely on moto for these.
+- Spot capacity type gives InstanceLifecycle=spot; ClientToken is ignored (no idempotency).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from annex_gahp import names
+from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+from annex_gahp.errors import CloudError, InputError
+
+log = logging.getLogger(__name__)
+
+# Per-override failures after which the next type/subnet may still work.
+CAPACITY_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientReservedInstanceCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+        "Unsupported",
+        "UnfulfillableCapacity",
+        "InstanceLimitExceeded",
+        "VcpuLimitExceeded",
+    }
+)
+MAX_FLEET_CALLS = 4  # one normally; more only when AWS leaves capacity on the table
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    annex: str
+    owner: str
+    request_id: str
+    pool_id: str
+    expires: int  # epoch seconds
+    count: int
+    instance_types: tuple[str, ...]
+    image_ids: tuple[str, ...] = ()  # one, one per type, or () = the base template's image
+    subnets: tuple[str, ...] = ()
+    spot_prices: tuple[str, ...] = ()  # () = on-demand; one, or one per type
+    keypair: str = ""
+    security_groups: tuple[str, ...] = ()
+    extra_tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    user_data: str | bytes = ""
+    client_token: str = ""  # the caller's intent id, for AWS idempotency (moto ignores it)
+
+    @property
+    def spot(self) -> bool:
+        return bool(self.spot_prices)
+
+    def tags(self) -> dict[str, str]:
+        """The contract's tags plus the user's extras (which cannot override ours)."""
+        extra = {
+            k: v for k, v in self.extra_tags.items() if not k.startswith((names.TAG_PREFIX, "aws:"))
+        }
+        return extra | {
+            names.TAG_NAME: self.annex,
+            names.TAG_OWNER: self.owner,
+            names.TAG_REQUEST: self.request_id,
+            names.TAG_EXPIRES: str(int(self.expires)),
+            names.TAG_POOL: self.pool_id,
+        }
+
+    def per_type(self, values: tuple[str, ...], what: str) -> list[str | None]:
+        if not values:
+            return [None] * len(self.instance_types)
+        if len(values) == 1:
+            return [values[0]] * len(self.instance_types)
+        if len(values) == len(self.instance_types):
+            return list(values)
+        raise InputError(
+            f"{what}: give one value for all instance types or one per type "
+            f"({len(self.instance_types)}), not {len(values)}"
+        )
+
+
+@dataclasses.dataclass
+class LaunchResult:
+    instance_ids: list[str]
+    errors: list[str]  # one line per override or call that failed, for AnnexLastError
+    fleet_ids: list[str] = dataclasses.field(default_factory=list)
+
+
+def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+# --- per-annex launch template ------------------------------------------------------------------
+
+_LT_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def template_name(pool_id: str, owner: str, annex: str) -> str:
+    """A launch template name unique per (pool, owner, annex) within the 128 allowed chars of
+    `[A-Za-z0-9().-/_]`: the hash keeps distinct pools/owners apart after sanitising."""
+    digest = hashlib.sha256(f"{pool_id}\0{owner}\0{annex}".encode()).hexdigest()[:12]
+    safe_owner = _LT_UNSAFE.sub("_", owner)[:32]
+    safe_annex = _LT_UNSAFE.sub("_", annex)[:63]
+    return f"htcondor-annex-{digest}-{safe_owner}-{safe_annex}"
+
+
+def _input_members(ec2: Any, shape_name: str) -> Any:
+    return ec2.meta.service_model.shape_for(shape_name)
+
+
+def _fit_to_shape(value: Any, shape: Any) -> Any:
+    """Keep only what an input shape accepts: DescribeLaunchTemplateVersions returns
+    output-only fields (e.g. MetadataOptions.State) that CreateLaunchTemplate refuses."""
+    if shape.type_name == "structure":
+        if not isinstance(value, dict):
+            return value
+        return {
+            k: _fit_to_shape(v, shape.members[k]) for k, v in value.items() if k in shape.members
+        }
+    if shape.type_name == "list" and isinstance(value, list):
+        return [_fit_to_shape(v, shape.member) for v in value]
+    return value
+
+
+def base_template_data(ec2: Any, base_launch_template: str) -> dict[str, Any]:
+    """The default version's data of the setup's base template (name or lt- id), as input."""
+    if not base_launch_template:
+        return {}
+    key = "LaunchTemplateId" if base_launch_template.startswith("lt-") else "LaunchTemplateName"
+    with aws_errors(f"read base launch template {base_launch_template} (ANNEX_LAUNCH_TEMPLATE)"):
+        versions = ec2.describe_launch_template_versions(
+            **{key: base_launch_template}, Versions=["$Default"]
+        )["LaunchTemplateVersions"]
+    if not versions:
+        raise CloudError(
+            f"base launch template {base_launch_template} has no default version: "
+            "re-run `htcondor-annex setup`"
+        )
+    data = versions[0].get("LaunchTemplateData", {})
+    return _fit_to_shape(data, _input_members(ec2, "RequestLaunchTemplateData"))
+
+
+def _encode_user_data(user_data: str | bytes) -> str:
+    raw = user_data.encode() if isinstance(user_data, str) else user_data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def annex_template_data(base: dict[str, Any], plan: LaunchPlan) -> dict[str, Any]:
+    data = dict(base)
+    if plan.user_data:
+        data["UserData"] = _encode_user_data(plan.user_data)
+    if plan.keypair:
+        data["KeyName"] = plan.keypair
+    if plan.security_groups:
+        data["SecurityGroupIds"] = list(plan.security_groups)
+        data.pop("SecurityGroups", None)
+    # Overrides choose type and subnet; a network interface in the template would clash.
+    data.pop("InstanceType", None)
+    if data.get("NetworkInterfaces"):
+        raise CloudError(
+            "the base launch template defines NetworkInterfaces, which EC2 Fleet cannot combine "
+            "with subnet overrides: re-run `htcondor-annex setup`"
+        )
+    stable = {k: v for k, v in plan.tags().items() if k != names.TAG_EXPIRES}
+    data["TagSpecifications"] = [{"ResourceType": "volume", "Tags": _tag_list(stable)}]
+    return data
+
+
+def _data_digest(data: dict[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+DIGEST_TAG = "htcondor-annex:template-digest"
+
+
+def ensure_annex_template(ec2: Any, plan: LaunchPlan, base_launch_template: str) -> str:
+    """Create the annex's launch template, or reuse it; returns its id.
+
+    A new version is made only when the wanted data changed (e.g. a new boot script)."""
+    name = template_name(plan.pool_id, plan.owner, plan.annex)
+    data = annex_template_data(base_template_data(ec2, base_launch_template), plan)
+    if "ImageId" not in data and not plan.image_ids:
+        raise InputError(
+            "no image for the instances: set annex_image_ids or ANNEX_DEFAULT_IMAGE_ID "
+            "(and re-run `htcondor-annex setup`)"
+        )
+    digest = _data_digest(data)
+    tags = {k: v for k, v in plan.tags().items() if k != names.TAG_EXPIRES}
+    tags[DIGEST_TAG] = digest
+    action = f"create launch template {name} for annex {plan.annex}"
+    try:
+        created = ec2.create_launch_template(
+            LaunchTemplateName=name,
+            LaunchTemplateData=data,
+            TagSpecifications=[{"ResourceType": "launch-template", "Tags": _tag_list(tags)}],
+        )
+        log.info("created launch template %s for annex %s", name, plan.annex)
+        return created["LaunchTemplate"]["LaunchTemplateId"]
+    except ClientError as err:
+        if error_code(err) != "InvalidLaunchTemplateName.AlreadyExistsException":
+            raise cloud_error(err, action) from None
+    with aws_errors(action):
+        found = ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"][0]
+        template_id = found["LaunchTemplateId"]
+        current = {t["Key"]: t["Value"] for t in found.get("Tags", [])}.get(DIGEST_TAG)
+        if current != digest:
+            version = ec2.create_launch_template_version(
+                LaunchTemplateId=template_id, LaunchTemplateData=data
+            )["LaunchTemplateVersion"]["VersionNumber"]
+            ec2.modify_launch_template(LaunchTemplateId=template_id, DefaultVersion=str(version))
+            ec2.create_tags(Resources=[template_id], Tags=[{"Key": DIGEST_TAG, "Value": digest}])
+            log.info("launch template %s: new default version %s", name, version)
+    return template_id
+
+
+def delete_annex_template(ec2: Any, pool_id: str, owner: str, annex: str) -> bool:
+    """Delete the annex's launch template; False if it was already gone."""
+    name = template_name(pool_id, owner, annex)
+    try:
+        ec2.delete_launch_template(LaunchTemplateName=name)
+    except ClientError as err:
+        code = error_code(err)
+        # moto answers MissingParameter for an unknown name; AWS a *.NotFoundException.
+        if (
+            code.startswith(
+                ("InvalidLaunchTemplateName.NotFound", "InvalidLaunchTemplateId.NotFound")
+            )
+            or code == "MissingParameter"
+        ):
+            return False
+        raise cloud_error(err, f"delete launch template {name}") from None
+    log.info("deleted launch template %s", name)
+    return True
+
+
+# --- the fleet call ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    instance_type: str
+    subnet: str | None
+    image: str | None
+    price: str | None
+    priority: float
+
+    def api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"InstanceType": self.instance_type, "Priority": self.priority}
+        if self.subnet:
+            out["SubnetId"] = self.subnet
+        if self.image:
+            out["ImageId"] = self.image
+        if self.price:
+            out["MaxPrice"] = self.price
+        return out
+
+
+def overrides(plan: LaunchPlan) -> list[_Override]:
+    """Every instance type x subnet, in the user's order of preference (types first)."""
+    if not plan.instance_types:
+        raise InputError(
+            "no instance type: set annex_instance_types or ANNEX_DEFAULT_INSTANCE_TYPES"
+        )
+    images = plan.per_type(plan.image_ids, "annex_image_ids")
+    prices = plan.per_type(plan.spot_prices, "annex_spot_prices")
+    subnets: list[str | None] = list(plan.subnets) or [None]
+    out = []
+    for t, itype in enumerate(plan.instance_types):
+        for s, subnet in enumerate(subnets):
+            out.append(_Override(itype, subnet, images[t], prices[t], float(t * len(subnets) + s)))
+    return out
+
+
+def fleet_request(
+    plan: LaunchPlan, template_id: str, candidates: list[_Override], count: int
+) -> dict[str, Any]:
+    capacity = "spot" if plan.spot else "on-demand"
+    request: dict[str, Any] = {
+        "Type": "instant",
+        "TargetCapacitySpecification": {
+            "TotalTargetCapacity": count,
+            "DefaultTargetCapacityType": capacity,
+            ("SpotTargetCapacity" if plan.spot else "OnDemandTargetCapacity"): count,
+        },
+        "LaunchTemplateConfigs": [
+            {
+                "LaunchTemplateSpecification": {
+                    "LaunchTemplateId": template_id,
+                    "Version": "$Default",
+                },
+                "Overrides": [c.api() for c in candidates],
+            }
+        ],
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": _tag_list(plan.tags())},
+            {"ResourceType": "fleet", "Tags": _tag_list(plan.tags())},
+        ],
+    }
+    # Priorities express the user's order; instant fleets fall through to the next override
+    # when one has no capacity.
+    if plan.spot:
+        request["SpotOptions"] = {"AllocationStrategy": "capacity-optimized-prioritized"}
+    else:
+        request["OnDemandOptions"] = {"AllocationStrategy": "prioritized"}
+    if plan.client_token:
+        request["ClientToken"] = plan.client_token
+    return request
+
+
+def _matches(candidate: _Override, reported: dict[str, Any]) -> bool:
+    over = reported.get("Overrides", {})
+    return over.get("InstanceType") == candidate.instance_type and (
+        candidate.subnet is None or over.get("SubnetId") in (None, candidate.subnet)
+    )
+
+
+def launch(ec2: Any, plan: LaunchPlan, base_launch_template: str) -> LaunchResult:
+    """Launch `plan.count` instances with one CreateFleet call (more only to fall through
+    capacity errors AWS reported but did not itself route around)."""
+    if plan.count <= 0:
+        return LaunchResult([], [])
+    candidates = overrides(plan)
+    template_id = ensure_annex_template(ec2, plan, base_launch_template)
+    result = LaunchResult([], [])
+    for _attempt in range(MAX_FLEET_CALLS):
+        wanted = plan.count - len(result.instance_ids)
+        if wanted <= 0 or not candidates:
+            break
+        request = fleet_request(plan, template_id, candidates, wanted)
+        try:
+            response = ec2.create_fleet(**request)
+        except ClientError as err:
+            code = error_code(err)
+            failed = cloud_error(err, f"launch {wanted} instance(s) for annex {plan.annex}")
+            result.errors.append(str(failed))
+            if code not in CAPACITY_CODES:
+                if result.instance_ids:
+                    break
+                raise failed from None
+            # The whole call failed for capacity: give up the most preferred type.
+            dropped = candidates[0].instance_type
+            candidates = [c for c in candidates if c.instance_type != dropped]
+            continue
+        if response.get("FleetId"):
+            result.fleet_ids.append(response["FleetId"])
+        launched = [i for group in response.get("Instances", []) for i in group["InstanceIds"]]
+        result.instance_ids.extend(launched)
+        retry_worthy = []
+        for error in response.get("Errors", []):
+            spec = error.get("LaunchTemplateAndOverrides", {})
+            over = spec.get("Overrides", {})
+            where = "/".join(v for v in (over.get("InstanceType"), over.get("SubnetId")) if v)
+            code = error.get("ErrorCode", "Unknown")
+            result.errors.append(
+                f"{where or 'fleet'}: AWS error {code}: {error.get('ErrorMessage', '')}".rstrip(
+                    ": "
+                )
+            )
+            if code in CAPACITY_CODES:
+                retry_worthy.extend(c for c in candidates if _matches(c, spec))
+        log.info(
+            "annex %s: fleet %s launched %d of %d (%d override errors)",
+            plan.annex,
+            response.get("FleetId", "?"),
+            len(launched),
+            wanted,
+            len(response.get("Errors", [])),
+        )
+        if not retry_worthy:
+            break
+        candidates = [c for c in candidates if c not in retry_worthy]
+    return result

@@ -1,0 +1,70 @@
+"""Instance tokens as SSM SecureString parameters.
+
+The boot script holds no secret: it names a parameter, and the instance fetches it with its
+role's credentials (the setup's instance role may read only the token prefix). The token's
+value never reaches a log line; only parameter names do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+
+log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _safe(part: str) -> str:
+    """A path element SSM accepts; a short hash keeps e.g. `cm:9618` and `cm_9618` apart."""
+    cleaned = _UNSAFE.sub("_", part)
+    if cleaned == part:
+        return part
+    return f"{cleaned}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
+
+
+def parameter_name(prefix: str, pool_id: str, owner: str, annex: str) -> str:
+    """`<prefix>/<pool-safe>/<owner>/<annex>`,
+    e.g. /htcondor-annex/tokens/cm.example.org_9618-1a2b3c4d/alice/a1."""
+    base = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    return f"{base}/{_safe(pool_id)}/{_safe(owner)}/{_safe(annex)}"
+
+
+def put_token(ssm: Any, name: str, token: str, tags: dict[str, str], *, key_id: str = "") -> None:
+    """Store (or replace) the annex's token. One call when new; AWS refuses Tags together with
+    Overwrite, so a replacement is an overwrite plus a re-tag."""
+    common: dict[str, Any] = {"Name": name, "Value": token, "Type": "SecureString"}
+    if key_id:
+        common["KeyId"] = key_id
+    tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+    action = f"store the instance token in SSM parameter {name}"
+    try:
+        ssm.put_parameter(**common, Tags=tag_list)
+        log.info("stored instance token in %s", name)
+        return
+    except ClientError as err:
+        if error_code(err) != "ParameterAlreadyExists":
+            raise cloud_error(err, action) from None
+    with aws_errors(action):
+        ssm.put_parameter(**common, Overwrite=True)
+        if tag_list:
+            ssm.add_tags_to_resource(ResourceType="Parameter", ResourceId=name, Tags=tag_list)
+    log.info("replaced instance token in %s", name)
+
+
+def delete_token(ssm: Any, name: str) -> bool:
+    """Remove the token; False if it was already gone."""
+    try:
+        ssm.delete_parameter(Name=name)
+    except ClientError as err:
+        if error_code(err) == "ParameterNotFound":
+            return False
+        raise cloud_error(err, f"delete SSM parameter {name}") from None
+    log.info("deleted instance token %s", name)
+    return True

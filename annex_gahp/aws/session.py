@@ -1,0 +1,247 @@
+"""boto3 clients built from `Settings`: endpoint, region, retries, pacing, error mapping.
+
+Every AWS client the helper uses comes from `client()` so that:
+- the emulator endpoint (ANNEX_AWS_ENDPOINT_URL) is used everywhere or nowhere;
+- a credentials file other users can read is refused before any call is made;
+- calls are paced client-side to AWS's documented EC2 request rates, so a burst of annexes
+  never gets the whole account throttled (botocore's retries only react after the fact);
+- AWS failures surface as `CloudError` carrying AWS's error code and no secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pwd
+import re
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from annex_gahp.errors import CloudError, CredentialsError
+from annex_gahp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGION = "us-west-1"
+
+# botocore retries throttling and transient faults itself; "adaptive" adds its own client-side
+# rate limiter that backs off further after a throttle.
+RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 6}
+
+
+def resolve_region(job_region: str | None, settings: Settings) -> str:
+    """The job's region, else ANNEX_AWS_REGION, else the helper account's AWS config, else
+    us-west-1 (the contract's order)."""
+    if job_region:
+        return job_region
+    if settings.region:
+        return settings.region
+    configured = botocore.session.get_session().get_config_variable("region")
+    return configured or DEFAULT_REGION
+
+
+# --- credentials file check -------------------------------------------------------------------
+
+
+def _credentials_paths() -> list[str]:
+    """Where boto3 would read shared credentials for this process: the env override, else
+    ~/.aws/credentials by $HOME, and by the passwd entry (the helper may run with HOME unset or
+    inherited from root after switching to the condor user)."""
+    explicit = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    if explicit:
+        return [os.path.expanduser(explicit)]
+    paths = [os.path.expanduser("~/.aws/credentials")]
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        home = ""
+    if home:
+        by_passwd = os.path.join(home, ".aws", "credentials")
+        if by_passwd not in paths:
+            paths.append(by_passwd)
+    return paths
+
+
+def check_credentials_file() -> None:
+    """Refuse a shared credentials file readable by group or others: those keys can create
+    instances billed to the pool's account."""
+    for path in _credentials_paths():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise CredentialsError(f"cannot check AWS credentials file {path}: {err}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise CredentialsError(
+                f"AWS credentials file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+            )
+
+
+# --- pacing -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TokenBucket:
+    """Classic token bucket: `burst` calls at once, then `rate` per second."""
+
+    burst: float
+    rate: float
+    tokens: float | None = None  # None until first use: the bucket starts full
+    stamp: float = 0.0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def take(self, now: float | None = None) -> float:
+        """Take one token; returns how long the caller must wait before using it."""
+        with self.lock:
+            now = time.monotonic() if now is None else now
+            if self.tokens is None:
+                self.tokens, self.stamp = self.burst, now
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= 1.0
+            if self.tokens >= 0:
+                return 0.0
+            return -self.tokens / self.rate
+
+
+# AWS's documented EC2 request-rate buckets (per account and region).
+CALL_CLASSES: dict[str, tuple[float, float]] = {
+    "launch": (5, 2),  # RunInstances, CreateFleet
+    "mutating": (50, 5),
+    "describe": (100, 20),
+}
+_LAUNCH_OPS = {"RunInstances", "CreateFleet"}
+_READ_PREFIXES = ("Describe", "Get", "List")
+
+
+def call_class(operation: str) -> str:
+    if operation in _LAUNCH_OPS:
+        return "launch"
+    if operation.startswith(_READ_PREFIXES):
+        return "describe"
+    return "mutating"
+
+
+class Pacer:
+    """One bucket per (region, call class), shared by every client of this process."""
+
+    def __init__(self, classes: dict[str, tuple[float, float]] | None = None) -> None:
+        self._classes = classes or CALL_CLASSES
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def bucket(self, region: str, operation: str) -> TokenBucket:
+        key = (region, call_class(operation))
+        with self._lock:
+            if key not in self._buckets:
+                burst, rate = self._classes[key[1]]
+                self._buckets[key] = TokenBucket(burst=burst, rate=rate)
+            return self._buckets[key]
+
+    def wait(self, region: str, operation: str) -> float:
+        delay = self.bucket(region, operation).take()
+        if delay > 0:
+            log.debug("pacing %s in %s: waiting %.2fs", operation, region, delay)
+            time.sleep(delay)
+        return delay
+
+
+PACER = Pacer()
+
+
+def _install_pacing(client: Any, region: str, pacer: Pacer) -> None:
+    def before_call(model: Any, **_: Any) -> None:
+        pacer.wait(region, model.name)
+
+    client.meta.events.register("before-call.*.*", before_call)
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+
+def client(
+    service: str,
+    settings: Settings,
+    region: str | None = None,
+    *,
+    pacer: Pacer | None = None,
+    boto_session: boto3.session.Session | None = None,
+) -> Any:
+    """A boto3 client for `service` as the helper should use it."""
+    check_credentials_file()
+    region = region or resolve_region(None, settings)
+    session = boto_session or boto3.session.Session()
+    kwargs: dict[str, Any] = {
+        "region_name": region,
+        "config": Config(retries=dict(RETRY_CONFIG), user_agent_extra="htcondor-annex-gahp"),
+    }
+    if settings.endpoint_url:
+        kwargs["endpoint_url"] = settings.endpoint_url
+    try:
+        made = session.client(service, **kwargs)
+    except BotoCoreError as err:
+        raise cloud_error(err, f"create {service} client") from None
+    _install_pacing(made, region, pacer or PACER)
+    return made
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+# Anything that looks like key material is cut from messages before they reach users or logs.
+_SECRETISH = re.compile(r"\b(A[SK]IA[0-9A-Z]{12,})\b|\b[A-Za-z0-9/+=]{40}\b")
+
+
+def scrub(text: str) -> str:
+    return _SECRETISH.sub("<redacted>", text)
+
+
+def error_code(err: BaseException) -> str:
+    if isinstance(err, ClientError):
+        return str(err.response.get("Error", {}).get("Code", "Unknown"))
+    return type(err).__name__
+
+
+def cloud_error(err: BaseException, action: str) -> CloudError | CredentialsError:
+    """Map a boto failure to our error type, with AWS's code and no secret."""
+    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+        return CredentialsError(
+            f"{action}: no usable AWS credentials for the helper (environment, "
+            "~/.aws/credentials of its user, or an instance role)"
+        )
+    if isinstance(err, ClientError):
+        code = error_code(err)
+        message = scrub(str(err.response.get("Error", {}).get("Message", "")))
+        result = CloudError(f"{action}: AWS error {code}: {message}".rstrip(": "))
+    elif isinstance(err, EndpointConnectionError):
+        result = CloudError(f"{action}: cannot reach AWS endpoint: {scrub(str(err))}")
+    else:
+        result = CloudError(f"{action}: {type(err).__name__}: {scrub(str(err))}")
+    result.aws_code = error_code(err)  # type: ignore[attr-defined]
+    return result
+
+
+@contextlib.contextmanager
+def aws_errors(action: str) -> Iterator[None]:
+    """`with aws_errors("launch annex a1"):` turns boto failures into CloudError."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as err:
+        raise cloud_error(err, action) from None
