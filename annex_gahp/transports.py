@@ -1,0 +1,417 @@
+"""Where GAHP lines come from: stdin/stdout, or a Unix socket with the peer's uid from the kernel.
+
+Identity is SO_PEERCRED's uid and nothing else: no argument a client sends can change who it
+is. The socket is world-connectable (0666) on purpose; authorisation happens per request in the
+handlers, by `Caller`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Collection
+from typing import BinaryIO
+
+from annex_gahp.gahp import Caller, Dispatcher, Session
+from annex_gahp.protocol import MAX_LINE_BYTES, LineSplitter, LineTooLong, escape_arg
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_RECV_BYTES = 65536
+
+MAX_CONNECTIONS = 64
+# A GAHP client (the gridmanager) may sit quietly between commands; hooks take milliseconds.
+IDLE_TIMEOUT = 600.0
+# Once a line has started it must finish: a client trickling bytes must not hold a slot.
+LINE_TIMEOUT = 30.0
+# A client that stops reading must not hold a thread (or a worker emitting its R) forever.
+WRITE_TIMEOUT = 30.0
+# How often blocked reads/accepts wake to check deadlines and shutdown.
+POLL_INTERVAL = 1.0
+
+
+class ServerError(RuntimeError):
+    """The socket cannot be set up; the message says what to fix."""
+
+
+def user_name(uid: int) -> str:
+    """The account name for `uid`, or the number itself for a uid without a passwd entry."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def caller_for_uid(uid: int, admin_uids: Collection[int] = ()) -> Caller:
+    return Caller(uid=uid, user=user_name(uid), is_admin=uid == 0 or uid in admin_uids)
+
+
+def process_caller(admin_uids: Collection[int] = ()) -> Caller:
+    """The caller on stdio: whoever runs this process (it could do anything we do anyway)."""
+    return caller_for_uid(os.getuid(), admin_uids)
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket."""
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
+
+
+def _encode_lines(lines: list[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def _error_line(message: str) -> str:
+    return "E " + escape_arg(message)
+
+
+# -- stdin/stdout ----------------------------------------------------------------------------
+
+
+def serve_stdio(
+    dispatcher: Dispatcher,
+    caller: Caller | None = None,
+    *,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+) -> None:
+    """The plain GAHP: banner, then request lines until QUIT or end of input.
+
+    As the spec asks, a closed stdin means shut down. A line over the limit is answered with
+    `E` and ends the conversation: the stream cannot be resynchronised after it.
+    """
+    caller = caller or process_caller()
+    src = stdin if stdin is not None else sys.stdin.buffer
+    dst = stdout if stdout is not None else sys.stdout.buffer
+    write_lock = threading.Lock()
+    broken = threading.Event()
+
+    def write(lines: list[str]) -> None:
+        with write_lock:
+            if broken.is_set():
+                return
+            try:
+                dst.write(_encode_lines(lines))
+                dst.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                broken.set()
+
+    session = dispatcher.session(caller, emit=write)
+    write([session.banner])
+    splitter = LineSplitter()
+    read = getattr(src, "read1", None) or src.read
+    try:
+        while not session.closed and not broken.is_set():
+            data = read(_RECV_BYTES)
+            if not data:
+                break
+            too_long: LineTooLong | None = None
+            try:
+                lines = splitter.feed(data)
+            except LineTooLong as exc:
+                lines, too_long = exc.lines, exc
+            for line in lines:
+                write(session.handle_line(line))
+                if session.closed:
+                    break
+            if too_long is not None and not session.closed:
+                write([_error_line(str(too_long))])
+                break
+    finally:
+        session.close()
+
+
+# -- Unix socket -----------------------------------------------------------------------------
+
+
+class _Connection:
+    """One accepted client: its socket, a write lock shared by replies and the async R."""
+
+    def __init__(self, conn: socket.socket, write_timeout: float) -> None:
+        self.sock = conn
+        self.write_timeout = write_timeout
+        self._lock = threading.Lock()
+        self.dead = False
+
+    def write(self, lines: list[str]) -> None:
+        data = memoryview(_encode_lines(lines))
+        with self._lock:
+            if self.dead:
+                raise ConnectionError("connection closed")
+            deadline = time.monotonic() + self.write_timeout
+            try:
+                while data:
+                    try:
+                        sent = self.sock.send(data)
+                    except TimeoutError:
+                        if time.monotonic() >= deadline:
+                            raise
+                        continue
+                    data = data[sent:]
+            except OSError:
+                self.dead = True
+                raise
+
+    def kill(self) -> None:
+        """Wake the reader (recv returns b"") so the connection ends promptly."""
+        self.dead = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class SocketServer:
+    """GAHP over a Unix stream socket, one thread per connection, at most `max_connections`.
+
+    The socket is created (and listening) when the object is built, so errors show at once and
+    the daemon may drop privileges afterwards. `serve_forever()` blocks; `start()` runs it in a
+    thread; `shutdown()` stops accepting, ends every connection and removes the socket.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        dispatcher: Dispatcher,
+        admin_uids: Collection[int] = (),
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        line_timeout: float = LINE_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        poll_interval: float = POLL_INTERVAL,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.dispatcher = dispatcher
+        self.admin_uids = frozenset(admin_uids)
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.line_timeout = line_timeout
+        self.write_timeout = write_timeout
+        self.poll_interval = poll_interval
+        self.max_line_bytes = max_line_bytes
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()  # not serving yet
+        self._lock = threading.Lock()
+        self._active: dict[_Connection, threading.Thread] = {}
+        self._serving: threading.Thread | None = None  # the thread inside serve_forever
+        self._sock, self._ident = self._bind()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _bind(self) -> tuple[socket.socket, tuple[int, int]]:
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise ServerError(f"cannot create {self.path}: directory {parent} does not exist")
+        self._check_existing()
+        # Bind under a temporary name, set the mode, then rename into place: clients never see
+        # a half-made socket, and a stale one is replaced in one step.
+        tmp = f"{self.path}.{os.getpid()}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            sock.bind(tmp)
+            # Everyone may connect: who they are comes from SO_PEERCRED, not the file mode.
+            os.chmod(tmp, 0o666)  # noqa: S103
+            os.rename(tmp, self.path)
+            sock.listen(min(self.max_connections, socket.SOMAXCONN))
+            sock.settimeout(self.poll_interval)
+            st = os.stat(self.path)
+        except OSError as exc:
+            sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ServerError(f"cannot create socket {self.path}: {exc}") from exc
+        log.info("listening on %s", self.path)
+        return sock, (st.st_dev, st.st_ino)
+
+    def _check_existing(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            log.info("replacing stale socket %s", self.path)  # nobody listens: left by a crash
+            return
+        finally:
+            probe.close()
+        raise ServerError(f"another process is already serving on {self.path}")
+
+    # -- running -----------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def start(self) -> threading.Thread:
+        """Run `serve_forever` in a daemon thread; returns it."""
+        self._stopped.clear()
+        thread = threading.Thread(target=self.serve_forever, name="annex-gahp-accept", daemon=True)
+        thread.start()
+        return thread
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        self._serving = threading.current_thread()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    conn, _ = self._sock.accept()
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    if self._stopping.is_set():
+                        break
+                    # EMFILE and friends: keep serving the connections we have.
+                    log.warning("accept failed: %s", exc)
+                    time.sleep(self.poll_interval)
+                    continue
+                self._admit(conn)
+        finally:
+            self._stopped.set()
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.settimeout(self.poll_interval)
+        client = _Connection(conn, self.write_timeout)
+        with self._lock:
+            full = len(self._active) >= self.max_connections
+            if not full:
+                thread = threading.Thread(
+                    target=self._serve_connection, args=(client,), name="annex-gahp-conn",
+                    daemon=True,
+                )
+                self._active[client] = thread
+        if full:
+            log.warning("refusing a connection: %d already open", self.max_connections)
+            try:
+                client.write([_error_line("too many connections to annex_gahp; try again later")])
+            except OSError:
+                pass
+            conn.close()
+            return
+        thread.start()
+
+    def _serve_connection(self, client: _Connection) -> None:
+        conn = client.sock
+        session: Session | None = None
+        try:
+            pid, uid, _gid = peer_credentials(conn)
+            caller = caller_for_uid(uid, self.admin_uids)
+            log.debug("connection from pid %d uid %d (%s)", pid, uid, caller.user)
+            session = self.dispatcher.session(caller, emit=client.write)
+            client.write([session.banner])
+            self._read_loop(client, session)
+        except OSError as exc:
+            # Disconnects, resets, write timeouts: the client's problem, not the server's.
+            log.debug("connection ended: %s", exc)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            if session is not None:
+                session.close()
+            client.dead = True
+            try:
+                conn.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._active.pop(client, None)
+
+    def _read_loop(self, client: _Connection, session: Session) -> None:
+        conn = client.sock
+        splitter = LineSplitter(self.max_line_bytes)
+        last_data = time.monotonic()
+        line_started: float | None = None
+        while not self._stopping.is_set() and not session.closed and not client.dead:
+            try:
+                data = conn.recv(_RECV_BYTES)
+            except TimeoutError:
+                now = time.monotonic()
+                if line_started is not None and now - line_started > self.line_timeout:
+                    log.info("closing connection of uid %d: line not finished in time",
+                             session.caller.uid)
+                    return
+                if line_started is None and now - last_data > self.idle_timeout:
+                    log.debug("closing idle connection of uid %d", session.caller.uid)
+                    return
+                continue
+            if not data:
+                return
+            now = last_data = time.monotonic()
+            too_long: LineTooLong | None = None
+            try:
+                lines = splitter.feed(data)
+            except LineTooLong as exc:
+                # Answer what came before it; after it the stream cannot be trusted.
+                lines, too_long = exc.lines, exc
+            for line in lines:
+                client.write(session.handle_line(line))
+                if session.closed:
+                    return
+            if too_long is not None:
+                client.write([_error_line(str(too_long))])
+                return
+            if not splitter.pending:
+                line_started = None
+            elif lines or line_started is None:
+                line_started = now
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, end all connections, remove the socket. Idempotent."""
+        self._stopping.set()
+        # From a signal handler in the serving thread itself, waiting would only stall.
+        if self._serving is not threading.current_thread():
+            self._stopped.wait(timeout)
+        with self._lock:
+            active = list(self._active.items())
+        for client, _ in active:
+            client.kill()
+        deadline = time.monotonic() + timeout
+        for _, conn_thread in active:
+            conn_thread.join(max(0.0, deadline - time.monotonic()))
+        self.close()
+
+    def close(self) -> None:
+        """Close the listening socket and remove its file if it is still ours."""
+        self._stopping.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> SocketServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,518 @@
+"""stdio and Unix socket transports, and the stdlib client, over real sockets and real uids."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from annex_gahp import client, names
+from annex_gahp.errors import NotFound
+from annex_gahp.gahp import Caller, Dispatcher
+from annex_gahp.protocol import LineSplitter, decode_line, encode_line, split_args
+from annex_gahp.transports import ServerError, SocketServer, caller_for_uid, serve_stdio
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+REPO = Path(__file__).resolve().parents[2]
+
+
+def whoami(caller: Caller, args: dict[str, str]) -> dict[str, str]:
+    return {
+        "uid": str(caller.uid),
+        "user": caller.user,
+        "is_admin": str(caller.is_admin),
+        "json": json.dumps(args, sort_keys=True),
+    }
+
+
+def missing(caller: Caller, args: dict[str, str]) -> dict[str, str]:
+    raise NotFound(f"no annex named {args['name']}")
+
+
+TABLE = {"WHOAMI": whoami, "MISSING": missing}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Short, and traversable by nobody: AF_UNIX paths are limited to 108 bytes and pytest's
+    # tmp_path is long and private.
+    path = Path(tempfile.mkdtemp(prefix="ag-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_server(sockdir: Path, **kw: object) -> SocketServer:
+    dispatcher = kw.pop("dispatcher", None) or Dispatcher(TABLE)
+    server = SocketServer(str(sockdir / "annex.sock"), dispatcher, **kw)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+@pytest.fixture
+def server(sockdir: Path) -> Iterator[SocketServer]:
+    srv = make_server(sockdir, line_timeout=1.0, poll_interval=0.1)
+    yield srv
+    srv.shutdown()
+
+
+class Raw:
+    """A hand-driven client: send bytes, read reply lines."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.splitter = LineSplitter(1 << 24)
+        self.lines: list[bytes] = []
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def line(self) -> str:
+        while not self.lines:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.lines += self.splitter.feed(data)
+        return decode_line(self.lines.pop(0))
+
+    def ask(self, data: bytes | str) -> str:
+        self.send(data)
+        return self.line()
+
+    def closed_by_peer(self) -> bool:
+        try:
+            while True:
+                self.line()
+        except EOFError:
+            return True
+        except (TimeoutError, ConnectionResetError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(predicate: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# -- socket setup ----------------------------------------------------------------------------
+
+
+def test_socket_is_world_connectable_whatever_the_umask(sockdir: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        with SocketServer(str(sockdir / "s"), Dispatcher(TABLE)) as srv:
+            assert (os.stat(srv.path).st_mode & 0o777) == 0o666
+    finally:
+        os.umask(old)
+    assert not (sockdir / "s").exists()  # removed on shutdown
+
+
+def test_missing_directory_is_a_clear_error(sockdir: Path) -> None:
+    with pytest.raises(ServerError, match="does not exist"):
+        SocketServer(str(sockdir / "nope" / "s"), Dispatcher(TABLE))
+
+
+def test_stale_socket_is_replaced_live_one_is_not(sockdir: Path) -> None:
+    path = sockdir / "s"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a crash leaves
+    with SocketServer(str(path), Dispatcher(TABLE), poll_interval=0.1) as srv:
+        srv.start()
+        with pytest.raises(ServerError, match="already serving"):
+            SocketServer(str(path), Dispatcher(TABLE))
+        assert client.call("WHOAMI", path=str(path))["uid"] == str(os.getuid())
+
+
+def test_regular_file_is_not_replaced(sockdir: Path) -> None:
+    path = sockdir / "s"
+    path.write_text("precious")
+    with pytest.raises(ServerError, match="not a socket"):
+        SocketServer(str(path), Dispatcher(TABLE))
+    assert path.read_text() == "precious"
+
+
+# -- conversation ----------------------------------------------------------------------------
+
+
+def test_plain_conversation(server: SocketServer) -> None:
+    raw = Raw(server.path)
+    assert raw.line().startswith("$GahpVersion: ")
+    assert "WHOAMI" in split_args(raw.ask("COMMANDS\r\n"))
+    assert raw.ask(encode_line(["WHOAMI", "7", "name=a b"])) == "S"
+    assert raw.ask("RESULTS\n") == "S 1"
+    result = split_args(raw.line())
+    assert result[:2] == ["7", "0"]
+    assert json.loads(result[5].removeprefix("json=")) == {"name": "a b"}
+    assert raw.ask("MISSING 8 name=x\n") == "S"
+    assert raw.ask("RESULTS\n") == "S 1"
+    assert split_args(raw.line()) == ["8", "1", "NOT_FOUND", "no annex named x"]
+    assert raw.ask("QUIT\n") == "S"
+    assert raw.closed_by_peer()
+
+
+def test_async_r_over_the_socket(sockdir: Path) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        srv = make_server(sockdir, dispatcher=Dispatcher(TABLE, executor=pool), poll_interval=0.1)
+        try:
+            raw = Raw(srv.path)
+            raw.line()
+            assert raw.ask("ASYNC_MODE_ON\n") == "S"
+            raw.send("WHOAMI 1\n")
+            got = {raw.line(), raw.line()}  # S and R, in either order (the spec allows both)
+            assert got == {"S", "R"}
+            assert raw.ask("RESULTS\n") == "S 1"
+            assert raw.line().startswith("1 0 ")
+        finally:
+            srv.shutdown()
+
+
+def test_identity_is_root_for_root_and_admin_uids(sockdir: Path) -> None:
+    srv = make_server(sockdir, admin_uids={NOBODY}, poll_interval=0.1)
+    try:
+        got = client.call("WHOAMI", path=srv.path)
+        assert got["uid"] == str(os.getuid())
+        assert got["user"] == pwd.getpwuid(os.getuid()).pw_name
+        if os.getuid() == 0:
+            assert got["is_admin"] == "True"
+            assert _as_nobody(srv.path)["is_admin"] == "True"  # nobody is in admin_uids here
+    finally:
+        srv.shutdown()
+
+
+def _as_nobody(path: str, **kwargs: str) -> dict[str, str]:
+    """Fork, become nobody, call WHOAMI; return what the helper saw."""
+    rfd, wfd = os.pipe()
+    with warnings.catch_warnings():
+        # The server's threads make Python warn about fork. The child only runs code already
+        # imported (client, socket) and leaves by os._exit, so no lock it might inherit held
+        # is ever taken; exec'ing a fresh interpreter instead would need one nobody can run.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(pwd.getpwnam("nobody").pw_gid)
+            os.setuid(NOBODY)
+            result = client.call("WHOAMI", path=path, timeout=5, **kwargs)
+            os.write(wfd, json.dumps(result).encode())
+            code = 0
+        except BaseException as exc:
+            os.write(wfd, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert os.waitstatus_to_exitcode(status) == 0, result
+    return result
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
+def test_peercred_identity_of_another_user(server: SocketServer) -> None:
+    seen = _as_nobody(server.path)
+    assert seen["uid"] == str(NOBODY)
+    assert seen["user"] == "nobody"
+    assert seen["is_admin"] == "False"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
+def test_claiming_another_user_changes_nothing(server: SocketServer) -> None:
+    seen = _as_nobody(server.path, user="root", uid="0", owner="root", is_admin="True")
+    assert (seen["uid"], seen["user"], seen["is_admin"]) == (str(NOBODY), "nobody", "False")
+    # The claims reach the handler only as ordinary arguments.
+    assert json.loads(seen["json"]) == {
+        "is_admin": "True",
+        "owner": "root",
+        "uid": "0",
+        "user": "root",
+    }
+
+
+def test_caller_for_uid() -> None:
+    assert caller_for_uid(0) == Caller(0, pwd.getpwuid(0).pw_name, True)
+    assert caller_for_uid(NOBODY, {NOBODY}).is_admin
+    assert not caller_for_uid(NOBODY).is_admin
+    unknown = caller_for_uid(4_000_000_000 % (1 << 31))
+    assert unknown.user == str(unknown.uid)
+
+
+# -- robustness ------------------------------------------------------------------------------
+
+
+def test_bad_lines_get_e_and_the_connection_goes_on(server: SocketServer) -> None:
+    raw = Raw(server.path)
+    raw.line()
+    for bad in [
+        b"NOPE\n",
+        b"WHOAMI 1 a=\\x\n",
+        b"\xff\xfe\x00junk\n",
+        b"\n",
+        b"WHOAMI\n",
+        b"WHOAMI 1 noeq\n",
+        b"COMMANDS x\n",
+        b"\x00\x01\x02\x1b[31m\n",
+    ]:
+        assert raw.ask(bad).startswith("E"), bad
+    assert raw.ask("COMMANDS\n").startswith("S ")
+
+
+def test_overlong_line_gets_e_and_close(sockdir: Path) -> None:
+    srv = make_server(sockdir, poll_interval=0.1)  # the default 1 MiB limit
+    try:
+        raw = Raw(srv.path)
+        raw.line()
+        try:
+            raw.send(b"WHOAMI 1 ad=" + b"x" * (1024 * 1024 + 10))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before we finish sending
+        reply = split_args(raw.line())
+        assert reply[0] == "E" and "too long" in reply[1]
+        assert raw.closed_by_peer()
+        # A big but legal line (a job ad) is fine.
+        ok = Raw(srv.path)
+        ok.line()
+        assert ok.ask(encode_line(["WHOAMI", "1", "ad=" + "y" * 500_000])) == "S"
+        assert client.call("WHOAMI", path=srv.path)["uid"] == str(os.getuid())
+    finally:
+        srv.shutdown()
+
+
+def test_disconnect_mid_request_and_junk_do_not_hurt(server: SocketServer) -> None:
+    for junk in [b"WHOAMI 1 a=", b"\xff" * 1000, b"RESU", b"WHOAMI 2 a=\\"]:
+        raw = Raw(server.path)
+        raw.send(junk)
+        raw.close()
+    raw = Raw(server.path)
+    raw.sock.shutdown(socket.SHUT_WR)  # half-close before even reading the banner
+    raw.close()
+    assert client.call("WHOAMI", path=server.path)["uid"] == str(os.getuid())
+    assert wait_for(lambda: server.connections == 0)
+
+
+def test_slow_partial_line_is_cut_off(server: SocketServer) -> None:
+    raw = Raw(server.path)
+    raw.line()
+    raw.send("WHOAMI 1 a=")  # ... and never the rest (line_timeout is 1 s here)
+    other = Raw(server.path)  # meanwhile others are served
+    other.line()
+    assert other.ask("COMMANDS\n").startswith("S ")
+    start = time.monotonic()
+    assert raw.closed_by_peer()
+    assert time.monotonic() - start < 4
+
+
+def test_idle_connection_is_closed(sockdir: Path) -> None:
+    srv = make_server(sockdir, idle_timeout=0.5, poll_interval=0.1)
+    try:
+        raw = Raw(srv.path)
+        raw.line()
+        assert raw.closed_by_peer()
+    finally:
+        srv.shutdown()
+
+
+def test_client_that_never_reads_is_dropped(sockdir: Path) -> None:
+    srv = make_server(sockdir, write_timeout=0.5, poll_interval=0.1)
+    try:
+        hog = Raw(srv.path)
+        hog.line()
+        assert srv.connections == 1
+        hog.sock.setblocking(False)
+        start = time.monotonic()
+        # Ask for replies we never read until the server gives up on us.
+        while time.monotonic() - start < 10 and srv.connections:
+            try:
+                hog.sock.send(b"COMMANDS\n" * 1000)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                break
+            # Meanwhile another client is served: the hog holds only its own thread.
+            assert client.call("WHOAMI", path=srv.path, timeout=5)["uid"] == str(os.getuid())
+        assert wait_for(lambda: srv.connections == 0, 5)
+        assert time.monotonic() - start >= 0.5  # it was the write timeout that ended it
+        hog.close()
+    finally:
+        srv.shutdown()
+
+
+def test_connection_limit(sockdir: Path) -> None:
+    srv = make_server(sockdir, max_connections=2, poll_interval=0.1)
+    try:
+        first, second = Raw(srv.path), Raw(srv.path)
+        first.line()
+        second.line()
+        third = Raw(srv.path)
+        assert "too many connections" in split_args(third.line())[1]
+        assert third.closed_by_peer()
+        with pytest.raises(client.ClientError) as info:
+            client.call("WHOAMI", path=srv.path)
+        assert info.value.code == client.BUSY
+        first.close()
+        assert wait_for(lambda: srv.connections == 1)
+        assert client.call("WHOAMI", path=srv.path)["uid"] == str(os.getuid())
+    finally:
+        srv.shutdown()
+
+
+def test_many_concurrent_clients(server: SocketServer) -> None:
+    def one(i: int) -> str:
+        return client.call("WHOAMI", path=server.path, i=i)["json"]
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(200)))
+    assert got == [json.dumps({"i": str(i)}) for i in range(200)]
+
+
+def test_shutdown_with_open_connections_is_prompt(sockdir: Path) -> None:
+    srv = make_server(sockdir, poll_interval=0.1)
+    raws = [Raw(srv.path) for _ in range(5)]
+    for raw in raws:
+        raw.line()
+    start = time.monotonic()
+    srv.shutdown()
+    assert time.monotonic() - start < 3
+    assert all(raw.closed_by_peer() for raw in raws)
+    assert not os.path.exists(srv.path)
+
+
+# -- stdio -----------------------------------------------------------------------------------
+
+
+def run_stdio(data: bytes, dispatcher: Dispatcher | None = None) -> list[str]:
+    out = io.BytesIO()
+    serve_stdio(dispatcher or Dispatcher(TABLE), stdin=io.BytesIO(data), stdout=out)
+    return [decode_line(line) for line in LineSplitter().feed(out.getvalue())]
+
+
+def test_stdio_conversation_until_quit() -> None:
+    lines = run_stdio(b"COMMANDS\r\nWHOAMI 3 a=b\nRESULTS\nQUIT\nVERSION\n")
+    assert lines[0].startswith("$GahpVersion: ")
+    assert lines[1].startswith("S ") and "WHOAMI" in lines[1]
+    assert lines[2:4] == ["S", "S 1"]
+    assert split_args(lines[4])[:3] == ["3", "0", f"uid={os.getuid()}"]
+    assert lines[5:] == ["S"]  # nothing after QUIT
+
+
+def test_stdio_ends_at_eof_and_on_overlong_line() -> None:
+    assert run_stdio(b"NOPE\nCOMMANDS")[1].startswith("E")  # half a line at EOF: ignored
+    lines = run_stdio(b"VERSION\n" + b"x" * (1024 * 1024 + 5) + b"\nCOMMANDS\n")
+    assert len(lines) == 3 and lines[1].startswith("S $GahpVersion")
+    assert "too long" in split_args(lines[2])[1]
+
+
+def test_stdio_through_a_real_process(sockdir: Path) -> None:
+    script = (
+        "from annex_gahp.gahp import Dispatcher\n"
+        "from annex_gahp.transports import serve_stdio\n"
+        "serve_stdio(Dispatcher({'PING': lambda c, a: {'user': c.user}}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        input=b"ASYNC_MODE_ON\nPING 1\nRESULTS\n",
+        capture_output=True,
+        cwd=REPO,
+        timeout=20,
+        check=True,
+    )
+    lines = proc.stdout.decode().splitlines()
+    assert lines[1:5] == ["S", "S", "R", "S 1"]
+    assert lines[5] == f"1 0 user={pwd.getpwuid(os.getuid()).pw_name}"
+
+
+# -- client ----------------------------------------------------------------------------------
+
+
+def test_socket_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(names.SOCKET_ENV, raising=False)
+    assert client.socket_path() == names.DEFAULT_SOCKET
+    assert client.socket_path("") == names.DEFAULT_SOCKET
+    assert client.socket_path('"/run/x.sock"') == "/run/x.sock"  # ClassAd string quotes
+    assert client.socket_path("/run/y.sock") == "/run/y.sock"
+    monkeypatch.setenv(names.SOCKET_ENV, "/env.sock")
+    assert client.socket_path("/run/y.sock") == "/env.sock"
+
+
+def test_client_not_running(sockdir: Path) -> None:
+    path = str(sockdir / "absent.sock")
+    with pytest.raises(client.NotRunning) as info:
+        client.call("WHOAMI", path=path)
+    assert info.value.code == client.NOT_RUNNING
+    assert str(info.value).startswith(f"annex_gahp is not running: cannot connect to {path}")
+    assert "ANNEX_GAHP in DAEMON_LIST" in str(info.value)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    with pytest.raises(client.NotRunning):
+        client.call("WHOAMI", path=path)
+
+
+def test_client_errors(server: SocketServer) -> None:
+    with pytest.raises(client.ClientError) as info:
+        client.call("MISSING", path=server.path, name="zz")
+    assert (info.value.code, str(info.value)) == ("NOT_FOUND", "no annex named zz")
+    with pytest.raises(client.ClientError) as info:
+        client.call("NO_SUCH", path=server.path)
+    assert info.value.code == client.REFUSED
+    with pytest.raises(TypeError):
+        client.call("WHOAMI", path=server.path, flag=True)  # type: ignore[arg-type]
+
+
+def test_client_uses_env_socket(server: SocketServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(names.SOCKET_ENV, server.path)
+    assert client.call("whoami")["uid"] == str(os.getuid())
+
+
+def test_client_timeout(sockdir: Path) -> None:
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(sockdir / "mute"))
+    mute.listen(1)  # accepts (in the kernel) but never says anything
+    try:
+        start = time.monotonic()
+        with pytest.raises(client.ClientError) as info:
+            client.call("WHOAMI", path=str(sockdir / "mute"), timeout=0.5)
+        assert info.value.code == client.TIMEOUT
+        assert time.monotonic() - start < 3
+    finally:
+        mute.close()
+
+
+def test_client_imports_only_stdlib_and_light_modules() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import annex_gahp.client; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.split()
+    ours = {m for m in out if m.startswith("annex_gahp")}
+    assert ours == {"annex_gahp", "annex_gahp.client", "annex_gahp.names", "annex_gahp.protocol"}
+    for heavy in ("annex_gahp.gahp", "dataclasses", "logging", "json", "boto3", "htcondor2"):
+        assert heavy not in out
