@@ -38,6 +38,18 @@ from annex_gahp.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# botocore logs whole request bodies at DEBUG (an SSM PutParameter body holds the instance
+# token): however verbose the helper's own log is, these stay at INFO or above.
+QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+
+
+def quiet_sdk_logging() -> None:
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO or logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 DEFAULT_REGION = "us-west-1"
 
 # botocore retries throttling and transient faults itself; "adaptive" adds its own client-side
@@ -187,6 +199,7 @@ def client(
 ) -> Any:
     """A boto3 client for `service` as the helper should use it."""
     check_credentials_file()
+    quiet_sdk_logging()
     region = region or resolve_region(None, settings)
     session = boto_session or boto3.session.Session()
     kwargs: dict[str, Any] = {

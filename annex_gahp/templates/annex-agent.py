@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""htcondor-annex instance agent (stdlib only: python3 comes with the condor package).
+
+Written to the instance by the annex's boot script, which also writes its settings (no secret)
+to boot.json. `boot`: ask IMDSv2 who we are, fetch the annex's IDTOKEN from SSM Parameter Store
+with the instance role's credentials (SigV4 signed here, no boto3 on a bare image), write the
+token and the HTCondor config, start HTCondor. `watch`: follow the lease (the instance's
+htcondor-annex:expires tag via IMDS), power off when it is past, re-fetch the token when it
+moves later. The token is never logged.
+
+Environment: ANNEX_IMDS_URL (default http://169.254.169.254), ANNEX_POWEROFF_CMD (default
+poweroff); for tests: ANNEX_AGENT_ROOT (prefix for every file written), ANNEX_AGENT_CONFIG,
+ANNEX_CONDOR_START_CMD, ANNEX_AGENT_INTERVAL, ANNEX_AGENT_FETCH_TIMEOUT.
+"""
+
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+log = logging.getLogger("htcondor-annex-agent")
+ROOT = os.environ.get("ANNEX_AGENT_ROOT", "")
+CONFIG = os.environ.get("ANNEX_AGENT_CONFIG", ROOT + "/etc/htcondor-annex/boot.json")
+TOKEN_FILE = ROOT + "/etc/condor/tokens.d/annex"
+CONFIG_FILE = ROOT + "/etc/condor/config.d/50-annex.conf"
+EXPIRES_TAG = "htcondor-annex:expires"
+
+
+class AgentError(Exception):
+    pass
+
+
+class Imds:
+    """IMDSv2: a session token first, then GETs carrying it."""
+
+    def __init__(self, base=None):
+        self.base = base or os.environ.get("ANNEX_IMDS_URL") or "http://169.254.169.254"
+        self.base = self.base.rstrip("/")
+        self._token = None
+        self._token_time = 0.0
+
+    def _session(self):
+        if self._token is None or time.time() - self._token_time > 3600:
+            request = urllib.request.Request(  # noqa: S310 - http(s) IMDS URL
+                self.base + "/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            )
+            with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310
+                self._token = reply.read().decode()
+            self._token_time = time.time()
+        return self._token
+
+    def get(self, path):
+        """The text at latest/<path>, or None when IMDS has nothing there (404)."""
+        request = urllib.request.Request(  # noqa: S310 - http(s) IMDS URL
+            self.base + "/latest/" + path.lstrip("/"),
+            headers={"X-aws-ec2-metadata-token": self._session()},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310
+                return reply.read().decode()
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            if err.code == 401:  # session token expired early: get a new one next time
+                self._token = None
+            raise
+
+    def credentials(self):
+        roles = (self.get("meta-data/iam/security-credentials/") or "").split()
+        if not roles:
+            raise AgentError("no IAM role on this instance (the setup's instance profile)")
+        creds = json.loads(self.get("meta-data/iam/security-credentials/" + roles[0]) or "{}")
+        if not creds.get("AccessKeyId"):
+            raise AgentError("IMDS returned no credentials for role " + roles[0])
+        return creds
+
+
+def _hmac(key, text):
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def sigv4_headers(url, body, *, region, service, target, creds, now=None):
+    """Headers for an AWS JSON-1.1 POST to `url`, signed with Signature Version 4."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - any python3
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    parts = urllib.parse.urlsplit(url)
+    headers = {
+        "content-type": "application/x-amz-json-1.1",
+        "host": parts.netloc,
+        "x-amz-date": amz_date,
+        "x-amz-target": target,
+    }
+    if creds.get("Token"):
+        headers["x-amz-security-token"] = creds["Token"]
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(
+        [
+            "POST",
+            parts.path or "/",
+            parts.query,
+            "".join(f"{k}:{headers[k].strip()}\n" for k in sorted(headers)),
+            signed,
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = ("AWS4" + creds["SecretAccessKey"]).encode()
+    for part in (day, region, service, "aws4_request"):
+        key = _hmac(key, part)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds['AccessKeyId']}/{scope}, "
+        f"SignedHeaders={signed}, Signature={signature}"
+    )
+    del headers["host"]  # urllib sends the same value itself
+    return headers
+
+
+def ssm_endpoint(endpoint, region):
+    url = endpoint or f"https://ssm.{region}.amazonaws.com"
+    return url if urllib.parse.urlsplit(url).path else url.rstrip("/") + "/"
+
+
+def get_parameter(endpoint, region, name, creds):
+    """SSM GetParameter WithDecryption: the parameter's plain value."""
+    url = ssm_endpoint(endpoint, region)
+    body = json.dumps({"Name": name, "WithDecryption": True}).encode()
+    headers = sigv4_headers(
+        url, body, region=region, service="ssm", target="AmazonSSM.GetParameter", creds=creds
+    )
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:  # noqa: S310
+            return json.loads(reply.read().decode())["Parameter"]["Value"]
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:300]
+        raise AgentError(f"SSM GetParameter {name}: HTTP {err.code}: {detail}") from None
+
+
+def write_file(path, text, mode):
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    temp = path + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(temp, mode)
+    os.replace(temp, path)
+
+
+def load_config():
+    with open(CONFIG) as src:
+        return json.load(src)
+
+
+def region_of(cfg, imds):
+    # The parameter lives where the helper wrote it: the rendered region wins.
+    return cfg.get("region") or (imds.get("meta-data/placement/region") or "").strip()
+
+
+def fetch_token(cfg, imds, deadline_s=None):
+    """Fetch the token, retrying while the role or parameter is still propagating."""
+    timeout = float(deadline_s or os.environ.get("ANNEX_AGENT_FETCH_TIMEOUT", "600"))
+    deadline = time.time() + timeout
+    delay = 2.0
+    while True:
+        try:
+            creds = imds.credentials()
+            region = region_of(cfg, imds)
+            return get_parameter(cfg["aws_endpoint_url"], region, cfg["token_parameter"], creds)
+        except (AgentError, OSError, ValueError, KeyError) as err:
+            if time.time() + delay > deadline:
+                raise AgentError(f"could not fetch the annex token: {err}") from None
+            log.warning("token fetch failed (%s); retrying in %.0fs", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def install_token(cfg, imds):
+    token = fetch_token(cfg, imds)
+    os.makedirs(os.path.dirname(TOKEN_FILE), mode=0o700, exist_ok=True)
+    write_file(TOKEN_FILE, token.strip() + "\n", 0o600)
+    log.info("wrote the annex token to %s", TOKEN_FILE)
+
+
+def start_condor():
+    custom = os.environ.get("ANNEX_CONDOR_START_CMD")
+    if custom:
+        command = ["/bin/sh", "-c", custom]
+    elif os.path.isdir("/run/systemd/system"):
+        command = ["systemctl", "restart", "condor"]
+    else:
+        command = ["condor_master"]  # daemonizes itself
+    log.info("starting HTCondor: %s", " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def boot():
+    cfg = load_config()
+    imds = Imds()
+    instance_id = (imds.get("meta-data/instance-id") or "unknown").strip()
+    log.info("annex %s of %s: instance %s booting", cfg["annex"], cfg["owner"], instance_id)
+    install_token(cfg, imds)
+    config = cfg["condor_config"] + (
+        f'\nAnnexInstanceId = "{instance_id}"\nSTARTD_ATTRS = $(STARTD_ATTRS) AnnexInstanceId\n'
+    )
+    write_file(CONFIG_FILE, config, 0o644)
+    log.info("wrote %s", CONFIG_FILE)
+    start_condor()
+    return 0
+
+
+def read_expiry(imds, fallback):
+    try:
+        value = imds.get("meta-data/tags/instance/" + EXPIRES_TAG)
+    except (OSError, ValueError) as err:
+        log.warning("cannot read the expiry tag from IMDS (%s); using %s", err, fallback)
+        return fallback
+    try:
+        return int(value.strip()) if value else fallback
+    except ValueError:
+        return fallback
+
+
+def watch():
+    cfg = load_config()
+    imds = Imds()
+    known = int(cfg["expires"])
+    interval = float(os.environ.get("ANNEX_AGENT_INTERVAL", "45"))
+    log.info("watching the lease: expires at %d", known)
+    while True:
+        expires = read_expiry(imds, known)
+        if expires > known:
+            log.info("lease extended to %d: refreshing the token", expires)
+            try:
+                install_token(cfg, imds)
+                known = expires
+            except (AgentError, OSError) as err:
+                log.error("token refresh failed: %s", err)
+        now = time.time()
+        if now >= expires:
+            command = os.environ.get("ANNEX_POWEROFF_CMD") or "poweroff"
+            log.info("lease ended at %d: running %s", expires, command)
+            if subprocess.run(["/bin/sh", "-c", command], check=False).returncode == 0:
+                return 0
+        time.sleep(max(1.0, min(interval, expires - now if expires > now else interval)))
+
+
+def main(argv=None):
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s htcondor-annex-agent %(levelname)s %(message)s"
+    )
+    args = sys.argv[1:] if argv is None else argv
+    verb = args[0] if args else "boot"
+    try:
+        if verb == "boot":
+            return boot()
+        if verb == "watch":
+            return watch()
+        if verb == "fetch-token":
+            cfg = load_config()
+            install_token(cfg, Imds())
+            return 0
+    except (AgentError, OSError, subprocess.CalledProcessError) as err:
+        log.error("%s failed: %s", verb, err)
+        return 1
+    log.error("unknown verb %r: use boot, watch or fetch-token", verb)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

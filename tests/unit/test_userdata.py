@@ -1,0 +1,332 @@
+"""userdata.py and the instance agent: rendering, and a real run against moto + a fake IMDS."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import http.server
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_fixtures import REGION, moto_server_url, moto_url, raw_client  # noqa: F401
+
+from annex_gahp import userdata
+from annex_gahp.errors import InputError
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.annex-token-for-test.sig"  # noqa: S105 - a fake token
+PARAM = "/htcondor-annex/tokens/cm.test_9618-abcd/alice/a1"
+AGENT = Path(userdata.__file__).parent / "templates" / "annex-agent.py"
+
+
+def context(**changes: Any) -> userdata.BootContext:
+    base = userdata.BootContext(
+        annex="a1",
+        owner="alice",
+        request_id="req-1",
+        pool_id="cm.test:9618",
+        central_manager="cm.test:9618",
+        token_parameter=PARAM,
+        region=REGION,
+        aws_endpoint_url="http://127.0.0.1:5000",
+        expires=2_000_000_000,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def test_script_is_valid_sh_small_and_secret_free(tmp_path: Path) -> None:
+    script = userdata.render_bootstrap(context())
+    path = tmp_path / "boot.sh"
+    path.write_text(script)
+    subprocess.run(["sh", "-n", str(path)], check=True)
+    assert script.startswith("#!/bin/sh\n")
+    assert len(script.encode()) <= userdata.USER_DATA_LIMIT
+    assert userdata.render_user_data(context()) == script.encode()
+    assert PARAM in script
+    assert "eyJ" not in script  # no IDTOKEN (JWTs start with eyJ)
+    assert "SecretAccessKey" not in script.split("ANNEX_AGENT_EOF")[0]
+    assert "{{" not in script.split("ANNEX_AGENT_EOF")[-1]
+
+
+def test_condor_config_contents() -> None:
+    text = userdata.render_condor_config(context())
+    lines = {
+        line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip()
+        for line in text.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    assert lines["CONDOR_HOST"] == "cm.test"
+    assert lines["COLLECTOR_HOST"] == "cm.test:9618"
+    assert lines["DAEMON_LIST"] == "MASTER STARTD"
+    assert lines["USE_SHARED_PORT"] == "False"
+    assert lines["SEC_USE_FAMILY_SESSION"] == "False"
+    assert lines["MOUNT_UNDER_SCRATCH"] == ""
+    assert lines["AnnexName"] == '"a1"'
+    assert lines["IsAnnex"] == "True"
+    assert lines["AnnexOwner"] == '"alice"'
+    assert "AnnexName IsAnnex AnnexOwner AnnexRequest" in lines["STARTD_ATTRS"]
+    assert lines["START"] == '(TARGET.TargetAnnexName =?= "a1") && (TARGET.Owner =?= "alice")'
+    assert lines["SEC_TOKEN_DIRECTORY"] == "/etc/condor/tokens.d"  # noqa: S105 - a path
+    assert lines["CCB_ADDRESS"] == "$(COLLECTOR_HOST)"
+    assert "CCB_ADDRESS" not in userdata.render_condor_config(context(ccb=False))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"annex": "bad name"},
+        {"owner": 'al"ice'},
+        {"central_manager": "cm$(X)"},
+        {"token_parameter": "/x\n/y"},
+        {"aws_endpoint_url": "http://x' ; rm -rf /"},
+    ],
+)
+def test_refuses_what_a_script_cannot_carry(change: dict[str, str]) -> None:
+    with pytest.raises(InputError):
+        userdata.render_bootstrap(context(**change))
+
+
+def test_big_script_is_gzipped_and_decodes() -> None:
+    extra = "\n".join(f"# padding line {n} " + "x" * 60 for n in range(120))
+    ctx = context(extra_config=extra)
+    data = userdata.render_user_data(ctx)
+    assert data[:2] == userdata.GZIP_MAGIC
+    assert len(data) <= userdata.USER_DATA_LIMIT
+    script = userdata.render_bootstrap(ctx)
+    assert gzip.decompress(data).decode() == script
+    assert userdata.decode_user_data(data) == script
+    assert userdata.decode_user_data(base64.b64encode(data).decode()) == script
+
+
+# --- a fake IMDSv2 ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeImds:
+    url: str
+    tags: dict[str, str]
+    calls: list[str]
+
+
+@pytest.fixture
+def imds() -> Iterator[FakeImds]:
+    state = FakeImds("", {}, [])
+    session_token = "imds-session-token"  # noqa: S105
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def _reply(self, code: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self) -> None:
+            state.calls.append("PUT " + self.path)
+            if self.path == "/latest/api/token" and self.headers.get(
+                "X-aws-ec2-metadata-token-ttl-seconds"
+            ):
+                self._reply(200, session_token)
+            else:
+                self._reply(400, "bad")
+
+        def do_GET(self) -> None:
+            state.calls.append("GET " + self.path)
+            if self.headers.get("X-aws-ec2-metadata-token") != session_token:
+                self._reply(401, "IMDSv2 only")
+                return
+            path = self.path[len("/latest/") :]
+            answers = {
+                "meta-data/instance-id": "i-0123456789abcdef0",
+                "meta-data/placement/region": REGION,
+                "meta-data/iam/security-credentials/": "annex-instance-role",
+                "meta-data/iam/security-credentials/annex-instance-role": json.dumps(
+                    {
+                        "Code": "Success",
+                        "AccessKeyId": "ASIAFAKEINSTANCEKEY0",
+                        "SecretAccessKey": "fake-instance-secret",
+                        "Token": "fake-session-token",
+                    }
+                ),
+            }
+            for key, value in state.tags.items():
+                answers[f"meta-data/tags/instance/{key}"] = value
+            if path in answers:
+                self._reply(200, answers[path])
+            else:
+                self._reply(404, "Not Found")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def load_agent() -> Any:
+    spec = importlib.util.spec_from_file_location("annex_agent_under_test", AGENT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agent_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written signature equals botocore's for the same request and time."""
+    import datetime as dt  # noqa: PLC0415
+
+    from botocore.auth import SigV4Auth  # noqa: PLC0415
+    from botocore.awsrequest import AWSRequest  # noqa: PLC0415
+    from botocore.credentials import Credentials  # noqa: PLC0415
+
+    agent = load_agent()
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    url = "https://ssm.us-east-1.amazonaws.com/"
+    body = b'{"Name": "/x", "WithDecryption": true}'
+    creds = {"AccessKeyId": "AKID", "SecretAccessKey": "SECRET", "Token": "TOK"}
+    ours = agent.sigv4_headers(
+        url,
+        body,
+        region="us-east-1",
+        service="ssm",
+        target="AmazonSSM.GetParameter",
+        creds=creds,
+        now=when,
+    )
+    request = AWSRequest(
+        method="POST",
+        url=url,
+        data=body,
+        headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": "AmazonSSM.GetParameter",
+            "X-Amz-Date": when.strftime("%Y%m%dT%H%M%SZ"),
+        },
+    )
+
+    monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: when)
+    SigV4Auth(Credentials("AKID", "SECRET", "TOK"), "ssm", "us-east-1").add_auth(request)
+    theirs = request.headers["Authorization"]
+    assert ours["authorization"] == theirs
+
+
+def _agent_env(tmp_path: Path, imds: FakeImds, **extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "ANNEX_AGENT_ROOT": str(tmp_path / "root"),
+        "ANNEX_IMDS_URL": imds.url,
+        "ANNEX_AGENT_FETCH_TIMEOUT": "5",
+    }
+    env.update(extra)
+    return env
+
+
+def _write_boot_json(root: Path, ctx: userdata.BootContext) -> None:
+    state = root / "etc" / "htcondor-annex"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "boot.json").write_text(json.dumps(userdata.boot_settings(ctx)))
+
+
+def test_agent_fetches_token_from_moto(tmp_path: Path, imds: FakeImds, moto_url: str) -> None:  # noqa: F811
+    raw_client("ssm", moto_url).put_parameter(Name=PARAM, Value=TOKEN, Type="SecureString")
+    _write_boot_json(tmp_path / "root", context(aws_endpoint_url=moto_url))
+    done = subprocess.run(
+        [sys.executable, str(AGENT), "fetch-token"],
+        env=_agent_env(tmp_path, imds),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    token_file = tmp_path / "root" / "etc" / "condor" / "tokens.d" / "annex"
+    assert token_file.read_text().strip() == TOKEN
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert TOKEN not in done.stderr and TOKEN not in done.stdout
+    assert imds.calls[0] == "PUT /latest/api/token"
+
+
+def test_agent_reports_missing_parameter(tmp_path: Path, imds: FakeImds, moto_url: str) -> None:  # noqa: F811
+    _write_boot_json(tmp_path / "root", context(aws_endpoint_url=moto_url))
+    done = subprocess.run(
+        [sys.executable, str(AGENT), "fetch-token"],
+        env=_agent_env(tmp_path, imds, ANNEX_AGENT_FETCH_TIMEOUT="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "ParameterNotFound" in done.stderr
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_whole_script_boots_extends_and_powers_off(
+    tmp_path: Path,
+    imds: FakeImds,
+    moto_url: str,  # noqa: F811
+) -> None:
+    """Run the rendered script as user data would be run: token, config, start, lease."""
+    ssm = raw_client("ssm", moto_url)
+    ssm.put_parameter(Name=PARAM, Value=TOKEN, Type="SecureString")
+    now = int(time.time())
+    imds.tags["htcondor-annex:expires"] = str(now + 3)
+    ctx = context(aws_endpoint_url=moto_url, expires=now + 3)
+    script = tmp_path / "user-data"
+    script.write_bytes(userdata.render_user_data(ctx))
+    root = tmp_path / "root"
+    env = _agent_env(
+        tmp_path,
+        imds,
+        ANNEX_CONDOR_START_CMD=f"touch {root}/condor-started",
+        ANNEX_POWEROFF_CMD=f"touch {root}/powered-off",
+        ANNEX_AGENT_INTERVAL="0.2",
+    )
+    done = subprocess.run(
+        ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    log = (root / "var/log/htcondor-annex-agent.log").read_text()
+    assert done.returncode == 0, done.stderr + log
+    assert (root / "condor-started").exists()
+    assert (root / "etc/condor/tokens.d/annex").read_text().strip() == TOKEN
+    config = (root / "etc/condor/config.d/50-annex.conf").read_text()
+    assert 'AnnexName = "a1"' in config
+    assert 'AnnexInstanceId = "i-0123456789abcdef0"' in config
+    assert os.access(root / "usr/local/libexec/htcondor-annex-agent", os.X_OK)
+
+    # The helper extends the lease: new token in SSM, later expiry tag; the agent re-fetches.
+    ssm.put_parameter(Name=PARAM, Value=TOKEN + "-extended", Type="SecureString", Overwrite=True)
+    imds.tags["htcondor-annex:expires"] = str(now + 6)
+    token_file = root / "etc/condor/tokens.d/annex"
+    _wait_for(lambda: "extended" in token_file.read_text(), 10, "the token refresh")
+    assert not (root / "powered-off").exists()
+    _wait_for((root / "powered-off").exists, 15, "power-off at the lease end")
+    log = (root / "var/log/htcondor-annex-agent.log").read_text()
+    assert "lease extended" in log
+    assert TOKEN not in log
