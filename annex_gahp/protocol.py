@@ -144,10 +144,9 @@ def split_args(line: str) -> list[str]:
                 raise ProtocolError("line ends with a lone backslash (escape it as '\\\\')")
             nxt = line[i + 1]
             if nxt not in _ESCAPABLE:
-                bad = "\\" + nxt
                 raise ProtocolError(
-                    f"bad escape {bad!r} at position {i}: a backslash may only precede"
-                    " a space, a backslash or a line break"
+                    f"bad escape: backslash before {nxt!r} at position {i}; a backslash may"
+                    " only precede a space, a backslash or a line break"
                 )
             current.append(nxt)
             i += 2

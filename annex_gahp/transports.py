@@ -300,7 +300,9 @@ class SocketServer:
             full = len(self._active) >= self.max_connections
             if not full:
                 thread = threading.Thread(
-                    target=self._serve_connection, args=(client,), name="annex-gahp-conn",
+                    target=self._serve_connection,
+                    args=(client,),
+                    name="annex-gahp-conn",
                     daemon=True,
                 )
                 self._active[client] = thread
@@ -351,8 +353,10 @@ class SocketServer:
             except TimeoutError:
                 now = time.monotonic()
                 if line_started is not None and now - line_started > self.line_timeout:
-                    log.info("closing connection of uid %d: line not finished in time",
-                             session.caller.uid)
+                    log.info(
+                        "closing connection of uid %d: line not finished in time",
+                        session.caller.uid,
+                    )
                     return
                 if line_started is None and now - last_data > self.idle_timeout:
                     log.debug("closing idle connection of uid %d", session.caller.uid)

@@ -93,9 +93,31 @@ def test_split_either_parses_or_says_why(line: str) -> None:
 # Tokens that reach the interesting branches more often than uniform noise does.
 tokens = st.sampled_from(
     [
-        "COMMANDS", "RESULTS", "VERSION", "ASYNC_MODE_ON", "ASYNC_MODE_OFF", "QUIT", "echo",
-        "ECHO", "1", "2", "x", "a=b", "fail=no", "crash=boom", "=", "a=", "\\", "\\ ", "\\\\",
-        "\\\n", "\r", "\n", "", "é", "\x00",
+        "COMMANDS",
+        "RESULTS",
+        "VERSION",
+        "ASYNC_MODE_ON",
+        "ASYNC_MODE_OFF",
+        "QUIT",
+        "echo",
+        "ECHO",
+        "1",
+        "2",
+        "x",
+        "a=b",
+        "fail=no",
+        "crash=boom",
+        "=",
+        "a=",
+        "\\",
+        "\\ ",
+        "\\\\",
+        "\\\n",
+        "\r",
+        "\n",
+        "",
+        "é",
+        "\x00",
     ]
 )
 request_lines = st.one_of(
@@ -156,9 +178,12 @@ def _commands_answered(path: str) -> bool:
 
 
 streams = st.lists(
-    st.one_of(st.binary(max_size=2000), request_lines.map(
-        lambda x: (x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass")) + b"\n"
-    )),
+    st.one_of(
+        st.binary(max_size=2000),
+        request_lines.map(
+            lambda x: (x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass")) + b"\n"
+        ),
+    ),
     max_size=8,
 )
 
@@ -198,8 +223,9 @@ def test_server_survives_random_streams(
         sock.close()
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(junk=st.lists(request_lines, max_size=6))
 def test_same_connection_recovers_after_junk(server: SocketServer, junk: list[str | bytes]) -> None:
     """After junk lines (each answered), the same connection still answers COMMANDS."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from annex_gahp.protocol import (
@@ -159,3 +161,30 @@ def test_format_kv() -> None:
         format_kv({"n": 1})  # type: ignore[dict-item]
     with pytest.raises(ProtocolError):
         format_kv({"a=b": "1"})
+
+
+def test_protocol_doc_examples_are_well_formed() -> None:
+    """Every example line in docs/protocol.md follows the escaping rules it states."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+    examples = [
+        line.strip()[3:].replace("⏎", "\n")  # the doc's mark for a real line feed
+        for line in doc.read_text().splitlines()
+        # `<...>` are placeholders; `\t` is the doc's deliberately bad example.
+        if line.strip().startswith(("C: ", "H: ")) and "<" not in line and "\\t" not in line
+    ]
+    assert len(examples) > 40
+    for example in examples:
+        split_args(example)
+    # Every command of the design's table is specified there.
+    for command in (
+        "ANNEX_CREATE",
+        "ANNEX_EXTEND",
+        "ANNEX_DELETE",
+        "ANNEX_STATUS",
+        "ANNEX_LIST",
+        "JOB_ROUTED",
+        "JOB_UPDATE",
+        "JOB_FINALIZE",
+        "JOB_CLEANUP",
+    ):
+        assert f"#### {command}" in doc.read_text()
