@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import textwrap
 import uuid
 from pathlib import Path
@@ -187,13 +188,23 @@ def test_poweroff_from_inside_terminates_the_instance():
         ec2.terminate_instances(InstanceIds=[iid])
 
 
-def test_launch_template_user_data_gzip_is_run():
-    """CreateFleet from a launch template whose user data is gzipped (what the product does)."""
-    ec2 = sb.ec2_client()
+def test_launch_template_user_data_gzip_and_role_are_used():
+    """CreateFleet from a launch template whose user data is gzipped and that names an
+    instance profile (what the product does): the user data runs, IMDS serves the role."""
+    ec2, iam = sb.ec2_client(), sb.aws_client("iam")
+    suffix = uuid.uuid4().hex[:8]
+    role, profile = f"sandbox-test-role-{suffix}", f"sandbox-test-profile-{suffix}"
+    iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole"}]}))
+    iam.create_instance_profile(InstanceProfileName=profile)
+    iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=role)
     script = b"#!/bin/sh\necho from-template > /root/lt-marker\nsleep 300\n"
     lt = ec2.create_launch_template(
-        LaunchTemplateName=f"sandbox-test-{uuid.uuid4().hex[:8]}",
+        LaunchTemplateName=f"sandbox-test-{suffix}",
         LaunchTemplateData={"ImageId": sb.default_image_id(), "InstanceType": "m5.large",
+                            "IamInstanceProfile": {"Name": profile},
                             "UserData": base64.b64encode(gzip.compress(script)).decode()})
     ltid = lt["LaunchTemplate"]["LaunchTemplateId"]
     iids = []
@@ -209,6 +220,10 @@ def test_launch_template_user_data_gzip_is_run():
         sb.wait_for(lambda: marker.exists() and marker.read_text().strip() == "from-template",
                     timeout=60, what="the launch template's user data to run",
                     on_timeout=lambda: _diagnostics(iids[0]))
+        assert sb.imds_get(iids[0], "meta-data/iam/security-credentials/") == (200, role)
+        status, body = sb.imds_get(iids[0], f"meta-data/iam/security-credentials/{role}")
+        assert status == 200
+        assert {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"} <= set(json.loads(body))
     finally:
         if iids:
             ec2.terminate_instances(InstanceIds=iids)
