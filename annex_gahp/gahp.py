@@ -121,7 +121,10 @@ class Dispatcher:
         except AnnexError as exc:
             code = getattr(exc, "code", None) or "ERROR"
             log.info("%s for uid %d (%s): %s %s", command, caller.uid, caller.user, code, exc)
-            return ["1", str(code), str(exc) or code]
+            # A message that cannot be UTF-8 (a lone surrogate from a decoded file name, say)
+            # must not break the reply: show such characters as escapes instead.
+            message = (str(exc) or code).encode("utf-8", "backslashreplace").decode("utf-8")
+            return ["1", str(code), message]
         except Exception as exc:
             # Full traceback to the log; the client gets something short with no internals.
             log.exception("%s for uid %d (%s) failed", command, caller.uid, caller.user)

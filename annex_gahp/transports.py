@@ -206,6 +206,8 @@ class SocketServer:
         self._lock = threading.Lock()
         self._active: dict[_Connection, threading.Thread] = {}
         self._serving: threading.Thread | None = None  # the thread inside serve_forever
+        self._refused = 0  # connections refused since the last log line about it
+        self._refused_logged = -60.0
         self._sock, self._ident = self._bind()
 
     # -- setup -------------------------------------------------------------------------------
@@ -307,14 +309,30 @@ class SocketServer:
                 )
                 self._active[client] = thread
         if full:
-            log.warning("refusing a connection: %d already open", self.max_connections)
+            self._refused += 1
+            now = time.monotonic()
+            # Once a minute at most: a local user opening connections in a loop must not be
+            # able to fill the log.
+            if now - self._refused_logged >= 60.0:
+                log.warning(
+                    "refused %d connection(s): %d already open",
+                    self._refused,
+                    self.max_connections,
+                )
+                self._refused, self._refused_logged = 0, now
             try:
                 client.write([_error_line("too many connections to annex_gahp; try again later")])
             except OSError:
                 pass
             conn.close()
             return
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no more threads in this process: refuse, keep serving the rest
+            log.warning("cannot start a thread for a new connection; refusing it")
+            with self._lock:
+                self._active.pop(client, None)
+            conn.close()
 
     def _serve_connection(self, client: _Connection) -> None:
         conn = client.sock

@@ -145,6 +145,17 @@ def test_unexpected_exception_is_internal_and_logged(
     assert results(session)[0][:2] == ["7", "0"]
 
 
+def test_unencodable_error_message_still_replies() -> None:
+    def odd(caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        raise NotFound("no file /tmp/\udcff")
+
+    session = Dispatcher({"ODD": odd}).session(ALICE)
+    assert session.handle_line("ODD 1") == ["S"]
+    (result,) = results(session)
+    assert result == ["1", "1", "NOT_FOUND", "no file /tmp/\\udcff"]
+    encode_line(result)
+
+
 def test_duplicate_pending_reqid(session: Session) -> None:
     assert session.handle_line("ANNEX_ECHO 1") == ["S"]
     assert kind(session.handle_line("ANNEX_ECHO 1")) == "E"
