@@ -29,11 +29,16 @@ def _safe(part: str) -> str:
     return f"{cleaned}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
 
 
+def pool_path(prefix: str, pool_id: str) -> str:
+    """`<prefix>/<pool-safe>`: every token of this pool lives under it."""
+    base = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    return f"{base}/{_safe(pool_id)}"
+
+
 def parameter_name(prefix: str, pool_id: str, owner: str, annex: str) -> str:
     """`<prefix>/<pool-safe>/<owner>/<annex>`,
     e.g. /htcondor-annex/tokens/cm.example.org_9618-1a2b3c4d/alice/a1."""
-    base = "/" + prefix.strip("/") if prefix.strip("/") else ""
-    return f"{base}/{_safe(pool_id)}/{_safe(owner)}/{_safe(annex)}"
+    return f"{pool_path(prefix, pool_id)}/{_safe(owner)}/{_safe(annex)}"
 
 
 def put_token(ssm: Any, name: str, token: str, tags: dict[str, str], *, key_id: str = "") -> None:

@@ -1,0 +1,251 @@
+"""IAM policy documents: the one source for the setup stack's template and docs/iam.md.
+
+ARNs are passed in, so the same functions serve CloudFormation (intrinsics such as
+`{"Fn::GetAtt": [...]}`) and documentation (placeholders).
+
+`emulator=True` widens ARN-scoped statements to `Resource: "*"`: moto checks every non-S3 call
+against resource `*`, so a statement scoped to ARNs is denied there. Tag conditions are kept
+either way (moto ignores them; AWS enforces them). `htcondor-annex setup` uses emulator mode
+only when ANNEX_AWS_ENDPOINT_URL is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from annex_gahp import names
+
+VERSION = "2012-10-17"
+
+# What the launch calls touch without creating it: allowed unconditionally (AWS evaluates
+# RunInstances/CreateFleet per resource; request tags exist only for created resources).
+LAUNCH_INPUT_RESOURCES = (
+    "image",
+    "subnet",
+    "security-group",
+    "network-interface",
+    "key-pair",
+    "launch-template",
+    "placement-group",
+    "spot-instances-request",
+)
+
+# Resource types a stack-strategy stack may hold; setup-kind stacks (IAM, Lambda, Events) are
+# refused by this list on AWS, and by the missing iam/lambda/events rights besides.
+STACK_RESOURCE_TYPES = ("AWS::AutoScaling::*", "AWS::EC2::LaunchTemplate")
+
+
+def _ec2_arns(kinds: tuple[str, ...]) -> list[Any]:
+    out: list[Any] = []
+    for kind in kinds:
+        account = "" if kind == "image" else "${AWS::AccountId}"
+        out.append({"Fn::Sub": f"arn:${{AWS::Partition}}:ec2:*:{account}:{kind}/*"})
+    return out
+
+
+def token_parameter_arn(path: str) -> dict[str, str]:
+    """CloudFormation value for the ARN of every parameter under `path` (e.g. /a/b)."""
+    clean = "/" + path.strip("/")
+    return {"Fn::Sub": f"arn:${{AWS::Partition}}:ssm:*:${{AWS::AccountId}}:parameter{clean}/*"}
+
+
+def _pool_condition(kind: str, pool_id: str) -> dict[str, Any]:
+    return {"StringEquals": {f"aws:{kind}/{names.TAG_POOL}": pool_id}}
+
+
+def runtime_policy_document(
+    *,
+    pool_id: str,
+    token_parameters: Any,
+    instance_role_arn: Any,
+    stack_arn_prefix: Any = None,
+    launch_inputs: Any = None,
+    emulator: bool = False,
+) -> dict[str, Any]:
+    """Least privilege for the everyday principal (the helper's AWS identity).
+
+    Everything it creates must carry htcondor-annex:pool = pool_id; everything it changes or
+    destroys must already carry it. Reads are unconditional (AWS has no tag conditions there).
+    """
+
+    def scoped(resource: Any) -> Any:
+        return "*" if emulator else resource
+
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "Describe",
+            "Effect": "Allow",
+            "Action": ["ec2:Describe*", "ec2:GetLaunchTemplateData"],
+            "Resource": "*",
+        },
+        {
+            "Sid": "CreateTaggedForThisPool",
+            "Effect": "Allow",
+            "Action": ["ec2:CreateFleet", "ec2:RunInstances", "ec2:CreateLaunchTemplate"],
+            "Resource": "*",
+            "Condition": _pool_condition("RequestTag", pool_id),
+        },
+        {
+            "Sid": "LaunchFromExistingInputs",
+            "Effect": "Allow",
+            "Action": ["ec2:CreateFleet", "ec2:RunInstances"],
+            "Resource": scoped(launch_inputs or _ec2_arns(LAUNCH_INPUT_RESOURCES)),
+        },
+        {
+            "Sid": "TagOnlyWhileCreating",
+            "Effect": "Allow",
+            "Action": "ec2:CreateTags",
+            "Resource": "*",
+            "Condition": {
+                "StringEquals": {
+                    "ec2:CreateAction": ["CreateFleet", "RunInstances", "CreateLaunchTemplate"]
+                }
+            },
+        },
+        {
+            "Sid": "ManageThisPoolsResources",
+            "Effect": "Allow",
+            "Action": [
+                "ec2:CreateTags",
+                "ec2:TerminateInstances",
+                "ec2:CreateLaunchTemplateVersion",
+                "ec2:ModifyLaunchTemplate",
+                "ec2:DeleteLaunchTemplate",
+                "ec2:DeleteFleets",
+            ],
+            "Resource": "*",
+            "Condition": _pool_condition("ResourceTag", pool_id),
+        },
+        {
+            "Sid": "InstanceTokens",
+            "Effect": "Allow",
+            "Action": [
+                "ssm:PutParameter",
+                "ssm:GetParameter",
+                "ssm:DeleteParameter",
+                "ssm:AddTagsToResource",
+            ],
+            "Resource": scoped(token_parameters),
+        },
+        {
+            "Sid": "PassTheInstanceRole",
+            "Effect": "Allow",
+            "Action": "iam:PassRole",
+            "Resource": scoped(instance_role_arn),
+            "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+        },
+        {
+            "Sid": "FleetServiceLinkedRoles",
+            "Effect": "Allow",
+            "Action": "iam:CreateServiceLinkedRole",
+            "Resource": "*",
+            "Condition": {
+                "StringEquals": {
+                    "iam:AWSServiceName": ["spot.amazonaws.com", "ec2fleet.amazonaws.com"]
+                }
+            },
+        },
+        {
+            "Sid": "StackStrategyCreate",
+            "Effect": "Allow",
+            "Action": ["cloudformation:CreateStack"],
+            "Resource": scoped(stack_arn_prefix or "*"),
+            "Condition": {
+                **_pool_condition("RequestTag", pool_id),
+                "ForAllValues:StringLike": {
+                    "cloudformation:ResourceTypes": list(STACK_RESOURCE_TYPES)
+                },
+                "Null": {"cloudformation:ResourceTypes": "false"},
+            },
+        },
+        {
+            "Sid": "StackStrategyOwnStacks",
+            "Effect": "Allow",
+            "Action": ["cloudformation:UpdateStack", "cloudformation:DeleteStack"],
+            "Resource": scoped(stack_arn_prefix or "*"),
+            "Condition": _pool_condition("ResourceTag", pool_id),
+        },
+        {
+            "Sid": "StackStrategyRead",
+            "Effect": "Allow",
+            "Action": [
+                "cloudformation:DescribeStacks",
+                "cloudformation:DescribeStackEvents",
+                "cloudformation:DescribeStackResources",
+                "cloudformation:ListStackResources",
+                "autoscaling:Describe*",
+            ],
+            "Resource": "*",
+        },
+        {
+            "Sid": "StackStrategyGroupsCreate",
+            "Effect": "Allow",
+            "Action": ["autoscaling:CreateAutoScalingGroup", "autoscaling:CreateOrUpdateTags"],
+            "Resource": "*",
+            "Condition": _pool_condition("RequestTag", pool_id),
+        },
+        {
+            "Sid": "StackStrategyGroupsManage",
+            "Effect": "Allow",
+            "Action": [
+                "autoscaling:UpdateAutoScalingGroup",
+                "autoscaling:SetDesiredCapacity",
+                "autoscaling:TerminateInstanceInAutoScalingGroup",
+                "autoscaling:DeleteAutoScalingGroup",
+            ],
+            "Resource": "*",
+            "Condition": _pool_condition("ResourceTag", pool_id),
+        },
+    ]
+    return {"Version": VERSION, "Statement": statements}
+
+
+def instance_role_policy_document(token_parameters: Any) -> dict[str, Any]:
+    """What an annex instance may do: read tokens of its pool, nothing else."""
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {
+                "Sid": "ReadAnnexTokens",
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": token_parameters,
+            }
+        ],
+    }
+
+
+def enforcer_policy_document(pool_id: str) -> dict[str, Any]:
+    """The lease enforcer (Lambda): find and terminate this pool's expired instances."""
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {"Sid": "Find", "Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"},
+            {
+                "Sid": "TerminateThisPool",
+                "Effect": "Allow",
+                "Action": "ec2:TerminateInstances",
+                "Resource": "*",
+                "Condition": _pool_condition("ResourceTag", pool_id),
+            },
+            {
+                "Sid": "Logs",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": "*",
+            },
+        ],
+    }
+
+
+def trust_policy(service: str) -> dict[str, Any]:
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": service},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
