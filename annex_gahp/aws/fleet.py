@@ -313,7 +313,11 @@ def fleet_request(
         "LaunchTemplateConfigs": [
             {
                 "LaunchTemplateSpecification": {
-                    "LaunchTemplateId": template_id,
+                    (
+                        "LaunchTemplateId"
+                        if template_id.startswith("lt-")
+                        else "LaunchTemplateName"
+                    ): (template_id),
                     "Version": "$Default",
                 },
                 "Overrides": [c.api() for c in candidates],
@@ -342,13 +346,25 @@ def _matches(candidate: _Override, reported: dict[str, Any]) -> bool:
     )
 
 
-def launch(ec2: Any, plan: LaunchPlan, base_launch_template: str) -> LaunchResult:
+def launch(
+    ec2: Any, plan: LaunchPlan, base_launch_template: str, *, annex_template_id: str = ""
+) -> LaunchResult:
     """Launch `plan.count` instances with one CreateFleet call (more only to fall through
-    capacity errors AWS reported but did not itself route around)."""
+    capacity errors AWS reported but did not itself route around).
+
+    `annex_template_id`: the id `ensure_annex_template` returned earlier for this annex; given,
+    no launch-template call is made. Otherwise the annex's template is ensured first, unless
+    the plan adds nothing to `base_launch_template` (no user data, key pair or groups), in
+    which case that template is launched as it is."""
     if plan.count <= 0:
         return LaunchResult([], [])
     candidates = overrides(plan)
-    template_id = ensure_annex_template(ec2, plan, base_launch_template)
+    if annex_template_id:
+        template_id = annex_template_id
+    elif not (plan.user_data or plan.keypair or plan.security_groups) and base_launch_template:
+        template_id = base_launch_template
+    else:
+        template_id = ensure_annex_template(ec2, plan, base_launch_template)
     result = LaunchResult([], [])
     for _attempt in range(MAX_FLEET_CALLS):
         wanted = plan.count - len(result.instance_ids)

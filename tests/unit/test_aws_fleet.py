@@ -294,3 +294,25 @@ def test_terminate_batches(monkeypatch) -> None:
     ids = [f"i-{n:017x}" for n in range(2500)]
     assert len(instances.terminate(FakeEc2(), ids)) == 2500
     assert calls == [1000, 1000, 500]
+
+
+def test_prepared_template_is_used_without_template_calls(ec2, base_template, moto_url) -> None:  # noqa: F811
+    """The helper prepares the annex's template once, then launches growth with its id."""
+    template_id = fleet.ensure_annex_template(ec2, plan(count=0), base_template)
+    creates = count_calls(ec2, "CreateLaunchTemplate")
+    reads = count_calls(ec2, "DescribeLaunchTemplateVersions")
+    fleets = count_calls(ec2, "CreateFleet")
+    result = fleet.launch(
+        ec2, plan(count=2, user_data=""), base_template, annex_template_id=template_id
+    )
+    assert len(result.instance_ids) == 2
+    assert creates == [] and reads == []
+    spec = fleets[0]["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]
+    assert spec["LaunchTemplateId"] == template_id
+    attr = raw_client("ec2", moto_url).describe_instance_attribute(
+        InstanceId=result.instance_ids[0], Attribute="userData"
+    )
+    assert base64.b64decode(attr["UserData"]["Value"]).decode() == plan().user_data
+    # The same, passing the prepared template where the base one goes (no user data in plan).
+    again = fleet.launch(ec2, plan(count=1, user_data=""), template_id)
+    assert len(again.instance_ids) == 1 and creates == []
