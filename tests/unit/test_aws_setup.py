@@ -171,3 +171,37 @@ def test_lease_enforcer_handler(moto_url: str) -> None:  # noqa: F811
     )
     assert sorted(later["terminated"]) == sorted([within_grace, future])
     assert instances.describe_pool(ec2, "p2")[0].id == other_pool
+
+
+def test_cli_verbs(knobs_settings, tmp_path, monkeypatch, capsys) -> None:
+    from annex_gahp import cli_admin  # noqa: PLC0415
+
+    monkeypatch.setattr(cli_admin, "load_settings", lambda: knobs_settings)
+    path = tmp_path / "config.d" / "15-annex-setup.conf"
+    assert cli_admin.main(["setup", "--write-config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ANNEX_LAUNCH_TEMPLATE = htcondor-annex-cm-test-9618-base" in printed
+    assert path.read_text() == printed
+    # The helper has not read the file yet: check-setup fails and says why.
+    assert cli_admin.main(["check-setup"]) == 1
+    assert "PROBLEM: ANNEX_LAUNCH_TEMPLATE = ''" in capsys.readouterr().out
+    knobs = dict(line.split(" = ", 1) for line in path.read_text().splitlines() if " = " in line)
+    monkeypatch.setattr(cli_admin, "load_settings", lambda: _with_knobs(knobs_settings, knobs))
+    assert cli_admin.main(["check-setup"]) == 0
+    assert "setup OK" in capsys.readouterr().out
+    assert cli_admin.main(["teardown"]) == 0
+    assert "removed stack: htcondor-annex-cm-test-9618" in capsys.readouterr().out
+    assert cli_admin.main(["check-setup"]) == 1
+
+
+def test_cli_write_config_default_path() -> None:
+    import argparse  # noqa: PLC0415
+
+    from annex_gahp import cli_admin  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    cli_admin.add_parsers(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["setup", "--write-config"])
+    assert args.write_config == "/etc/condor/config.d/15-annex-setup.conf"
+    assert parser.parse_args(["setup"]).write_config is None
+    assert parser.parse_args(["teardown", "--force"]).force is True
