@@ -249,6 +249,18 @@ def instance_state(instance_id: str) -> str | None:
     return None
 
 
+def instances(filters: list[dict] | None = None, states: tuple[str, ...] = ("pending", "running")
+              ) -> list[dict]:
+    """EC2 instances (paginated), e.g. filters=[{"Name": "tag:htcondor-annex:name",
+    "Values": ["a1"]}]; only those in `states` (empty tuple: all)."""
+    found = []
+    for page in ec2_client().get_paginator("describe_instances").paginate(
+            Filters=filters or []):
+        for r in page["Reservations"]:
+            found += [i for i in r["Instances"] if not states or i["State"]["Name"] in states]
+    return found
+
+
 def instance_dir(instance_id: str) -> Path:
     """Where the booter keeps an instance: merged/ (its root), console.log, imds-url."""
     return INSTANCES_DIR / instance_id
