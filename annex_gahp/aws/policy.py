@@ -11,6 +11,8 @@ only when ANNEX_AWS_ENDPOINT_URL is set.
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
 from annex_gahp import names
@@ -35,9 +37,12 @@ LAUNCH_INPUT_RESOURCES = (
 STACK_RESOURCE_TYPES = ("AWS::AutoScaling::*", "AWS::EC2::LaunchTemplate")
 
 
-def _ec2_arns(kinds: tuple[str, ...]) -> list[Any]:
+def _ec2_arns(kinds: tuple[str, ...], *, literal: bool = False) -> list[Any]:
     out: list[Any] = []
     for kind in kinds:
+        if literal:
+            out.append(f"arn:aws:ec2:*:{'' if kind == 'image' else '<ACCOUNT>'}:{kind}/*")
+            continue
         account = "" if kind == "image" else "${AWS::AccountId}"
         out.append({"Fn::Sub": f"arn:${{AWS::Partition}}:ec2:*:{account}:{kind}/*"})
     return out
@@ -249,3 +254,27 @@ def trust_policy(service: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def docs_policy(
+    pool_id: str,
+    token_prefix: str = "/htcondor-annex/tokens",  # noqa: S107 - a path, not a secret
+) -> dict[str, Any]:
+    """The runtime policy as docs/iam.md shows it: placeholders where the stack has ARNs."""
+    from annex_gahp.aws.secrets import pool_path  # noqa: PLC0415 - keep this module light
+
+    return runtime_policy_document(
+        pool_id=pool_id,
+        token_parameters=f"arn:aws:ssm:*:<ACCOUNT>:parameter{pool_path(token_prefix, pool_id)}/*",
+        instance_role_arn="arn:aws:iam::<ACCOUNT>:role/<SETUP-STACK>-InstanceRole-<SUFFIX>",
+        launch_inputs=_ec2_arns(LAUNCH_INPUT_RESOURCES, literal=True),
+    )
+
+
+def docs_policy_json(pool_id: str) -> str:
+    return json.dumps(docs_policy(pool_id), indent=2)
+
+
+if __name__ == "__main__":
+    # `python3 -m annex_gahp.aws.policy [POOL_ID]` prints what docs/iam.md shows.
+    print(docs_policy_json(sys.argv[1] if len(sys.argv) > 1 else "cm.example.org:9618"))

@@ -298,20 +298,20 @@ def check(
     outputs = _outputs(stack)
     knobs = knobs_from_outputs(settings, stack_name, clients.region, outputs)
 
-    with aws_errors(f"list resources of {stack_name}"):
+    try:
         listed = cfn.describe_stack_resources(StackName=stack_name)["StackResources"]
+        deployed = cfn.get_template(StackName=stack_name)["TemplateBody"]
+    except ClientError as err:
+        problems.append(f"cannot read setup stack {stack_name} ({error_code(err)})")
+        listed, deployed = [], None
     for res in listed:
         if res.get("ResourceStatus") not in _GOOD:
             problems.append(
                 f"{res['LogicalResourceId']} ({res['ResourceType']}) is {res.get('ResourceStatus')}"
             )
-
-    with aws_errors(f"read the template of {stack_name}"):
-        deployed = cfn.get_template(StackName=stack_name)["TemplateBody"]
     if isinstance(deployed, str):
         deployed = json.loads(deployed)
-    wanted = json.loads(render_template(settings, stack_name))
-    if deployed != wanted:
+    if deployed is not None and deployed != json.loads(render_template(settings, stack_name)):
         problems.append(
             f"setup stack {stack_name} differs from what this version and these knobs make "
             "(e.g. ANNEX_DEFAULT_IMAGE_ID or ANNEX_POOL_ID changed): re-run `htcondor-annex setup`"

@@ -1,0 +1,333 @@
+"""Least privilege, checked two ways.
+
+1. Under moto's IAM enforcement (a moto server process of its own, started with
+   INITIAL_NO_AUTH_ACTION_COUNT): a user holding only the runtime policy can launch, describe,
+   tag, terminate and store tokens, and is refused the setup's kind of actions. moto checks
+   actions only (every resource is `*`, conditions are ignored), so the policy is deployed in
+   its emulator form there.
+2. The real (AWS) form's shape: tag conditions on every create/change statement, ARN scoping
+   where tags cannot be used.
+The same server verifies SigV4 signatures, so the instance agent's hand-made signature is
+checked there by a real verifier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aws_fixtures import REGION, free_port, make_settings
+from botocore.exceptions import ClientError
+
+from annex_gahp import names, userdata
+from annex_gahp.aws import fleet, instances, policy, secrets, session, setup
+
+POOL = "cm.test:9618"
+AGENT = Path(userdata.__file__).parent / "templates" / "annex-agent.py"
+
+
+@pytest.fixture(scope="module")
+def enforcing_moto() -> Iterator[str]:
+    """A moto server that authenticates and authorises every request after the first 3."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _session(key: dict[str, str]) -> boto3.session.Session:
+    return boto3.session.Session(
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+        region_name=REGION,
+    )
+
+
+def _user_with(iam: Any, name: str) -> dict[str, str]:
+    iam.create_user(UserName=name)
+    return iam.create_access_key(UserName=name)["AccessKey"]
+
+
+@pytest.fixture(scope="module")
+def world(enforcing_moto: str, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """Admin (bootstrapped in the 3 unauthenticated calls), the setup stack, a runtime user."""
+    with pytest.MonkeyPatch.context() as env:
+        # The host's own AWS files must not leak in.
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path_factory.mktemp("c") / "none"))
+        env.setenv("AWS_CONFIG_FILE", str(tmp_path_factory.mktemp("c") / "none"))
+        yield _world(enforcing_moto)
+
+
+def _world(enforcing_moto: str) -> dict[str, Any]:
+    anon = boto3.client(
+        "iam",
+        endpoint_url=enforcing_moto,
+        region_name=REGION,
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",  # noqa: S106 - moto, before auth is on
+    )
+    anon.create_user(UserName="admin")
+    anon.put_user_policy(
+        UserName="admin",
+        PolicyName="admin",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+            }
+        ),
+    )
+    admin_key = anon.create_access_key(UserName="admin")["AccessKey"]
+    admin = _session(admin_key)
+    ec2_admin = admin.client("ec2", endpoint_url=enforcing_moto)
+    image = images_of(ec2_admin)
+    settings = make_settings(enforcing_moto, pool_id=POOL, default_image_id=image)
+
+    def client(service: str) -> Any:
+        return session.client(service, settings, boto_session=admin, pacer=session.Pacer())
+
+    clients = setup.AdminClients(
+        cloudformation=client("cloudformation"),
+        ec2=client("ec2"),
+        iam=client("iam"),
+        lambda_=client("lambda"),
+        events=client("events"),
+        ssm=client("ssm"),
+        region=REGION,
+    )
+    knobs = setup.deploy(settings, clients=clients)
+    iam = clients.iam
+    runtime_key = _user_with(iam, "annex-helper")
+    iam.attach_user_policy(UserName="annex-helper", PolicyArn=knobs["ANNEX_RUNTIME_POLICY_ARN"])
+    return {
+        "url": enforcing_moto,
+        "admin": admin,
+        "clients": clients,
+        "knobs": knobs,
+        "settings": settings,
+        "runtime": _session(runtime_key),
+    }
+
+
+def images_of(ec2: Any) -> str:
+    return ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
+
+
+def runtime_client(world: dict[str, Any], service: str) -> Any:
+    return session.client(
+        service, world["settings"], boto_session=world["runtime"], pacer=session.Pacer()
+    )
+
+
+def test_runtime_user_does_its_job(world: dict[str, Any]) -> None:
+    ec2 = runtime_client(world, "ec2")
+    ssm = runtime_client(world, "ssm")
+    plan = fleet.LaunchPlan(
+        annex="a1",
+        owner="alice",
+        request_id="r1",
+        pool_id=POOL,
+        expires=int(time.time()) + 600,
+        count=2,
+        instance_types=("m5.large",),
+        user_data="#!/bin/sh\n",
+    )
+    name = secrets.parameter_name(
+        world["knobs"]["ANNEX_TOKEN_PARAMETER_PREFIX"], POOL, "alice", "a1"
+    )
+    secrets.put_token(ssm, name, "fake-token", plan.tags())
+    secrets.put_token(ssm, name, "fake-token-2", plan.tags())
+    result = fleet.launch(ec2, plan, world["knobs"]["ANNEX_LAUNCH_TEMPLATE"])
+    assert len(result.instance_ids) == 2, result.errors
+    views = instances.describe_pool(ec2, POOL)
+    assert {v.id for v in views} == set(result.instance_ids)
+    ec2.create_tags(Resources=result.instance_ids, Tags=[{"Key": names.TAG_EXPIRES, "Value": "1"}])
+    assert sorted(instances.terminate(ec2, result.instance_ids)) == sorted(result.instance_ids)
+    assert fleet.delete_annex_template(ec2, POOL, "alice", "a1") is True
+    assert secrets.delete_token(ssm, name) is True
+
+
+def _denied(call: Any, **kwargs: Any) -> None:
+    with pytest.raises(ClientError) as caught:
+        call(**kwargs)
+    code = caught.value.response["Error"]["Code"]
+    # moto answers Lambda in the query-API XML form, which botocore reports as code "403".
+    assert code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "403"), code
+    assert "not authorized" in str(caught.value) or code != "403"
+
+
+def test_runtime_user_cannot_do_the_setups_work(world: dict[str, Any]) -> None:
+    iam = runtime_client(world, "iam")
+    trust = json.dumps(policy.trust_policy("ec2.amazonaws.com"))
+    _denied(iam.create_role, RoleName="escalate", AssumeRolePolicyDocument=trust)
+    _denied(iam.create_instance_profile, InstanceProfileName="escalate")
+    _denied(iam.create_policy, PolicyName="escalate", PolicyDocument=trust)
+    _denied(
+        iam.attach_user_policy,
+        UserName="annex-helper",
+        PolicyArn="arn:aws:iam::aws:policy/AdministratorAccess",
+    )
+    _denied(
+        runtime_client(world, "lambda").create_function,
+        FunctionName="escalate",
+        Runtime="python3.12",
+        Role="arn:aws:iam::123456789012:role/x",
+        Handler="index.handler",
+        Code={"ZipFile": b"x"},
+    )
+    _denied(
+        runtime_client(world, "events").put_rule,
+        Name="escalate",
+        ScheduleExpression="rate(1 minute)",
+    )
+    ec2 = runtime_client(world, "ec2")
+    _denied(ec2.create_security_group, GroupName="escalate", Description="x")
+    _denied(
+        ec2.authorize_security_group_ingress,
+        GroupId=world["knobs"]["ANNEX_SECURITY_GROUP"],
+        IpProtocol="tcp",
+        FromPort=22,
+        ToPort=22,
+        CidrIp="0.0.0.0/0",
+    )
+
+
+def test_setup_kind_stack_needs_what_runtime_lacks(world: dict[str, Any]) -> None:
+    """A setup-kind stack as the runtime user. On AWS the ResourceTypes condition refuses it
+    and CloudFormation would also fail creating the IAM role with the caller's rights; moto
+    enforces neither, so what is checked here is the part moto can see: the setup's own
+    direct calls (check-setup reads IAM and Lambda) are refused."""
+    runtime_settings = world["settings"]
+
+    def client(service: str) -> Any:
+        return runtime_client(world, service)
+
+    clients = setup.AdminClients(
+        cloudformation=client("cloudformation"),
+        ec2=client("ec2"),
+        iam=client("iam"),
+        lambda_=client("lambda"),
+        events=client("events"),
+        ssm=client("ssm"),
+        region=REGION,
+    )
+    problems = setup.check(runtime_settings, clients=clients)
+    assert any("cannot read setup stack" in p and "AccessDenied" in p for p in problems), problems
+    assert any("missing (AccessDenied" in p for p in problems), problems
+
+
+def test_agent_signature_accepted_by_a_verifier(world: dict[str, Any]) -> None:
+    """moto checks SigV4 signatures under enforcement: the agent's own signing passes."""
+    iam = world["clients"].iam
+    key = _user_with(iam, "instance-like")
+    iam.put_user_policy(
+        UserName="instance-like",
+        PolicyName="tokens",
+        PolicyDocument=json.dumps(
+            policy.instance_role_policy_document("*")  # moto: resources are always `*`
+        ),
+    )
+    world["clients"].ssm.put_parameter(Name="/t/p/x", Value="the-token", Type="SecureString")
+    spec = importlib.util.spec_from_file_location("agent_for_iam_test", AGENT)
+    assert spec and spec.loader
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    creds = {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+    assert agent.get_parameter(world["url"], REGION, "/t/p/x", creds) == "the-token"
+    wrong = dict(creds, SecretAccessKey="not-the-secret")
+    with pytest.raises(agent.AgentError, match=r"403|Signature"):
+        agent.get_parameter(world["url"], REGION, "/t/p/x", wrong)
+    # Only GetParameter: the instance's role cannot write tokens.
+    session_ = _session(key)
+    with pytest.raises(ClientError):
+        session_.client("ssm", endpoint_url=world["url"]).put_parameter(
+            Name="/t/p/y", Value="v", Type="SecureString"
+        )
+
+
+# --- the AWS form's shape -----------------------------------------------------------------------
+
+
+def _real_policy() -> dict[str, Any]:
+    return setup.runtime_policy(make_settings(pool_id=POOL), emulator=False)
+
+
+def test_every_create_or_change_statement_is_tag_conditioned() -> None:
+    doc = _real_policy()
+    by_sid = {s["Sid"]: s for s in doc["Statement"]}
+    for sid, statement in by_sid.items():
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+        read_only = all(a.split(":")[1].startswith(("Describe", "Get", "List")) for a in actions)
+        if read_only or statement["Resource"] != "*":
+            continue
+        assert "Condition" in statement, f"{sid} allows changes on * without a condition"
+    create = by_sid["CreateTaggedForThisPool"]["Condition"]
+    assert create == {"StringEquals": {f"aws:RequestTag/{names.TAG_POOL}": POOL}}
+    manage = by_sid["ManageThisPoolsResources"]
+    assert manage["Condition"] == {"StringEquals": {f"aws:ResourceTag/{names.TAG_POOL}": POOL}}
+    assert "ec2:TerminateInstances" in manage["Action"]
+    assert by_sid["TagOnlyWhileCreating"]["Condition"]["StringEquals"]["ec2:CreateAction"]
+    stacks = by_sid["StackStrategyCreate"]["Condition"]
+    assert "AWS::IAM::*" not in json.dumps(stacks["ForAllValues:StringLike"])
+    assert stacks["Null"] == {"cloudformation:ResourceTypes": "false"}
+
+
+def test_arn_scoped_where_tags_cannot_be_used() -> None:
+    by_sid = {s["Sid"]: s for s in _real_policy()["Statement"]}
+    assert by_sid["PassTheInstanceRole"]["Resource"] == {"Fn::GetAtt": ["InstanceRole", "Arn"]}
+    tokens = by_sid["InstanceTokens"]["Resource"]["Fn::Sub"]
+    assert tokens.startswith(
+        "arn:${AWS::Partition}:ssm:*:${AWS::AccountId}:parameter/htcondor-annex/tokens/cm.test_9618-"
+    )
+    assert tokens.endswith("/*")
+    launch_inputs = json.dumps(by_sid["LaunchFromExistingInputs"]["Resource"])
+    assert "instance/" not in launch_inputs and "subnet/*" in launch_inputs
+    # No statement anywhere grants iam:Create*/Put*/Attach*, lambda or events.
+    granted = json.dumps([s["Action"] for s in _real_policy()["Statement"]])
+    for forbidden in ("iam:CreateRole", "iam:Put", "iam:Attach", "lambda:", "events:", '"*"'):
+        assert forbidden not in granted
+
+
+def test_emulator_form_differs_only_in_resources() -> None:
+    real = _real_policy()["Statement"]
+    emulated = setup.runtime_policy(make_settings(pool_id=POOL), emulator=True)["Statement"]
+    assert [s["Action"] for s in real] == [s["Action"] for s in emulated]
+    assert [s.get("Condition") for s in real] == [s.get("Condition") for s in emulated]
+    assert all(s["Resource"] == "*" for s in emulated)
+
+
+def test_docs_show_the_generated_policy() -> None:
+    doc = Path(__file__).parents[2] / "docs" / "iam.md"
+    text = doc.read_text()
+    assert policy.docs_policy_json(POOL_DOC) in text, "regenerate: python3 -m annex_gahp.aws.policy"
+
+
+POOL_DOC = "cm.example.org:9618"
