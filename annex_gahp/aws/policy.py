@@ -35,6 +35,7 @@ LAUNCH_INPUT_RESOURCES = (
 # Resource types a stack-strategy stack may hold; setup-kind stacks (IAM, Lambda, Events) are
 # refused by this list on AWS, and by the missing iam/lambda/events rights besides.
 STACK_RESOURCE_TYPES = ("AWS::AutoScaling::*", "AWS::EC2::LaunchTemplate")
+SETUP_KIND_RESOURCE_TYPES = ("AWS::IAM::*", "AWS::Lambda::*", "AWS::Events::*")
 
 
 def _ec2_arns(kinds: tuple[str, ...], *, literal: bool = False) -> list[Any]:
@@ -161,6 +162,23 @@ def runtime_policy_document(
                     "cloudformation:ResourceTypes": list(STACK_RESOURCE_TYPES)
                 },
                 "Null": {"cloudformation:ResourceTypes": "false"},
+            },
+        },
+        {
+            # Belt and braces: refused even if broader rights are attached to the principal.
+            # (moto ignores the condition and so refuses every stack creation of this user.)
+            "Sid": "NoSetupKindStacks",
+            "Effect": "Deny",
+            "Action": [
+                "cloudformation:CreateStack",
+                "cloudformation:UpdateStack",
+                "cloudformation:CreateChangeSet",
+            ],
+            "Resource": "*",
+            "Condition": {
+                "ForAnyValue:StringLike": {
+                    "cloudformation:ResourceTypes": list(SETUP_KIND_RESOURCE_TYPES)
+                }
             },
         },
         {

@@ -218,12 +218,21 @@ def test_runtime_user_cannot_do_the_setups_work(world: dict[str, Any]) -> None:
     )
 
 
-def test_setup_kind_stack_needs_what_runtime_lacks(world: dict[str, Any]) -> None:
-    """A setup-kind stack as the runtime user. On AWS the ResourceTypes condition refuses it
-    and CloudFormation would also fail creating the IAM role with the caller's rights; moto
-    enforces neither, so what is checked here is the part moto can see: the setup's own
-    direct calls (check-setup reads IAM and Lambda) are refused."""
-    runtime_settings = world["settings"]
+def test_setup_kind_stack_refused(world: dict[str, Any]) -> None:
+    """A setup-kind stack as the runtime user is refused, and so are the setup's direct reads.
+
+    On AWS the explicit Deny (cloudformation:ResourceTypes has IAM/Lambda/Events types) refuses
+    it, and CloudFormation would also fail creating the IAM role with the caller's rights.
+    moto ignores the Deny's condition, so there it refuses this user every stack creation:
+    the refusal is real, its precision is checked by shape below."""
+    cfn = runtime_client(world, "cloudformation")
+    _denied(
+        cfn.create_stack,
+        StackName="not-for-the-helper",
+        TemplateBody=setup.render_template(world["settings"], "not-for-the-helper"),
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
+        Tags=[{"Key": names.TAG_POOL, "Value": POOL}],
+    )
 
     def client(service: str) -> Any:
         return runtime_client(world, service)
@@ -237,7 +246,7 @@ def test_setup_kind_stack_needs_what_runtime_lacks(world: dict[str, Any]) -> Non
         ssm=client("ssm"),
         region=REGION,
     )
-    problems = setup.check(runtime_settings, clients=clients)
+    problems = setup.check(world["settings"], clients=clients)
     assert any("cannot read setup stack" in p and "AccessDenied" in p for p in problems), problems
     assert any("missing (AccessDenied" in p for p in problems), problems
 
@@ -282,6 +291,8 @@ def test_every_create_or_change_statement_is_tag_conditioned() -> None:
     doc = _real_policy()
     by_sid = {s["Sid"]: s for s in doc["Statement"]}
     for sid, statement in by_sid.items():
+        if statement["Effect"] == "Deny":
+            continue
         actions = (
             statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
         )
@@ -295,6 +306,11 @@ def test_every_create_or_change_statement_is_tag_conditioned() -> None:
     assert manage["Condition"] == {"StringEquals": {f"aws:ResourceTag/{names.TAG_POOL}": POOL}}
     assert "ec2:TerminateInstances" in manage["Action"]
     assert by_sid["TagOnlyWhileCreating"]["Condition"]["StringEquals"]["ec2:CreateAction"]
+    deny = by_sid["NoSetupKindStacks"]
+    assert deny["Effect"] == "Deny" and "cloudformation:CreateStack" in deny["Action"]
+    assert (
+        "AWS::IAM::*" in deny["Condition"]["ForAnyValue:StringLike"]["cloudformation:ResourceTypes"]
+    )
     stacks = by_sid["StackStrategyCreate"]["Condition"]
     assert "AWS::IAM::*" not in json.dumps(stacks["ForAllValues:StringLike"])
     assert stacks["Null"] == {"cloudformation:ResourceTypes": "false"}
