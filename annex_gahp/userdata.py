@@ -26,6 +26,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 # backslashes, `$` (macro expansion), or line breaks.
 _OWNER = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 _PLAIN = re.compile(r"^[A-Za-z0-9._:@/+=\[\]-]*$")
+# A collector address may be a sinful string: cm:9618?sock=collector, <1.2.3.4:9618?...>.
+_ADDRESS = re.compile(r"^[A-Za-z0-9._:@/+=\[\]?&<>,-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,8 @@ class BootContext:
             raise InputError(f"owner {self.owner!r} has characters a boot script cannot carry")
         for field in ("request_id", "pool_id", "central_manager", "token_parameter", "region"):
             value = getattr(self, field)
-            if not _PLAIN.match(value):
+            pattern = _ADDRESS if field in ("central_manager", "pool_id") else _PLAIN
+            if not pattern.match(value):
                 raise InputError(f"{field} {value!r} has characters a boot script cannot carry")
         if not self.central_manager:
             raise InputError("no central manager for the instances (annex_central_manager)")
@@ -60,11 +63,15 @@ class BootContext:
 
     @property
     def condor_host(self) -> str:
-        """The central manager without its port: CONDOR_HOST feeds host-based ALLOW lists."""
-        host, sep, port = self.central_manager.rpartition(":")
-        if sep and port.isdigit() and host and not host.endswith(":"):
-            return host.strip("[]")
-        return self.central_manager
+        """The central manager's host alone (no port, no `?sock=`, no `<...>`): CONDOR_HOST
+        feeds host-based ALLOW lists."""
+        address = self.central_manager.strip().lstrip("<").rstrip(">").split("?", 1)[0]
+        if address.startswith("["):  # [IPv6]:port
+            return address[1:].split("]", 1)[0]
+        host, sep, port = address.rpartition(":")
+        if sep and port.isdigit() and host and ":" not in host:
+            return host
+        return address
 
 
 def _environment() -> jinja2.Environment:

@@ -154,10 +154,21 @@ def base_template_data(ec2: Any, base_launch_template: str) -> dict[str, Any]:
     if not base_launch_template:
         return {}
     key = "LaunchTemplateId" if base_launch_template.startswith("lt-") else "LaunchTemplateName"
-    with aws_errors(f"read base launch template {base_launch_template} (ANNEX_LAUNCH_TEMPLATE)"):
+    region = ec2.meta.region_name
+    try:
         versions = ec2.describe_launch_template_versions(
             **{key: base_launch_template}, Versions=["$Default"]
         )["LaunchTemplateVersions"]
+    except ClientError as err:
+        failed = cloud_error(
+            err, f"read base launch template {base_launch_template} (ANNEX_LAUNCH_TEMPLATE)"
+        )
+        if "NotFound" in error_code(err):
+            failed = CloudError(
+                f"{failed}; the setup's launch template exists per region: is this annex's "
+                f"region {region} set up? (`htcondor-annex setup --region {region}`)"
+            )
+        raise failed from None
     if not versions:
         raise CloudError(
             f"base launch template {base_launch_template} has no default version: "

@@ -439,7 +439,8 @@ def teardown(
     force: bool = False,
 ) -> dict[str, list[str]]:
     """Delete the setup. Refuses while instances of the pool exist, unless forced (then they
-    are terminated first). Returns what was removed, by kind."""
+    are terminated first). The runtime policy is detached from whoever holds it. Returns what
+    was removed, by kind."""
     clients = clients or admin_clients(settings)
     stack_name = stack_name or default_stack_name(settings.pool_id)
     removed: dict[str, list[str]] = {"instances": [], "launch_templates": [], "parameters": []}
@@ -470,6 +471,9 @@ def teardown(
         log.info("setup stack %s does not exist", stack_name)
         return removed
     policy_arn = _outputs(stack).get("RuntimePolicyArn", "")
+    if policy_arn:
+        # A managed policy still attached to the helper's user makes its deletion fail.
+        removed["detached"] = _detach_everywhere(clients.iam, policy_arn)
     with aws_errors(f"delete setup stack {stack_name}"):
         clients.cloudformation.delete_stack(StackName=stack_name)
     _wait(clients.cloudformation, "stack_delete_complete", stack_name)
@@ -506,20 +510,37 @@ def _delete_tokens(ssm: Any, settings: Settings) -> list[str]:
     return found
 
 
+def _detach_everywhere(iam: Any, arn: str) -> list[str]:
+    detached = []
+    try:
+        entities = iam.list_entities_for_policy(PolicyArn=arn)
+    except ClientError as err:
+        if error_code(err) == "NoSuchEntity":
+            return []
+        raise cloud_error(err, f"list who holds {arn}") from None
+    with aws_errors(f"detach {arn}"):
+        for user in entities.get("PolicyUsers", []):
+            iam.detach_user_policy(UserName=user["UserName"], PolicyArn=arn)
+            detached.append(f"user/{user['UserName']}")
+        for role in entities.get("PolicyRoles", []):
+            iam.detach_role_policy(RoleName=role["RoleName"], PolicyArn=arn)
+            detached.append(f"role/{role['RoleName']}")
+        for group in entities.get("PolicyGroups", []):
+            iam.detach_group_policy(GroupName=group["GroupName"], PolicyArn=arn)
+            detached.append(f"group/{group['GroupName']}")
+    for who in detached:
+        log.info("detached %s from %s", arn, who)
+    return detached
+
+
 def _delete_leftover_policy(iam: Any, arn: str) -> bool:
     """moto leaves a stack's AWS::IAM::ManagedPolicy behind; AWS does not. Remove it."""
     try:
         iam.get_policy(PolicyArn=arn)
     except ClientError:
         return False
+    _detach_everywhere(iam, arn)
     with aws_errors(f"delete leftover runtime policy {arn}"):
-        entities = iam.list_entities_for_policy(PolicyArn=arn)
-        for user in entities.get("PolicyUsers", []):
-            iam.detach_user_policy(UserName=user["UserName"], PolicyArn=arn)
-        for role in entities.get("PolicyRoles", []):
-            iam.detach_role_policy(RoleName=role["RoleName"], PolicyArn=arn)
-        for group in entities.get("PolicyGroups", []):
-            iam.detach_group_policy(GroupName=group["GroupName"], PolicyArn=arn)
         for version in iam.list_policy_versions(PolicyArn=arn)["Versions"]:
             if not version["IsDefaultVersion"]:
                 iam.delete_policy_version(PolicyArn=arn, VersionId=version["VersionId"])

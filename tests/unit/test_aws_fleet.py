@@ -316,3 +316,8 @@ def test_prepared_template_is_used_without_template_calls(ec2, base_template, mo
     # The same, passing the prepared template where the base one goes (no user data in plan).
     again = fleet.launch(ec2, plan(count=1, user_data=""), template_id)
     assert len(again.instance_ids) == 1 and creates == []
+
+
+def test_missing_base_template_names_region(ec2) -> None:
+    with pytest.raises(CloudError, match=r"region us-east-1 set up\?"):
+        fleet.launch(ec2, plan(image_ids=("ami-12c6146b",)), "no-such-template")

@@ -117,7 +117,12 @@ def test_setup_check_teardown(knobs_settings, tmp_path) -> None:
     secrets.put_token(clients.ssm, token, "fake-token", {names.TAG_POOL: configured.pool_id})
     with pytest.raises(SetupError, match=r"alice/a1.*--force"):
         setup.teardown(configured, clients=clients)
+    clients.iam.create_user(UserName="annex-helper")
+    clients.iam.attach_user_policy(
+        UserName="annex-helper", PolicyArn=knobs["ANNEX_RUNTIME_POLICY_ARN"]
+    )
     removed = setup.teardown(configured, clients=clients, force=True)
+    assert removed["detached"] == ["user/annex-helper"]
     assert removed["instances"] == launched.instance_ids
     assert removed["parameters"] == [token]
     assert removed["launch_templates"] == [fleet.template_name(configured.pool_id, "alice", "a1")]

@@ -85,6 +85,23 @@ def test_condor_config_contents() -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("cm.test:9618", "cm.test"),
+        ("cm.test", "cm.test"),
+        ("cm.test:9618?sock=collector", "cm.test"),
+        ("<10.0.0.5:9618?sock=collector>", "10.0.0.5"),
+        ("[fe80::1]:9618", "fe80::1"),
+        ("127.0.0.1:40123", "127.0.0.1"),
+    ],
+)
+def test_condor_host_from_collector_address(address: str, host: str) -> None:
+    ctx = context(central_manager=address, pool_id=address)
+    assert ctx.condor_host == host
+    assert f"COLLECTOR_HOST = {address}\n" in userdata.render_condor_config(ctx)
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"annex": "bad name"},
