@@ -12,8 +12,14 @@ from annex_gahp.store import Store, StoreError
 
 def make(store: Store, owner: str = "alice", name: str = "burst"):
     return store.insert_annex(
-        owner=owner, name=name, state=names.REQUESTED, spec={"name": name},
-        region="us-east-1", requested=2, lease_expiration=2_000_000_000, now=1000,
+        owner=owner,
+        name=name,
+        state=names.REQUESTED,
+        spec={"name": name},
+        region="us-east-1",
+        requested=2,
+        lease_expiration=2_000_000_000,
+        now=1000,
     )
 
 
@@ -53,7 +59,10 @@ def test_instances_upsert_keeps_type_and_updates_state(tmp_path):
     store.record_instances(annex.id, "r-1", [("i-1", "running", "")], now=20)
     (record,) = store.instances(annex.id)
     assert (record.state, record.instance_type, record.launched, record.last_seen) == (
-        "running", "m5.large", 10, 20,
+        "running",
+        "m5.large",
+        10,
+        20,
     )
     assert store.instance_owner("i-1") == annex.id
     assert store.instance_owner("i-2") is None
