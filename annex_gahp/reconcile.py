@@ -80,6 +80,8 @@ class DemandSource(Protocol):
 
     def hold(self, owner: str, annex: str, reason: str) -> None: ...
 
+    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None: ...
+
 
 class Publisher(Protocol):
     def publish(self, views: Iterable[dict[str, Any]]) -> None: ...
@@ -386,6 +388,7 @@ class Reconciler:
             view = self.service.describe(annex)
             if due or self._published.get(annex.id) != view:
                 views.append(view)
+                self._annotate_jobs(annex, view)
                 self._published[annex.id] = view
         if not views:
             return
@@ -397,3 +400,27 @@ class Reconciler:
             return
         if due:
             self._last_publish = now
+
+    def _annotate_jobs(self, annex: Annex, view: dict[str, Any]) -> None:
+        previous = self._published.get(annex.id)
+        if previous is not None and all(previous.get(k) == view.get(k) for k in _JOB_VISIBLE):
+            return
+        try:
+            self.demand.annotate(
+                annex.owner,
+                annex.name,
+                self.service.job_status_attrs(annex, annex.owner, annex.name),
+            )
+        except Exception as err:
+            log.warning("could not update the jobs of %s: %s", annex.key, err)
+
+
+# What the job ads show; a change in any of these is written into the waiting jobs.
+_JOB_VISIBLE = (
+    "AnnexState",
+    "RequestedInstances",
+    "RunningInstances",
+    "LeaseExpiration",
+    "LastError",
+    "BindingLimit",
+)

@@ -57,6 +57,17 @@ class ScheddDemand:
                 idle[key] += 1
         return {k: Demand(idle[k], running[k]) for k in idle.keys() | running.keys()}
 
+    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+        """Write the annex's status into the jobs waiting for it: one edit per attribute for
+        all of them, instead of one hook per job per polling period."""
+        constraint = (
+            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
+            f" && JobStatus == {IDLE}"
+        )
+        schedd = self._schedd()
+        for attr, value in attrs.items():
+            schedd.edit(constraint, attr, value)
+
     def hold(self, owner: str, annex: str, reason: str) -> None:
         """Hold the jobs still waiting for an annex that will not come back."""
         constraint = (

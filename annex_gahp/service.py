@@ -354,7 +354,7 @@ class AnnexService:
             raise InputError(f"the job ad has no {names.JOB_TARGET}: it names no annex")
         return attrs
 
-    def _job_status_attrs(self, annex: Annex | None, owner: str, name: str) -> dict[str, str]:
+    def job_status_attrs(self, annex: Annex | None, owner: str, name: str) -> dict[str, str]:
         if annex is None:
             last = self.store.last_retired(owner, name)
             if last is None:
@@ -378,14 +378,14 @@ class AnnexService:
         wanted = spec.from_job_attrs(attrs, owner, self.settings)
         qdate = attrs.get("QDate") if isinstance(attrs.get("QDate"), int) else None
         annex = self.ensure(wanted, qdate=qdate)
-        out = self._job_status_attrs(annex, owner, wanted.name)
+        out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return {"json": json.dumps(out, sort_keys=True)}
 
     def job_update(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)
         owner, name = attrs["Owner"], attrs[names.JOB_TARGET]
-        out = self._job_status_attrs(self.store.live(owner, name), owner, name)
+        out = self.job_status_attrs(self.store.live(owner, name), owner, name)
         return {"json": json.dumps(out, sort_keys=True)}
 
     def job_finalize(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:

@@ -34,12 +34,16 @@ class RecordingDemand:
     def __init__(self) -> None:
         self.jobs: dict[tuple[str, str], Demand] = {}
         self.held: list[tuple[str, str, str]] = []
+        self.annotated: dict[tuple[str, str], dict[str, str]] = {}
 
     def counts(self) -> dict[tuple[str, str], Demand]:
         return dict(self.jobs)
 
     def hold(self, owner: str, annex: str, reason: str) -> None:
         self.held.append((owner, annex, reason))
+
+    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+        self.annotated[(owner, annex)] = dict(attrs)
 
 
 class RecordingPublisher:
@@ -135,6 +139,9 @@ def test_one_create_call_for_many_jobs_and_cycles(moto_url, tmp_path):  # noqa: 
     annex = world.store.live("alice", "burst")
     assert annex.state == names.RUNNING
     assert int(tags[names.TAG_EXPIRES]) == annex.lease_expiration
+    job = world.demand.annotated[("alice", "burst")]
+    assert (job["AnnexState"], job["AnnexRunningInstances"]) == ('"running"', "2")
+    assert job["AnnexLeaseExpiration"] == str(annex.lease_expiration)
     ad = world.publisher.ads["alice/burst"]
     assert (ad["AnnexState"], ad["RequestedInstances"], ad["RunningInstances"]) == (
         "running",
