@@ -16,9 +16,12 @@ import sys
 from collections.abc import Callable
 
 from annex_gahp import settings as settings_module
-from annex_gahp.aws import setup
 from annex_gahp.errors import AnnexError
 from annex_gahp.settings import Settings
+
+# Same as annex_gahp.aws.setup.DEFAULT_CONFIG_PATH; repeated so that registering the verbs
+# does not import boto3 for every other `htcondor-annex` verb.
+DEFAULT_CONFIG_PATH = "/etc/condor/config.d/15-annex-setup.conf"
 
 # Replaceable in tests; reads HTCondor's own configuration otherwise.
 load_settings: Callable[[], Settings] = settings_module.load
@@ -37,6 +40,8 @@ def _fail(verb: str, err: AnnexError) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
+    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+
     try:
         knobs = setup.deploy(_settings(args), args.stack_name, vpc_id=args.vpc_id or "")
         if args.write_config:
@@ -58,6 +63,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+
     try:
         problems = setup.check(_settings(args), args.stack_name)
     except AnnexError as err:
@@ -70,6 +77,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
+    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+
     try:
         removed = setup.teardown(_settings(args), args.stack_name, force=args.force)
     except AnnexError as err:
@@ -106,10 +115,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "--write-config",
         nargs="?",
-        const=setup.DEFAULT_CONFIG_PATH,
+        const=DEFAULT_CONFIG_PATH,
         default=None,
         metavar="PATH",
-        help=f"also write the knobs to PATH (default {setup.DEFAULT_CONFIG_PATH})",
+        help=f"also write the knobs to PATH (default {DEFAULT_CONFIG_PATH})",
     )
     p.add_argument("--vpc-id", default=None, help="VPC for the security group (default VPC)")
     p.set_defaults(func=cmd_setup)

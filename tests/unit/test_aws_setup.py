@@ -208,5 +208,6 @@ def test_cli_write_config_default_path() -> None:
     cli_admin.add_parsers(parser.add_subparsers(dest="verb"))
     args = parser.parse_args(["setup", "--write-config"])
     assert args.write_config == "/etc/condor/config.d/15-annex-setup.conf"
+    assert cli_admin.DEFAULT_CONFIG_PATH == setup.DEFAULT_CONFIG_PATH
     assert parser.parse_args(["setup"]).write_config is None
     assert parser.parse_args(["teardown", "--force"]).force is True
