@@ -211,7 +211,14 @@ def start_condor():
 def boot():
     cfg = load_config()
     imds = Imds()
-    instance_id = (imds.get("meta-data/instance-id") or "unknown").strip()
+    instance_id = "unknown"
+    for attempt in range(10):  # IMDS can lag the very first seconds of a boot
+        try:
+            instance_id = (imds.get("meta-data/instance-id") or "unknown").strip()
+            break
+        except OSError as err:
+            log.warning("IMDS not answering yet (%s)", err)
+            time.sleep(min(2**attempt, 10))
     log.info("annex %s of %s: instance %s booting", cfg["annex"], cfg["owner"], instance_id)
     install_token(cfg, imds)
     config = cfg["condor_config"] + (
