@@ -20,7 +20,12 @@ def ad_name(owner: str, annex: str, schedd: str) -> str:
 def schedd_name() -> str:
     import htcondor2  # noqa: PLC0415
 
-    return htcondor2.param.get("SCHEDD_NAME") or socket.getfqdn()
+    # The schedd's own default Name is FULL_HOSTNAME; getfqdn() may say "localhost".
+    return (
+        htcondor2.param.get("SCHEDD_NAME")
+        or htcondor2.param.get("FULL_HOSTNAME")
+        or socket.getfqdn()
+    )
 
 
 class Publisher:

@@ -402,6 +402,8 @@ class Reconciler:
             self._last_publish = now
 
     def _annotate_jobs(self, annex: Annex, view: dict[str, Any]) -> None:
+        if not annex.demand_idle:
+            return  # nobody waits; the schedd refuses an edit that matches no job
         previous = self._published.get(annex.id)
         if previous is not None and all(previous.get(k) == view.get(k) for k in _JOB_VISIBLE):
             return
