@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from annex_gahp import logsetup
+from annex_gahp import faults, logsetup
 from annex_gahp import settings as settings_mod
 from annex_gahp.errors import AnnexError
 
@@ -86,6 +86,7 @@ class Helper:
 
         htcondor2.reload_config()
         cfg = settings_mod.load()
+        arm_faults(cfg)
         self.cfg = self.service.settings = self.reconciler.settings = cfg
         self.reconciler.cloud.settings = cfg
         log.info("configuration reloaded")
@@ -109,6 +110,12 @@ class Helper:
         self._wake.set()
 
 
+def arm_faults(cfg: settings_mod.Settings) -> None:
+    import htcondor2  # noqa: PLC0415
+
+    faults.arm(htcondor2.param.get("ANNEX_GAHP_TEST_FAULTS") or "", cfg.endpoint_url, cfg.state_dir)
+
+
 def run_daemon() -> int:
     from annex_gahp.gahp import Dispatcher  # noqa: PLC0415
     from annex_gahp.transports import SocketServer  # noqa: PLC0415
@@ -119,6 +126,7 @@ def run_daemon() -> int:
     _drop_privileges()
     logsetup.configure(cfg.log_file)
     log.info("annex_gahp starting (pid %d) as %s", os.getpid(), condor.pw_name)
+    arm_faults(cfg)
     try:
         lock = _take_lock(cfg.state_dir)
         helper = Helper(cfg)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from annex_gahp import lifecycle, names
+from annex_gahp import faults, lifecycle, names
 from annex_gahp.errors import AnnexError
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService, spec_from_record
@@ -303,12 +303,15 @@ class Reconciler:
                 template_id=prepared.get("template_id", ""),
                 token_parameter=prepared.get("token_parameter", ""),
             )
+        faults.checkpoint("create.prepared")
         op = self.store.begin_op(annex.id, "launch", {"count": count, "region": annex.region})
+        faults.checkpoint("create.intent")
         try:
             outcome = self.cloud.launch(annex, count, op.request)
         except AnnexError as err:
             self.store.finish_op(op.id, error=str(err))
             return self._launch_failed(annex, str(err))
+        faults.checkpoint("create.launched")
         self.store.finish_op(
             op.id,
             result={"instances": outcome.instance_ids, "errors": outcome.errors},
@@ -316,6 +319,7 @@ class Reconciler:
         self.store.record_instances(
             annex.id, op.request, [(i, "pending", "") for i in outcome.instance_ids], now
         )
+        faults.checkpoint("create.finished")
         log.info(
             "annex %s: launched %d of %d (request %s)%s",
             annex.key,
@@ -340,8 +344,10 @@ class Reconciler:
         if live:
             self.cloud.terminate(annex.region, [o.id for o in live])
             log.info("annex %s: terminating %d instance(s)", annex.key, len(live))
+            faults.checkpoint("retire.terminated")
             return annex
         self.cloud.release(annex)
+        faults.checkpoint("retire.released")
         annex = self.store.update_annex(
             annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
         )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from annex_gahp import durations, lifecycle, names, spec
+from annex_gahp import durations, faults, lifecycle, names, spec
 from annex_gahp.errors import InputError, LimitExceeded, NotFound, PermissionDenied
 from annex_gahp.gahp import Caller
 from annex_gahp.settings import Settings
@@ -153,6 +153,7 @@ class AnnexService:
                 )
                 if limit:
                     annex = self.store.update_annex(annex.id, binding_limit=limit)
+                faults.checkpoint("create.recorded")
                 log.info(
                     "annex %s requested: %d instance(s) in %s, lease until %d%s",
                     annex.key,
@@ -294,6 +295,7 @@ class AnnexService:
         if annex.state != state or not annex.retire_reason:
             annex = self.store.update_annex(annex.id, state=state, retire_reason=reason)
             log.info("annex %s retiring: %s", annex.key, reason)
+            faults.checkpoint("retire.recorded")
             self.wake()
         return annex
 
