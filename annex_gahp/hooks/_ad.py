@@ -11,7 +11,6 @@ escape, every other backslash stands for itself. `unquote()` reads and `quote()`
 
 from __future__ import annotations
 
-import re
 import sys
 
 from annex_gahp import client, names
@@ -22,9 +21,32 @@ MAX_AD_BYTES = 512 * 1024
 MAX_LINES = 4000
 MAX_LINE_CHARS = 64 * 1024
 
-_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*$")
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_INT = re.compile(r"^[+-]?[0-9]+$")
+# No `re`: every millisecond of import counts for the translate hook (docs/router.md).
+_ALPHA = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_DIGITS = frozenset("0123456789")
+_NAME_START = _ALPHA | {"_"}
+_NAME_CHARS = _NAME_START | _DIGITS
+
+
+def is_name(text: str) -> bool:
+    """A ClassAd attribute name as our hooks accept it: [A-Za-z_][A-Za-z0-9_]*."""
+    return bool(text) and text[0] in _NAME_START and set(text) <= _NAME_CHARS
+
+
+def is_annex_name(text: str) -> bool:
+    """names.NAME_PATTERN, ^[A-Za-z][A-Za-z0-9-]{0,62}$, without the re module."""
+    return (
+        0 < len(text) <= names.NAME_MAX
+        and text[0] in _ALPHA
+        and set(text) <= _ALPHA | _DIGITS | {"-"}
+    )
+
+
+def _is_int(text: str) -> bool:
+    body = text[1:] if text[:1] in ("+", "-") else text
+    return bool(body) and set(body) <= _DIGITS
+
+
 # The separator the router puts between two ads (route ad / job ad, source / routed).
 SEPARATOR = "------"
 
@@ -69,7 +91,7 @@ class Ad:
 
     def integer(self, name: str) -> int | None:
         expr = self.raw(name)
-        if expr is None or not _INT.match(expr):
+        if expr is None or not _is_int(expr):
             return None
         return int(expr)
 
@@ -93,12 +115,10 @@ def parse(text: str, *, what: str = "ad") -> Ad:
             continue
         if len(line) > MAX_LINE_CHARS:
             raise AdError(f"{what} line {number} is longer than {MAX_LINE_CHARS} characters")
-        match = _LINE.match(line)
-        if not match or not match.group(2):
+        name, eq, expr = line.partition("=")
+        name, expr = name.strip(), expr.strip()
+        if not eq or not expr or not is_name(name):
             raise AdError(f"{what} line {number} is not 'Name = value': {_short(line)!r}")
-        name, expr = match.group(1), match.group(2)
-        if not NAME.match(name):
-            raise AdError(f"{what} line {number} has a bad attribute name {_short(name)!r}")
         if name.lower() in ad:
             raise AdError(f"{what} line {number} repeats attribute {name}")
         ad.set(name, expr)
@@ -158,7 +178,7 @@ def quote(value: str) -> str:
 
 def check_update(name: object, expr: object) -> tuple[str, str]:
     """Validate one attribute update from the helper before it is printed to the router."""
-    if not isinstance(name, str) or not NAME.match(name) or len(name) > 100:
+    if not isinstance(name, str) or not is_name(name) or len(name) > 100:
         raise AdError(f"helper sent a bad attribute name {_short(str(name))!r}")
     if not isinstance(expr, str) or not expr.strip():
         raise AdError(f"helper sent an empty or non-text value for {name}")
@@ -239,7 +259,7 @@ def check_job(ad: Ad, what: str = "job ad") -> str:
     target = ad.string(names.JOB_TARGET)
     if target is None:
         raise AdError(f"{what} has no {names.JOB_TARGET} string: not an annex job")
-    if not re.match(names.NAME_PATTERN, target):
+    if not is_annex_name(target):
         raise AdError(
             f"{names.JOB_TARGET} {_short(target)!r} is not a valid annex name "
             "(a letter, then letters, digits or '-', at most 63)"
