@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from annex_gahp import settings as settings_module
-from annex_gahp.errors import AnnexError
+from annex_gahp.errors import AnnexError, SetupError
 from annex_gahp.settings import Settings
 
 # Same as annex_gahp.aws.setup.DEFAULT_CONFIG_PATH; repeated so that registering the verbs
@@ -28,7 +28,14 @@ load_settings: Callable[[], Settings] = settings_module.load
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    loaded = load_settings()
+    try:
+        loaded = load_settings()
+    except ImportError as err:
+        # settings.load reads HTCondor's config through its Python bindings.
+        raise SetupError(
+            f"cannot read the HTCondor configuration ({err}): run this where HTCondor's "
+            "Python bindings (htcondor2) are installed, e.g. the access point"
+        ) from None
     if getattr(args, "region", None):
         loaded = dataclasses.replace(loaded, region=args.region)
     return loaded

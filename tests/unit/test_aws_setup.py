@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -178,9 +181,22 @@ def test_lease_enforcer_handler(moto_url: str) -> None:  # noqa: F811
     assert instances.describe_pool(ec2, "p2")[0].id == other_pool
 
 
-def test_cli_verbs(knobs_settings, tmp_path, monkeypatch, capsys) -> None:
-    from annex_gahp import cli_admin  # noqa: PLC0415
+@pytest.fixture
+def cli_admin() -> Iterator[Any]:
+    """annex_gahp.cli_admin, unloaded again afterwards if it was not loaded before: other
+    tests check how the CLI behaves when that module cannot be imported."""
+    import annex_gahp  # noqa: PLC0415
 
+    loaded = "annex_gahp.cli_admin" in sys.modules
+    module = importlib.import_module("annex_gahp.cli_admin")
+    yield module
+    if not loaded:
+        sys.modules.pop("annex_gahp.cli_admin", None)
+        if hasattr(annex_gahp, "cli_admin"):
+            delattr(annex_gahp, "cli_admin")
+
+
+def test_cli_verbs(cli_admin, knobs_settings, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli_admin, "load_settings", lambda: knobs_settings)
     path = tmp_path / "config.d" / "15-annex-setup.conf"
     assert cli_admin.main(["setup", "--write-config", str(path)]) == 0
@@ -199,10 +215,19 @@ def test_cli_verbs(knobs_settings, tmp_path, monkeypatch, capsys) -> None:
     assert cli_admin.main(["check-setup"]) == 1
 
 
-def test_cli_write_config_default_path() -> None:
-    import argparse  # noqa: PLC0415
+def test_cli_without_condor_bindings(cli_admin, monkeypatch, capsys) -> None:
+    def no_bindings() -> None:
+        raise ModuleNotFoundError("No module named 'htcondor2'")
 
-    from annex_gahp import cli_admin  # noqa: PLC0415
+    monkeypatch.setattr(cli_admin, "load_settings", no_bindings)
+    assert cli_admin.main(["check-setup"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("htcondor-annex check-setup: ERROR: cannot read the HTCondor config")
+    assert "htcondor2" in err
+
+
+def test_cli_write_config_default_path(cli_admin) -> None:
+    import argparse  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
     cli_admin.add_parsers(parser.add_subparsers(dest="verb"))
