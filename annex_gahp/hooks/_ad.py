@@ -232,6 +232,31 @@ PROTECTED = frozenset(
     )
 )  # fmt: skip
 HOOK_TIMEOUT = 20.0
+# Our route's name (JOB_ROUTER_ROUTE_NAMES in 30-annex-router.conf). JOB_ROUTER_HOOK_KEYWORD is
+# global: jobs of every other route run our hooks too, and must pass through untouched.
+ROUTE_NAME = "Annex"
+
+
+def route_name(route_ad: str) -> str | None:
+    """`Name` from the route ad line the router gives the translate hook,
+    `[ Name = "Annex"; TargetUniverse = 5 ]`; None if there is none."""
+    text = route_ad.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    for part in text[1:-1].split(";"):
+        key, eq, value = part.partition("=")
+        if eq and key.strip().lower() == "name":
+            try:
+                return unquote(value.strip())
+            except AdError:
+                return None
+    return None
+
+
+def other_route(ad: Ad) -> bool:
+    """True for a routed job of some other route (its RouteName is set and is not ours)."""
+    name = ad.string("RouteName")
+    return name is not None and name.lower() != ROUTE_NAME.lower()
 
 
 def helper_text(ad: Ad) -> str:

@@ -22,6 +22,8 @@ PROG = "annex_hook_cleanup"
 def main() -> int:
     try:
         job = _ad.parse(_ad.read_stdin(), what="job ad")
+        if _ad.other_route(job):
+            return 0  # another route's job (the hook keyword is global): not ours
         _ad.check_job(job)
     except _ad.AdError as exc:
         return _ad.fail(PROG, f"refused: {exc}")

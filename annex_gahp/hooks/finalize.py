@@ -26,6 +26,8 @@ def main() -> int:
             raise _ad.AdError("expected the source ad, a '------' line, then the routed ad")
         source = _ad.parse(parts[0], what="source job ad")
         routed = _ad.parse(parts[1], what="routed job ad")
+        if _ad.other_route(routed):
+            return 0  # another route's job (the hook keyword is global): not ours
         _ad.check_job(source, "source job ad")
         _ad.check_job(routed, "routed job ad")
     except _ad.AdError as exc:

@@ -6,8 +6,12 @@ Input (HTCondor 23.9, docs/router.md): the route as one new-syntax ClassAd line
 router replaces the job with what we print (with EditJobInPlace, every attribute we leave out
 is deleted from the job; with a routed copy, a partial ad makes the router daemon abort).
 
-Exit 0 only after the helper answered. Anything else (bad input, helper down or refusing) is
-one line on stderr and exit 1: the router leaves the job untouched and tries again later.
+A job of another route (JOB_ROUTER_HOOK_KEYWORD is global) is printed back unchanged, without
+asking anyone: the router then applies that route's own SET/EVALSET as usual.
+
+For our route, exit 0 only after the helper answered. Anything else (bad input, helper down
+or refusing) is one line on stderr and exit 1: the router leaves the job untouched and tries
+again later.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ def translate(text: str) -> str:
     if len(parts) != 2:
         raise _ad.AdError("expected the route ad, a '------' line, then the job ad")
     route = parts[0].strip()
-    if not (route.startswith("[") and route.endswith("]")) or "\n" in route:
+    name = _ad.route_name(route) if "\n" not in route else None
+    if name is None:
         raise _ad.AdError("the first line is not the route ad '[ Name = ... ]'")
+    if name.lower() != _ad.ROUTE_NAME.lower():
+        # Another route's job (the hook keyword is global): hand it back exactly as given.
+        return parts[1] if parts[1].endswith("\n") else parts[1] + "\n"
     job = _ad.parse(parts[1], what="job ad")
     _ad.check_job(job)
     updates = _ad.updates_from(_ad.ask("JOB_ROUTED", job))

@@ -478,3 +478,42 @@ def test_annex_name_check_matches_the_contract_pattern(text: str) -> None:
 
     assert _ad.is_annex_name(text) == bool(re.match(names.NAME_PATTERN, text))
     assert not _ad.is_annex_name(text + "\n")
+
+
+# -- other routes: JOB_ROUTER_HOOK_KEYWORD is global -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ('[ Name = "Annex"; TargetUniverse = 5 ]', "Annex"),
+        ('[ TargetUniverse = 9; GridResource = "batch slurm"; name = "CE-1" ]', "CE-1"),
+        ("[ TargetUniverse = 5 ]", None),
+        ("Name = Annex", None),
+        ("[ Name = Annex ]", None),
+    ],
+)
+def test_route_name(line: str, name: str | None) -> None:
+    assert _ad.route_name(line) == name
+
+
+def test_translate_hands_other_routes_jobs_back_untouched(peer) -> None:
+    p, path = peer
+    other = JOB_AD.replace('TargetAnnexName = "a1"\n', "")
+    proc = run_hook("translate", f'[ Name = "Slurm"; TargetUniverse = 9 ]\n------\n{other}', path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == other
+    assert p.calls == []
+
+
+def test_other_routes_jobs_pass_the_other_hooks_silently(peer) -> None:
+    p, path = peer
+    other = routed_ad().replace('RouteName = "Annex"', 'RouteName = "Slurm"')
+    for hook, stdin in (
+        ("update", other),
+        ("finalize", f"{JOB_AD}\n------\n{other}"),
+        ("cleanup", other),
+    ):
+        proc = run_hook(hook, stdin, path)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), hook
+    assert p.calls == []
