@@ -134,9 +134,15 @@ class AwsCloud:
         return {"template_id": template, "token_parameter": parameter}
 
     def launch(self, annex: Annex, count: int, request: str) -> LaunchOutcome:
+        # The annex's own template (made by prepare) carries the user data; naming it saves the
+        # launch-template calls and never launches without the boot script.
         plan = self._plan(annex, count, request, "")
-        template = annex.template_id or self.settings.launch_template
-        result = fleet.launch(self._client("ec2", annex.region), plan, template)
+        result = fleet.launch(
+            self._client("ec2", annex.region),
+            plan,
+            self.settings.launch_template,
+            annex_template_id=annex.template_id,
+        )
         return LaunchOutcome(instance_ids=list(result.instance_ids), errors=list(result.errors))
 
     # --- changing and ending -------------------------------------------------------------
