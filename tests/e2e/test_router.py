@@ -96,3 +96,49 @@ def test_job_naming_an_annex_is_routed_in_place_with_the_helpers_attributes() ->
     finally:
         sandbox.run_as(USER, "condor_rm", str(cluster), check=False)
         htcondor_annex("delete", "--name", name, check=False)
+
+
+# -- the command line against the real helper (the CLI's only e2e home) ----------------------
+
+
+def test_cli_submit_runs_condor_submit_with_the_annex_keywords() -> None:
+    name = f"cs-{uuid.uuid4().hex[:8]}"
+    workdir = sandbox.user_tmpdir(USER, "annex-cli-")
+    sandbox.run_as(USER, "sh", "-c", "printf 'executable = /bin/true\\nqueue\\n' > job.sub",
+                   cwd=str(workdir))  # fmt: skip
+    # Held (a condor_submit argument after the file): the router and helper leave it alone.
+    res = sandbox.run_as(
+        USER, "htcondor-annex", "submit", "--annex-name", name, "--instances", "3",
+        "--lease", "2h", "job.sub", "-terse", "-append", "hold = true", cwd=str(workdir),
+    )  # fmt: skip
+    cluster = int(res.stdout.strip().split(".")[0])
+    try:
+        [ad] = queue(f"ClusterId == {cluster}")
+        assert ad["TargetAnnexName"] == name
+        assert ad["AnnexInstances"] == 3
+        assert ad["AnnexLease"] == 7200
+        assert ad["JobStatus"] == 5
+    finally:
+        sandbox.run_as(USER, "condor_rm", str(cluster), check=False)
+
+
+def test_cli_create_status_extend_delete() -> None:
+    name = f"cl-{uuid.uuid4().hex[:8]}"
+    try:
+        out = htcondor_annex("create", "--name", name, "--instances", "1", "--lease", "15m").stdout
+        assert out.startswith(f"annex {name} (owner {USER}): ")
+        view = json.loads(htcondor_annex("status", "--name", name, "--json").stdout)
+        assert (view["AnnexName"], view["Owner"], view["RequestedInstances"]) == (name, USER, 1)
+        out = htcondor_annex("extend", "--name", name, "--lease", "30m").stdout
+        assert out.startswith(f"annex {name}: ")
+        view = json.loads(htcondor_annex("status", "--name", name, "--json").stdout)
+        assert view["LeaseExpiration"] - time.time() > 25 * 60
+        # Another user cannot touch it: the helper knows who asks (SO_PEERCRED).
+        res = sandbox.run_as("bob", "htcondor-annex", "delete", "--name", name, check=False)
+        assert res.returncode == 1
+        assert res.stderr.startswith("htcondor-annex: ")
+        assert len(res.stderr.splitlines()) == 1
+        out = htcondor_annex("delete", "--name", name).stdout
+        assert out.split(": ", 1)[1].strip() in ("retiring", "retired")
+    finally:
+        htcondor_annex("delete", "--name", name, check=False)
