@@ -46,7 +46,9 @@ def classad_literal(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    # The router reads hook output in the old ClassAd form (only \" escapes) while schedd.edit
+    # parses the new form (\\ escapes too): text without backslashes means the same to both.
+    text = str(value).replace("\\", "/").replace('"', '\\"').replace("\n", " ")
     return f'"{text}"'
 
 
@@ -58,7 +60,15 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         ad = classad2.parseOne(text)
     except Exception as err:
         raise InputError(f"the job ad could not be parsed: {err}") from None
-    wanted = ("Owner", "ClusterId", "ProcId", "QDate", names.JOB_TARGET, "RoutedFromJobId")
+    wanted = (
+        "Owner",
+        "ClusterId",
+        "ProcId",
+        "QDate",
+        "EnteredCurrentStatus",
+        names.JOB_TARGET,
+        "RoutedFromJobId",
+    )
     values: dict[str, Any] = {}
     for attr in (*wanted, *names.JOB_ATTRS.values()):
         if attr not in ad:
@@ -191,16 +201,26 @@ class AnnexService:
             return annex
 
     def _refuse_expired_recreation(self, wanted: spec.AnnexSpec, qdate: int | None) -> None:
+        """An annex that ended by its lease or by delete is not brought back by a job that has
+        waited since before then (`qdate`: when the job last became idle). The helper holds
+        such jobs; one its owner released since then does start a new annex."""
         if qdate is None:
             return
         last = self.store.last_retired(wanted.owner, wanted.name)
-        if last and last.retire_reason == "lease" and last.retired_at and qdate <= last.retired_at:
-            raise InputError(
-                f"annex {wanted.name} reached the end of its lease at "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(last.lease_expiration))}; "
-                "jobs submitted before then do not bring it back. Resubmit them to start a new "
-                "annex, or use htcondor-annex extend before a lease ends."
-            )
+        if not last or not last.retired_at or qdate > last.retired_at:
+            return
+        if last.retire_reason == "lease":
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.lease_expiration))
+            ended = f"reached the end of its lease at {when}"
+        elif last.retire_reason == "deleted":
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.retired_at))
+            ended = f"was deleted at {when}"
+        else:
+            return
+        raise InputError(
+            f"annex {wanted.name} {ended}; jobs waiting since before then do not bring it "
+            "back: they are held, and condor_release starts a new annex for them"
+        )
 
     def _capped(self, owner: str, wanted: int, exclude: int | None) -> tuple[int, str]:
         """Instances we may ask for, and which knob binds (empty if none)."""
@@ -370,7 +390,11 @@ class AnnexService:
             "AnnexLeaseExpiration": classad_literal(view["LeaseExpiration"]),
             "AnnexLastError": classad_literal(
                 view["LastError"]
-                or (f"limited by {view['BindingLimit']}" if view["BindingLimit"] else "")
+                or (
+                    f"limited to {view['RequestedInstances']} instance(s) by {view['BindingLimit']}"
+                    if view["BindingLimit"]
+                    else ""
+                )
             ),
         }
 
@@ -378,8 +402,9 @@ class AnnexService:
         attrs = self._job(caller, args)
         owner = attrs["Owner"]
         wanted = spec.from_job_attrs(attrs, owner, self.settings)
-        qdate = attrs.get("QDate") if isinstance(attrs.get("QDate"), int) else None
-        annex = self.ensure(wanted, qdate=qdate)
+        # Since when the job waits: a job released after its annex ended may start a new one.
+        since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
+        annex = self.ensure(wanted, qdate=since if isinstance(since, int) else None)
         out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return {"json": json.dumps(out, sort_keys=True)}
