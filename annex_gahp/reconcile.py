@@ -280,6 +280,12 @@ class Reconciler:
             ids = [o.id for o in surplus[: have - annex.requested]]
             self.cloud.terminate(annex.region, ids)
             log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
+        if live and annex.state in (names.REQUESTED, names.FAILED):
+            # Its instances exist but the launch's state change was never written: the helper
+            # died between CreateFleet and recording it, and the restart adopted them.
+            annex = self.store.update_annex(
+                annex.id, state=lifecycle.next_state(annex.state, "launch")
+            )
         if running and annex.state == names.PROVISIONING:
             annex = self.store.update_annex(annex.id, state=lifecycle.next_state(annex.state, "up"))
         stale = [o.id for o in live if o.expires != annex.lease_expiration]

@@ -168,6 +168,8 @@ def test_killed_after_the_call_adopts_instead_of_launching_again(moto_url, tmp_p
     assert again.fleet_calls == []  # adopted, not relaunched
     assert len(live_instances(again)) == 2
     assert {i.request for i in again.store.instances(annex.id)} == {op.request}
+    # The state change the killed helper never wrote is made up for.
+    assert again.store.live("alice", "burst").state == names.RUNNING
 
 
 def test_killed_before_the_call_launches_exactly_once(moto_url, tmp_path):  # noqa: F811
