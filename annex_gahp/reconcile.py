@@ -59,6 +59,9 @@ class Observed:
 class LaunchOutcome:
     instance_ids: list[str]
     errors: list[str] = field(default_factory=list)
+    # The cloud took the request even if no instance id is known yet (an Auto Scaling group
+    # launches in its own time): not a failure when `instance_ids` is empty.
+    accepted: bool = False
 
 
 class Cloud(Protocol):
@@ -334,7 +337,7 @@ class Reconciler:
             op.request,
             f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
         )
-        if not outcome.instance_ids:
+        if not outcome.instance_ids and not outcome.accepted:
             return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity")
         error = "; ".join(outcome.errors)
         return self.store.update_annex(
