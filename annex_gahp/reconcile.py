@@ -282,6 +282,9 @@ class Reconciler:
             surplus = sorted(live, key=lambda o: (o.state == "running", o.id))
             ids = [o.id for o in surplus[: have - annex.requested]]
             self.cloud.terminate(annex.region, ids)
+            # Recorded at once: still within the launch grace, they would count as live and
+            # the next cycle would shrink again (by the live instances this time).
+            self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
             log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
         if live and annex.state in (names.REQUESTED, names.FAILED):
             # Its instances exist but the launch's state change was never written: the helper
