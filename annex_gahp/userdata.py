@@ -37,26 +37,30 @@ class BootContext:
     request_id: str
     pool_id: str
     central_manager: str  # host[:port] of the collector the instance reports to
-    token_parameter: str  # SSM parameter name holding the annex's IDTOKEN
+    token_parameter: str  # SSM parameter name holding the annex's IDTOKEN ("" with a bucket)
     region: str
     aws_endpoint_url: str  # "" = the real regional endpoint
     expires: int  # epoch seconds; the fallback when the instance's expiry tag is unreadable
     ccb: bool = True  # reach the startd through the collector (no inbound ports on the VM)
     extra_config: str = ""  # admin-supplied config lines appended verbatim
+    # The stack strategy keeps the token in S3 instead (as in 2016): bucket and object key.
+    token_bucket: str = ""
+    token_key: str = ""
 
     def validate(self) -> None:
         if not re.match(names.NAME_PATTERN, self.annex):
             raise InputError(f"annex name {self.annex!r} is not allowed ({names.NAME_PATTERN})")
         if not _OWNER.match(self.owner):
             raise InputError(f"owner {self.owner!r} has characters a boot script cannot carry")
-        for field in ("request_id", "pool_id", "central_manager", "token_parameter", "region"):
+        fields = ("request_id", "pool_id", "central_manager", "token_parameter", "region")
+        for field in (*fields, "token_bucket", "token_key"):
             value = getattr(self, field)
             pattern = _ADDRESS if field in ("central_manager", "pool_id") else _PLAIN
             if not pattern.match(value):
                 raise InputError(f"{field} {value!r} has characters a boot script cannot carry")
         if not self.central_manager:
             raise InputError("no central manager for the instances (annex_central_manager)")
-        if not self.token_parameter:
+        if not self.token_parameter and not (self.token_bucket and self.token_key):
             raise InputError("no token parameter name (ANNEX_TOKEN_PARAMETER_PREFIX)")
         if any(c in self.aws_endpoint_url for c in "'\"\n\\ "):
             raise InputError(f"endpoint {self.aws_endpoint_url!r} cannot go into a boot script")
@@ -105,6 +109,8 @@ def boot_settings(ctx: BootContext) -> dict[str, object]:
         "pool_id": ctx.pool_id,
         "central_manager": ctx.central_manager,
         "token_parameter": ctx.token_parameter,
+        "token_bucket": ctx.token_bucket,
+        "token_key": ctx.token_key,
         "region": ctx.region,
         "aws_endpoint_url": ctx.aws_endpoint_url,
         "expires": int(ctx.expires),

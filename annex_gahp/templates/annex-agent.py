@@ -3,6 +3,7 @@
 
 Written to the instance by the annex's boot script, which also writes its settings (no secret)
 to boot.json. `boot`: ask IMDSv2 who we are, fetch the annex's IDTOKEN from SSM Parameter Store
+(or, for the stack strategy, from the annex's S3 bucket: boot.json names `token_bucket`)
 with the instance role's credentials (SigV4 signed here, no boto3 on a bare image), write the
 token and the HTCondor config, start HTCondor. `watch`: follow the lease (the instance's
 htcondor-annex:expires tag via IMDS), power off when it is past, re-fetch the token when it
@@ -91,27 +92,36 @@ def _hmac(key, text):
 
 def sigv4_headers(url, body, *, region, service, target, creds, now=None):
     """Headers for an AWS JSON-1.1 POST to `url`, signed with Signature Version 4."""
+    headers = {"content-type": "application/x-amz-json-1.1", "x-amz-target": target}
+    return sigv4_sign(
+        "POST", url, body, headers, region=region, service=service, creds=creds, now=now
+    )
+
+
+def sigv4_sign(method, url, body, headers, *, region, service, creds, now=None):
+    """`headers` plus host, date, token and the SigV4 authorization for this request (S3 also
+    gets x-amz-content-sha256, which it requires). Paths are sent as given: the names used
+    here (bucket, key, `/`) need no escaping."""
     now = now or datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - any python3
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
     parts = urllib.parse.urlsplit(url)
-    headers = {
-        "content-type": "application/x-amz-json-1.1",
-        "host": parts.netloc,
-        "x-amz-date": amz_date,
-        "x-amz-target": target,
-    }
+    payload = hashlib.sha256(body).hexdigest()
+    headers = dict(headers, host=parts.netloc)
+    headers["x-amz-date"] = amz_date
+    if service == "s3":
+        headers["x-amz-content-sha256"] = payload
     if creds.get("Token"):
         headers["x-amz-security-token"] = creds["Token"]
     signed = ";".join(sorted(headers))
     canonical = "\n".join(
         [
-            "POST",
+            method,
             parts.path or "/",
             parts.query,
             "".join(f"{k}:{headers[k].strip()}\n" for k in sorted(headers)),
             signed,
-            hashlib.sha256(body).hexdigest(),
+            payload,
         ]
     )
     scope = f"{day}/{region}/{service}/aws4_request"
@@ -151,6 +161,27 @@ def get_parameter(endpoint, region, name, creds):
         raise AgentError(f"SSM GetParameter {name}: HTTP {err.code}: {detail}") from None
 
 
+def s3_url(endpoint, region, bucket, key):
+    """Path style through a rendered endpoint (an emulator); on AWS the virtual-hosted,
+    regional name (path style is being retired there)."""
+    if endpoint:
+        return f"{endpoint.rstrip('/')}/{bucket}/{key}"
+    return f"https://{bucket}.s3.{region}.amazonaws.com/{key}"
+
+
+def get_s3_object(endpoint, region, bucket, key, creds):
+    """S3 GetObject: the object's text."""
+    url = s3_url(endpoint, region, bucket, key)
+    headers = sigv4_sign("GET", url, b"", {}, region=region, service="s3", creds=creds)
+    request = urllib.request.Request(url, headers=headers, method="GET")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:  # noqa: S310
+            return reply.read().decode()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:300]
+        raise AgentError(f"S3 GetObject s3://{bucket}/{key}: HTTP {err.code}: {detail}") from None
+
+
 def write_file(path, text, mode):
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     temp = path + ".tmp"
@@ -180,6 +211,10 @@ def fetch_token(cfg, imds, deadline_s=None):
         try:
             creds = imds.credentials()
             region = region_of(cfg, imds)
+            if cfg.get("token_bucket"):
+                return get_s3_object(
+                    cfg["aws_endpoint_url"], region, cfg["token_bucket"], cfg["token_key"], creds
+                )
             return get_parameter(cfg["aws_endpoint_url"], region, cfg["token_parameter"], creds)
         except (AgentError, OSError, ValueError, KeyError) as err:
             if time.time() + delay > deadline:
