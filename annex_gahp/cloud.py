@@ -1,7 +1,9 @@
 """The reconcile loop's view of AWS: the `Cloud` operations, built from annex_gahp.aws.
 
 This is the only module that turns an annex record into cloud calls, so the loop deals in
-annexes and instance ids, and the aws package deals in API shapes.
+annexes and instance ids, and the aws package deals in API shapes. It is also where the two
+strategies part (aws/fleet.py: EC2 Fleet; aws/stack.py: a CloudFormation stack of Auto Scaling
+groups), so the loop's decisions stay the same for both.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from annex_gahp import names, tokens, userdata
-from annex_gahp.aws import fleet, instances, secrets, session
-from annex_gahp.errors import InputError
+from annex_gahp.aws import fleet, instances, secrets, session, stack
+from annex_gahp.errors import CloudError, InputError
 from annex_gahp.reconcile import LaunchOutcome, Observed
 from annex_gahp.service import spec_from_record
 from annex_gahp.settings import Settings
@@ -33,6 +35,9 @@ class AwsCloud:
         self.settings = settings
         self._mint = mint
         self._clients: dict[tuple[str, str], Any] = {}
+        # instance id -> its Auto Scaling group, from the last observation: a group member
+        # must leave with its group's capacity lowered, or the group replaces it.
+        self._groups: dict[str, str] = {}
 
     def _client(self, service: str, region: str) -> Any:
         key = (service, region)
@@ -44,8 +49,11 @@ class AwsCloud:
 
     def observe(self, regions: Iterable[str]) -> list[Observed]:
         seen: list[Observed] = []
+        groups: dict[str, str] = {}
         for region in regions:
             for view in instances.describe_pool(self._client("ec2", region), self.settings.pool_id):
+                if view.tags.get(stack.GROUP_TAG):
+                    groups[view.id] = view.tags[stack.GROUP_TAG]
                 seen.append(
                     Observed(
                         id=view.id,
@@ -55,6 +63,7 @@ class AwsCloud:
                         tags=view.tags,
                     )
                 )
+        self._groups = groups
         return seen
 
     # --- launching -----------------------------------------------------------------------
@@ -67,19 +76,44 @@ class AwsCloud:
             names.TAG_EXPIRES: str(annex.lease_expiration),
         }
 
+    @staticmethod
+    def _is_stack(annex: Annex) -> bool:
+        return spec_from_record(annex.spec).strategy == "stack"
+
+    def _stack_name(self, annex: Annex) -> str:
+        wanted = spec_from_record(annex.spec).stack_name
+        return stack.stack_name(self.settings.pool_id, annex.owner, annex.name, wanted)
+
+    def _bucket(self, annex: Annex) -> str:
+        return stack.bucket_name(
+            self.settings.central_manager, self.settings.pool_id, annex.owner, annex.name
+        )
+
     def _token_parameter(self, annex: Annex) -> str:
         return secrets.parameter_name(
             self.settings.token_parameter_prefix, self.settings.pool_id, annex.owner, annex.name
         )
 
     def _store_token(self, annex: Annex) -> str:
-        parameter = self._token_parameter(annex)
+        """Mint the annex's token and store it: SSM (fleet) or the annex's S3 bucket (stack).
+        Returns where: the parameter name, or `s3://bucket/key`."""
         lifetime = max(60, annex.lease_expiration - int(time.time())) + TOKEN_MARGIN
         token = self._mint(f"condor@{self.settings.uid_domain}", lifetime)
+        if self._is_stack(annex):
+            return stack.put_token(
+                self._client("s3", annex.region),
+                self._bucket(annex),
+                token,
+                self._tags(annex),
+                annex.region,
+            )
+        parameter = self._token_parameter(annex)
         secrets.put_token(self._client("ssm", annex.region), parameter, token, self._tags(annex))
         return parameter
 
-    def _user_data(self, annex: Annex, parameter: str) -> bytes:
+    def _user_data(self, annex: Annex, location: str) -> bytes:
+        """The boot script; `location` is the token's SSM parameter or `s3://bucket/key`."""
+        bucket, key = stack.parse_location(location) if location.startswith("s3://") else ("", "")
         wanted = spec_from_record(annex.spec)
         if wanted.mode == "provision":
             if not wanted.user_data_file:
@@ -92,7 +126,9 @@ class AwsCloud:
                 request_id=f"annex-{annex.id}",
                 pool_id=self.settings.pool_id,
                 central_manager=wanted.central_manager or self.settings.central_manager,
-                token_parameter=parameter,
+                token_parameter="" if bucket else location,
+                token_bucket=bucket,
+                token_key=key,
                 region=annex.region,
                 aws_endpoint_url=self.settings.endpoint_url,
                 expires=annex.lease_expiration,
@@ -125,8 +161,11 @@ class AwsCloud:
         )
 
     def prepare(self, annex: Annex) -> dict[str, str]:
-        """Token and per-annex launch template; both idempotent, so redone after a crash."""
+        """Token and per-annex launch template (stack: token bucket; the stack itself is made
+        by `launch`, under the launch's recorded intent); idempotent, so redone after a crash."""
         parameter = self._store_token(annex)
+        if self._is_stack(annex):
+            return {"template_id": self._stack_name(annex), "token_parameter": parameter}
         plan = self._plan(annex, 0, "", self._user_data(annex, parameter))
         template = fleet.ensure_annex_template(
             self._client("ec2", annex.region), plan, self.settings.launch_template
@@ -134,6 +173,8 @@ class AwsCloud:
         return {"template_id": template, "token_parameter": parameter}
 
     def launch(self, annex: Annex, count: int, request: str) -> LaunchOutcome:
+        if self._is_stack(annex):
+            return self._launch_stack(annex, count, request)
         # The annex's own template (made by prepare) carries the user data; naming it saves the
         # launch-template calls and never launches without the boot script.
         plan = self._plan(annex, count, request, "")
@@ -145,11 +186,54 @@ class AwsCloud:
         )
         return LaunchOutcome(instance_ids=list(result.instance_ids), errors=list(result.errors))
 
+    def _launch_stack(self, annex: Annex, count: int, request: str) -> LaunchOutcome:
+        """Create the annex's stack, or raise its groups' capacity: the stack is asked for the
+        annex's whole size (`annex.requested`), so asking again is no change, and `count` (what
+        the loop does not see yet) only shows in the log. Instances the groups have not
+        launched yet come later: the outcome is `accepted` even with no id."""
+        location = stack.token_location(self._bucket(annex))
+        plan = self._plan(annex, count, request, self._user_data(annex, location))
+        name = self._stack_name(annex)
+        result = stack.ensure(
+            self._client("cloudformation", annex.region),
+            self._client("autoscaling", annex.region),
+            plan,
+            name=name,
+            base=fleet.base_template_data(
+                self._client("ec2", annex.region), self.settings.launch_template
+            ),
+            target=annex.requested,
+            max_size=self.settings.max_instances,
+        )
+        log.info(
+            "annex %s: stack %s %s for %d instance(s) (%d short); %d new instance id(s)",
+            annex.key,
+            name,
+            "created" if result.created else ("grown" if result.changed else "unchanged"),
+            annex.requested,
+            count,
+            len(result.instance_ids),
+        )
+        return LaunchOutcome(
+            instance_ids=list(result.instance_ids), errors=list(result.errors), accepted=True
+        )
+
     # --- changing and ending -------------------------------------------------------------
 
     def terminate(self, region: str, ids: list[str]) -> None:
-        if ids:
-            instances.terminate(self._client("ec2", region), ids)
+        """Terminate instances; members of an Auto Scaling group leave with their group's
+        desired capacity lowered (whoever asks: shrink, retire, reaper), never one by one
+        behind the group's back, which would only make it launch replacements."""
+        if not ids:
+            return
+        members = [i for i in ids if i in self._groups]
+        rest = [i for i in ids if i not in self._groups]
+        if members:
+            rest += stack.retire_instances(self._client("autoscaling", region), members)
+            for instance_id in members:
+                self._groups.pop(instance_id, None)
+        if rest:
+            instances.terminate(self._client("ec2", region), rest)
 
     def set_expiry(self, annex: Annex, ids: list[str]) -> None:
         """An extended lease: new tag (the lease enforcer and the instances read it) and token."""
@@ -159,6 +243,22 @@ class AwsCloud:
                 Resources=ids,
                 Tags=[{"Key": names.TAG_EXPIRES, "Value": str(annex.lease_expiration)}],
             )
+        if self._is_stack(annex):
+            # Instances the groups launch later must carry the new lease too.
+            view = stack.describe(
+                self._client("cloudformation", annex.region),
+                self._client("autoscaling", annex.region),
+                self._stack_name(annex),
+            )
+            if view is not None:
+                stack.retag_groups(
+                    self._client("autoscaling", annex.region),
+                    [g.name for g in view.groups],
+                    {
+                        names.TAG_EXPIRES: str(annex.lease_expiration),
+                        names.TAG_POOL: self.settings.pool_id,
+                    },
+                )
         if spec_from_record(annex.spec).mode == "pool":
             self._store_token(annex)
         log.info(
@@ -169,6 +269,14 @@ class AwsCloud:
         )
 
     def release(self, annex: Annex) -> None:
+        if self._is_stack(annex):
+            name = self._stack_name(annex)
+            status = stack.delete(self._client("cloudformation", annex.region), name)
+            if status:
+                # Retried by the next cycle; the annex stays retiring until the stack is gone.
+                raise CloudError(f"waiting for stack {name} to be deleted ({status})")
+            stack.delete_bucket(self._client("s3", annex.region), self._bucket(annex))
+            return
         ec2 = self._client("ec2", annex.region)
         fleet.delete_annex_template(ec2, self.settings.pool_id, annex.owner, annex.name)
         secrets.delete_token(self._client("ssm", annex.region), self._token_parameter(annex))

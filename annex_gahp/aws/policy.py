@@ -4,9 +4,12 @@ ARNs are passed in, so the same functions serve CloudFormation (intrinsics such 
 `{"Fn::GetAtt": [...]}`) and documentation (placeholders).
 
 `emulator=True` widens ARN-scoped statements to `Resource: "*"`: moto checks every non-S3 call
-against resource `*`, so a statement scoped to ARNs is denied there. Tag conditions are kept
-either way (moto ignores them; AWS enforces them). `htcondor-annex setup` uses emulator mode
-only when ANNEX_AWS_ENDPOINT_URL is set.
+against resource `*`, so a statement scoped to ARNs is denied there. S3 statements keep their
+ARNs (moto checks S3 calls against the bucket and object ARNs, as AWS does). Tag conditions are
+kept either way (moto ignores them; AWS enforces them). The one statement the emulator form
+leaves out is the conditional Deny on setup-kind stacks: moto ignores conditions, so there it
+would deny every stack, the `stack` strategy's included. `htcondor-annex setup` uses emulator
+mode only when ANNEX_AWS_ENDPOINT_URL is set.
 """
 
 from __future__ import annotations
@@ -55,6 +58,20 @@ def token_parameter_arn(path: str) -> dict[str, str]:
     return {"Fn::Sub": f"arn:${{AWS::Partition}}:ssm:*:${{AWS::AccountId}}:parameter{clean}/*"}
 
 
+def token_bucket_arns(central_manager: str, *, literal: bool = False) -> dict[str, Any]:
+    """The stack strategy's token buckets (aws/stack.bucket_name): {"buckets": ..., "objects":
+    ...} as CloudFormation values, or as plain ARNs (`literal`, for the docs)."""
+    from annex_gahp.aws.stack import bucket_prefix  # noqa: PLC0415 - keep this module light
+
+    prefix = bucket_prefix(central_manager)
+    if literal:
+        return {"buckets": f"arn:aws:s3:::{prefix}*", "objects": f"arn:aws:s3:::{prefix}*/*"}
+    return {
+        "buckets": {"Fn::Sub": f"arn:${{AWS::Partition}}:s3:::{prefix}*"},
+        "objects": {"Fn::Sub": f"arn:${{AWS::Partition}}:s3:::{prefix}*/*"},
+    }
+
+
 def _pool_condition(kind: str, pool_id: str) -> dict[str, Any]:
     return {"StringEquals": {f"aws:{kind}/{names.TAG_POOL}": pool_id}}
 
@@ -64,6 +81,7 @@ def runtime_policy_document(
     pool_id: str,
     token_parameters: Any,
     instance_role_arn: Any,
+    token_buckets: dict[str, Any] | None = None,
     stack_arn_prefix: Any = None,
     launch_inputs: Any = None,
     emulator: bool = False,
@@ -147,7 +165,11 @@ def runtime_policy_document(
             "Resource": "*",
             "Condition": {
                 "StringEquals": {
-                    "iam:AWSServiceName": ["spot.amazonaws.com", "ec2fleet.amazonaws.com"]
+                    "iam:AWSServiceName": [
+                        "spot.amazonaws.com",
+                        "ec2fleet.amazonaws.com",
+                        "autoscaling.amazonaws.com",
+                    ]
                 }
             },
         },
@@ -166,7 +188,8 @@ def runtime_policy_document(
         },
         {
             # Belt and braces: refused even if broader rights are attached to the principal.
-            # (moto ignores the condition and so refuses every stack creation of this user.)
+            # Left out of the emulator form: moto ignores the condition, so there it would
+            # refuse every stack, the stack strategy's own included.
             "Sid": "NoSetupKindStacks",
             "Effect": "Deny",
             "Action": [
@@ -220,22 +243,52 @@ def runtime_policy_document(
             "Condition": _pool_condition("ResourceTag", pool_id),
         },
     ]
+    if token_buckets is not None:
+        statements.append(
+            {
+                # The stack strategy's per-annex token buckets, by name (S3 has no request-tag
+                # condition on CreateBucket); the bucket is tagged right after creation.
+                "Sid": "StackStrategyTokenBuckets",
+                "Effect": "Allow",
+                "Action": [
+                    "s3:CreateBucket",
+                    "s3:PutBucketTagging",
+                    "s3:ListBucket",
+                    "s3:DeleteBucket",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                ],
+                "Resource": [token_buckets["buckets"], token_buckets["objects"]],
+            }
+        )
+    if emulator:
+        statements = [s for s in statements if s["Sid"] != "NoSetupKindStacks"]
     return {"Version": VERSION, "Statement": statements}
 
 
-def instance_role_policy_document(token_parameters: Any) -> dict[str, Any]:
-    """What an annex instance may do: read tokens of its pool, nothing else."""
-    return {
-        "Version": VERSION,
-        "Statement": [
+def instance_role_policy_document(
+    token_parameters: Any, token_objects: Any = None
+) -> dict[str, Any]:
+    """What an annex instance may do: read tokens of its pool (SSM parameters; with the stack
+    strategy, objects in the pool's token buckets), nothing else."""
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "ReadAnnexTokens",
+            "Effect": "Allow",
+            "Action": "ssm:GetParameter",
+            "Resource": token_parameters,
+        }
+    ]
+    if token_objects is not None:
+        statements.append(
             {
-                "Sid": "ReadAnnexTokens",
+                "Sid": "ReadAnnexTokenObjects",
                 "Effect": "Allow",
-                "Action": "ssm:GetParameter",
-                "Resource": token_parameters,
+                "Action": "s3:GetObject",
+                "Resource": token_objects,
             }
-        ],
-    }
+        )
+    return {"Version": VERSION, "Statement": statements}
 
 
 def enforcer_policy_document(pool_id: str) -> dict[str, Any]:
@@ -248,6 +301,15 @@ def enforcer_policy_document(pool_id: str) -> dict[str, Any]:
                 "Sid": "TerminateThisPool",
                 "Effect": "Allow",
                 "Action": "ec2:TerminateInstances",
+                "Resource": "*",
+                "Condition": _pool_condition("ResourceTag", pool_id),
+            },
+            {
+                # Stack strategy: an expired group is set to 0 rather than its instances
+                # terminated (the group would replace them).
+                "Sid": "EmptyThisPoolsGroups",
+                "Effect": "Allow",
+                "Action": "autoscaling:UpdateAutoScalingGroup",
                 "Resource": "*",
                 "Condition": _pool_condition("ResourceTag", pool_id),
             },
@@ -277,12 +339,15 @@ def trust_policy(service: str) -> dict[str, Any]:
 def docs_policy(
     pool_id: str,
     token_prefix: str = "/htcondor-annex/tokens",  # noqa: S107 - a path, not a secret
+    central_manager: str = "",
 ) -> dict[str, Any]:
-    """The runtime policy as docs/iam.md shows it: placeholders where the stack has ARNs."""
+    """The runtime policy as docs/iam.md shows it: placeholders where the stack has ARNs.
+    The central manager (which names the token buckets) is the pool id unless given."""
     from annex_gahp.aws.secrets import pool_path  # noqa: PLC0415 - keep this module light
 
     return runtime_policy_document(
         pool_id=pool_id,
+        token_buckets=token_bucket_arns(central_manager or pool_id, literal=True),
         token_parameters=f"arn:aws:ssm:*:<ACCOUNT>:parameter{pool_path(token_prefix, pool_id)}/*",
         instance_role_arn="arn:aws:iam::<ACCOUNT>:role/<SETUP-STACK>-InstanceRole-<SUFFIX>",
         launch_inputs=_ec2_arns(LAUNCH_INPUT_RESOURCES, literal=True),

@@ -90,6 +90,7 @@ def runtime_policy(settings: Settings, *, emulator: bool | None = None) -> dict[
             secrets.pool_path(settings.token_parameter_prefix, settings.pool_id)
         ),
         instance_role_arn={"Fn::GetAtt": ["InstanceRole", "Arn"]},
+        token_buckets=policy.token_bucket_arns(settings.central_manager),
         emulator=bool(settings.endpoint_url) if emulator is None else emulator,
     )
 
@@ -111,7 +112,8 @@ def render_template(settings: Settings, stack_name: str, *, vpc_id: str = "") ->
         ec2_trust=policy.trust_policy("ec2.amazonaws.com"),
         lambda_trust=policy.trust_policy("lambda.amazonaws.com"),
         instance_policy=policy.instance_role_policy_document(
-            policy.token_parameter_arn(token_path)
+            policy.token_parameter_arn(token_path),
+            policy.token_bucket_arns(settings.central_manager)["objects"],
         ),
         enforcer_policy=policy.enforcer_policy_document(settings.pool_id),
         runtime_policy=runtime_policy(settings),

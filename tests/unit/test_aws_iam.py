@@ -2,9 +2,11 @@
 
 1. Under moto's IAM enforcement (a moto server process of its own, started with
    INITIAL_NO_AUTH_ACTION_COUNT): a user holding only the runtime policy can launch, describe,
-   tag, terminate and store tokens, and is refused the setup's kind of actions. moto checks
-   actions only (every resource is `*`, conditions are ignored), so the policy is deployed in
-   its emulator form there.
+   tag, terminate and store tokens with either strategy (EC2 Fleet; a CloudFormation stack of
+   Auto Scaling groups with its S3 token bucket), and is refused the setup's kind of actions.
+   moto checks actions only (every non-S3 resource is `*`, conditions are ignored; S3 calls
+   are checked against their bucket/object ARNs), so the policy is deployed in its emulator
+   form there.
 2. The real (AWS) form's shape: tag conditions on every create/change statement, ARN scoping
    where tags cannot be used.
 The same server verifies SigV4 signatures, so the instance agent's hand-made signature is
@@ -31,7 +33,8 @@ from aws_fixtures import REGION, free_port, make_settings
 from botocore.exceptions import ClientError
 
 from annex_gahp import names, userdata
-from annex_gahp.aws import fleet, instances, policy, secrets, session, setup
+from annex_gahp.aws import fleet, instances, policy, secrets, session, setup, stack
+from annex_gahp.errors import CloudError
 
 POOL = "cm.test:9618"
 AGENT = Path(userdata.__file__).parent / "templates" / "annex-agent.py"
@@ -173,6 +176,43 @@ def test_runtime_user_does_its_job(world: dict[str, Any]) -> None:
     assert secrets.delete_token(ssm, name) is True
 
 
+def test_runtime_user_runs_the_stack_strategy(world: dict[str, Any]) -> None:
+    """Token bucket, CreateStack, grow, retag, shrink, DeleteStack, bucket gone: all with only
+    the runtime policy (the S3 calls checked against the bucket ARNs, as on AWS)."""
+    cfn = runtime_client(world, "cloudformation")
+    asg = runtime_client(world, "autoscaling")
+    s3 = runtime_client(world, "s3")
+    ec2 = runtime_client(world, "ec2")
+    settings = world["settings"]
+    plan = fleet.LaunchPlan(
+        annex="s1",
+        owner="alice",
+        request_id="r-stack",
+        pool_id=POOL,
+        expires=int(time.time()) + 600,
+        count=0,
+        instance_types=("m5.large", "c5.large"),
+        user_data="#!/bin/sh\n",
+    )
+    bucket = stack.bucket_name(settings.central_manager, POOL, "alice", "s1")
+    assert stack.put_token(s3, bucket, "fake-token", plan.tags(), REGION).endswith("/token")
+    base = fleet.base_template_data(ec2, world["knobs"]["ANNEX_LAUNCH_TEMPLATE"])
+    made = stack.ensure(cfn, asg, plan, name="annex-s1", base=base, target=2, max_size=10)
+    assert made.created and len(made.instance_ids) == 2
+    grown = stack.ensure(cfn, asg, plan, name="annex-s1", base=base, target=3, max_size=10)
+    assert len(grown.instance_ids) == 1
+    view = stack.describe(cfn, asg, "annex-s1")
+    assert view is not None
+    stack.retag_groups(asg, [g.name for g in view.groups], {names.TAG_EXPIRES: "1"})
+    assert stack.retire_instances(asg, grown.instance_ids) == []
+    assert {v.id for v in instances.describe_pool(ec2, POOL)} >= set(made.instance_ids)
+    assert stack.delete(cfn, "annex-s1") == ""
+    assert stack.delete_bucket(s3, bucket) is True
+    # Someone else's bucket name is not the helper's to create.
+    with pytest.raises(CloudError, match="AccessDenied"):
+        stack.put_token(s3, "not-an-annex-bucket", "x", plan.tags(), REGION)
+
+
 def _denied(call: Any, **kwargs: Any) -> None:
     with pytest.raises(ClientError) as caught:
         call(**kwargs)
@@ -219,20 +259,10 @@ def test_runtime_user_cannot_do_the_setups_work(world: dict[str, Any]) -> None:
 
 
 def test_setup_kind_stack_refused(world: dict[str, Any]) -> None:
-    """A setup-kind stack as the runtime user is refused, and so are the setup's direct reads.
-
-    On AWS the explicit Deny (cloudformation:ResourceTypes has IAM/Lambda/Events types) refuses
-    it, and CloudFormation would also fail creating the IAM role with the caller's rights.
-    moto ignores the Deny's condition, so there it refuses this user every stack creation:
-    the refusal is real, its precision is checked by shape below."""
-    cfn = runtime_client(world, "cloudformation")
-    _denied(
-        cfn.create_stack,
-        StackName="not-for-the-helper",
-        TemplateBody=setup.render_template(world["settings"], "not-for-the-helper"),
-        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
-        Tags=[{"Key": names.TAG_POOL, "Value": POOL}],
-    )
+    """The setup's direct reads are refused to the runtime user; a setup-kind stack is refused
+    on AWS by the policy's resource-type conditions, checked against the real templates in
+    test_stack_conditions_match_the_templates (moto ignores conditions, so it can only allow
+    or refuse every CreateStack: it must allow the stack strategy's)."""
 
     def client(service: str) -> Any:
         return runtime_client(world, service)
@@ -272,6 +302,35 @@ def test_agent_signature_accepted_by_a_verifier(world: dict[str, Any]) -> None:
     wrong = dict(creds, SecretAccessKey="not-the-secret")
     with pytest.raises(agent.AgentError, match=r"403|Signature"):
         agent.get_parameter(world["url"], REGION, "/t/p/x", wrong)
+    # The stack strategy's token: S3 GetObject, signed by the agent, verified by moto, and
+    # allowed only inside the pool's token buckets.
+    objects = policy.token_bucket_arns(POOL, literal=True)["objects"]
+    iam.put_user_policy(
+        UserName="instance-like",
+        PolicyName="token-objects",
+        PolicyDocument=json.dumps(policy.instance_role_policy_document("*", objects)),
+    )
+    admin_s3 = world["admin"].client("s3", endpoint_url=world["url"])
+    bucket = stack.bucket_name(POOL, POOL, "alice", "agent")
+    admin_s3.create_bucket(Bucket=bucket)
+    admin_s3.put_object(Bucket=bucket, Key="token", Body=b"the-s3-token")
+    admin_s3.create_bucket(Bucket="elsewhere")
+    admin_s3.put_object(Bucket="elsewhere", Key="token", Body=b"not-yours")
+    deadline = time.time() + 10  # IAM changes may take a moment
+    while True:
+        try:
+            assert agent.get_s3_object(world["url"], REGION, bucket, "token", creds) == (
+                "the-s3-token"
+            )
+            break
+        except agent.AgentError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    with pytest.raises(agent.AgentError, match="403"):
+        agent.get_s3_object(world["url"], REGION, "elsewhere", "token", creds)
+    with pytest.raises(agent.AgentError, match="403"):
+        agent.get_s3_object(world["url"], REGION, bucket, "token", wrong)
     # Only GetParameter: the instance's role cannot write tokens.
     session_ = _session(key)
     with pytest.raises(ClientError):
@@ -333,11 +392,57 @@ def test_arn_scoped_where_tags_cannot_be_used() -> None:
 
 
 def test_emulator_form_differs_only_in_resources() -> None:
-    real = _real_policy()["Statement"]
+    """...and in the conditional Deny, which moto would apply unconditionally. S3 statements
+    keep their ARNs: moto checks S3 calls against them."""
+    real = [s for s in _real_policy()["Statement"] if s["Sid"] != "NoSetupKindStacks"]
     emulated = setup.runtime_policy(make_settings(pool_id=POOL), emulator=True)["Statement"]
     assert [s["Action"] for s in real] == [s["Action"] for s in emulated]
     assert [s.get("Condition") for s in real] == [s.get("Condition") for s in emulated]
-    assert all(s["Resource"] == "*" for s in emulated)
+    for statement in emulated:
+        if statement["Sid"] == "StackStrategyTokenBuckets":
+            assert statement["Resource"] == [
+                policy.token_bucket_arns(POOL)["buckets"],
+                policy.token_bucket_arns(POOL)["objects"],
+            ]
+        else:
+            assert statement["Resource"] == "*", statement["Sid"]
+
+
+def _types(template_text: str) -> set[str]:
+    return {r["Type"] for r in json.loads(template_text)["Resources"].values()}
+
+
+def test_stack_conditions_match_the_templates() -> None:
+    """On AWS: every resource type of an annex stack is within StackStrategyCreate's list and
+    none is caught by the Deny; the setup stack has types the Deny catches and the Allow
+    does not cover."""
+    from fnmatch import fnmatchcase  # noqa: PLC0415
+
+    by_sid = {s["Sid"]: s for s in _real_policy()["Statement"]}
+    allowed = by_sid["StackStrategyCreate"]["Condition"]["ForAllValues:StringLike"][
+        "cloudformation:ResourceTypes"
+    ]
+    denied = by_sid["NoSetupKindStacks"]["Condition"]["ForAnyValue:StringLike"][
+        "cloudformation:ResourceTypes"
+    ]
+    plan = fleet.LaunchPlan(
+        annex="a1",
+        owner="alice",
+        request_id="r",
+        pool_id=POOL,
+        expires=1,
+        count=0,
+        instance_types=("m5.large", "c5.large"),
+        image_ids=("ami-12345678",),
+    )
+    annex_types = _types(stack.render_template(plan, "s", {}, [1, 1], max_size=5))
+    assert annex_types == set(stack.RESOURCE_TYPES)
+    for kind in annex_types:
+        assert any(fnmatchcase(kind, p) for p in allowed), kind
+        assert not any(fnmatchcase(kind, p) for p in denied), kind
+    setup_types = _types(setup.render_template(make_settings(pool_id=POOL), "x"))
+    assert any(any(fnmatchcase(k, p) for p in denied) for k in setup_types)
+    assert not all(any(fnmatchcase(k, p) for p in allowed) for k in setup_types)
 
 
 def test_docs_show_the_generated_policy() -> None:
