@@ -44,6 +44,7 @@ SPEC_HELP = {
     "mode": "pool (instances join this pool, default) or provision (bring your own pilot)",
     "central_manager": "pool mode: collector the instances report to",
     "user_data_file": "provision mode: the pilot's user data",
+    "user_data_template": "provision mode: true renders the user data with jinja2 first",
     "tags": "key=value,key=value extra EC2 tags",
     "strategy": "fleet (EC2 Fleet, default) or stack (CloudFormation)",
     "stack_name": "stack strategy: the stack's name",
@@ -218,8 +219,26 @@ def _owner(args: argparse.Namespace) -> dict[str, str]:
 # -- verbs -----------------------------------------------------------------------------------
 
 
+def _user_data(spec_args: dict[str, str]) -> dict[str, str]:
+    """Provision mode: the user data file, read here with the caller's own rights (as the
+    translate hook does for a job), sent as `user_data=`."""
+    path = spec_args.get("user_data_file", "")
+    if not path or spec_args.get("mode", "").strip().lower() != "provision":
+        return {}
+    from annex_gahp import pilotdata  # noqa: PLC0415
+
+    path = os.path.abspath(path)
+    spec_args["user_data_file"] = path
+    try:
+        return {"user_data": pilotdata.encode(pilotdata.read_file(path))}
+    except pilotdata.UserDataError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_create(args: argparse.Namespace) -> int:
-    result = _call(args, "ANNEX_CREATE", name=args.name, **_spec_args(args), **_owner(args))
+    spec_args = _spec_args(args)
+    extra = _user_data(spec_args)
+    result = _call(args, "ANNEX_CREATE", name=args.name, **spec_args, **extra, **_owner(args))
     requested = result.get("requested") or result.get("request") or "?"
     print(
         f"annex {result.get('name', args.name)} (owner {result.get('owner', '?')}): "

@@ -46,6 +46,7 @@ JOB_ATTRS = {
     "mode": "AnnexMode",
     "central_manager": "AnnexCentralManager",
     "user_data_file": "AnnexUserDataFile",
+    "user_data_template": "AnnexUserDataTemplate",
     "tags": "AnnexTags",
     "strategy": "AnnexStrategy",
     "stack_name": "AnnexStackName",
@@ -59,6 +60,26 @@ JOB_STATUS_ATTRS = (
     "AnnexLeaseExpiration",
     "AnnexLastError",
 )
+# ... and, in provision mode, while the job stands for its annex (docs/users.md).
+JOB_PROVISION_ATTRS = (
+    "AnnexId",
+    "AnnexInstanceIds",
+    "AnnexInstanceStates",
+    "AnnexPendingInstances",
+    "AnnexFailedInstances",
+    "AnnexRetireReason",
+)
+
+# Provision mode: EC2 takes at most 16 KB of user data (before its base64 encoding); larger
+# files are sent gzip-compressed when that fits (cloud-init and our booter unpack it).
+USER_DATA_LIMIT = 16 * 1024
+# How a provision-mode job (annex_provision_job) ends: its exit code says which.
+EXIT_ENDED = 0  # every instance ended by itself (the pilots finished)
+EXIT_ERROR = 1  # the program itself failed
+EXIT_LEASE = 2  # the lease ended: the instances were terminated
+EXIT_LAUNCH_FAILED = 3  # no instance could be launched
+EXIT_DELETED = 4  # someone deleted the annex (htcondor-annex delete)
+EXIT_IDLE = 5  # retired for another reason (e.g. no job stood for it)
 
 # Where the hooks and the CLI find the helper when nothing else says: HTCondor's default
 # $(RUN) on Debian and RPM installs. ANNEX_GAHP_SOCKET in the environment, or AnnexGahpSocket

@@ -27,9 +27,11 @@ _INT_KEYS = ("instances",)
 _DURATION_KEYS = ("lease", "idle_timeout")
 _TIME_KEYS = ("expiry",)
 _ID_LIST_KEYS = ("instance_types", "image_ids", "spot_prices", "subnets", "security_groups")
-_TEXT_KEYS = tuple(
-    k for k in names.JOB_ATTRS if k not in (*_INT_KEYS, *_DURATION_KEYS, *_TIME_KEYS)
-)
+_BOOL_KEYS = ("user_data_template",)
+_NOT_TEXT = (*_INT_KEYS, *_DURATION_KEYS, *_TIME_KEYS, *_BOOL_KEYS)
+_TEXT_KEYS = tuple(k for k in names.JOB_ATTRS if k not in _NOT_TEXT)
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
 
 NAME_RULE = "a letter, then letters, digits or '-', at most 63 characters"
 DURATION_RULE = "use seconds (3600) or units s/m/h/d (90m, 1h30m)"
@@ -81,6 +83,7 @@ class AnnexSpec:
     mode: str = "pool"
     central_manager: str = ""
     user_data_file: str = ""  # absolute path
+    user_data_template: bool = False  # render the user data with jinja2 (provision mode)
     tags: tuple[tuple[str, str], ...] = ()
     strategy: str = "fleet"
     stack_name: str = ""
@@ -125,6 +128,8 @@ class AnnexSpec:
                 out[key] = getattr(self, key)
         if self.tags:
             out["tags"] = ",".join(f"{k}={v}" for k, v in self.tags)
+        if self.user_data_template:
+            out["user_data_template"] = "true"
         out["mode"] = self.mode
         out["strategy"] = self.strategy
         return out
@@ -137,6 +142,8 @@ class AnnexSpec:
             attr = names.JOB_ATTRS[key]
             if key in (*_INT_KEYS, *_DURATION_KEYS, *_TIME_KEYS):
                 out[attr] = int(value)
+            elif key in _BOOL_KEYS:
+                out[attr] = value == "true"
             else:
                 out[attr] = value
         return out
@@ -235,6 +242,20 @@ def _to_expiry(value: object) -> int | _Bad:
     return _Bad(_shown(value))
 
 
+def _to_bool(value: object) -> bool | _Bad:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _Bad(str(value)) if value not in (0, 1) else bool(value)
+    if isinstance(value, str):
+        word = _trim(value).lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    return _Bad(_shown(value))
+
+
 def _id_list(text: str) -> str:
     return re.sub(r"^,+|,+$", "", re.sub(r"[\s,]+", ",", text))
 
@@ -309,6 +330,8 @@ def from_keywords(
             values[key] = _to_duration(value)
         elif key in _TIME_KEYS:
             values[key] = _to_expiry(value)
+        elif key in _BOOL_KEYS:
+            values[key] = _to_bool(value)
         elif not isinstance(value, str):
             not_text.append(key)
         else:
@@ -382,6 +405,16 @@ def from_keywords(
             "annex_user_data_file only applies to annex_mode = provision:"
             " remove it, or add annex_mode = provision"
         )
+    template = values.get("user_data_template", False)
+    if isinstance(template, _Bad):
+        raise InputError(
+            f"annex_user_data_template = '{template.shown}' is not allowed: use true or false"
+        )
+    if template and mode != "provision":
+        raise InputError(
+            "annex_user_data_template only applies to annex_mode = provision:"
+            " remove it, or add annex_mode = provision"
+        )
     if strategy != "stack" and "stack_name" in values:
         raise InputError(
             "annex_stack_name only applies to annex_strategy = stack:"
@@ -446,6 +479,7 @@ def from_keywords(
         mode=str(mode),
         central_manager=str(values.get("central_manager", "")),
         user_data_file=str(values.get("user_data_file", "")),
+        user_data_template=bool(template),
         tags=tags,  # type: ignore[arg-type]
         strategy=str(strategy),
         stack_name=stack_name,
@@ -531,7 +565,8 @@ def merge(existing: AnnexSpec, new: AnnexSpec, settings, *, now: int | None = No
         region = new.region
     for key in (
         "instance_types", "image_ids", "spot_prices", "vpc", "subnets", "keypair",
-        "security_groups", "central_manager", "user_data_file", "tags", "stack_name",
+        "security_groups", "central_manager", "user_data_file", "user_data_template", "tags",
+        "stack_name",
     ):  # fmt: skip
         mine, theirs = getattr(existing, key), getattr(new, key)
         if theirs and theirs != mine:
