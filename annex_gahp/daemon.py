@@ -76,7 +76,8 @@ class Helper:
         self.stop = threading.Event()
         self._wake = threading.Event()
         self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
-        self.service = AnnexService(self.store, cfg, wake=self._wake.set)
+        demand = ScheddDemand()
+        self.service = AnnexService(self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job)
         self.reconciler = Reconciler(
             self.store, self.service, AwsCloud(cfg), ScheddDemand(), Publisher()
         )

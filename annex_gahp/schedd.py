@@ -57,16 +57,34 @@ class ScheddDemand:
                 idle[key] += 1
         return {k: Demand(idle[k], running[k]) for k in idle.keys() | running.keys()}
 
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+    def annotate(
+        self, owner: str, annex: str, attrs: dict[str, str], *, running: bool = False
+    ) -> None:
         """Write the annex's status into the jobs waiting for it: one edit per attribute for
-        all of them, instead of one hook per job per polling period."""
+        all of them, instead of one hook per job per polling period. `running`: the running
+        jobs too (provision mode: the job that stands for the annex runs while it lives)."""
+        status = f"(JobStatus == {IDLE} || JobStatus == {RUNNING})" if running else None
         constraint = (
             f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
-            f" && JobStatus == {IDLE}"
+            f" && {status or f'JobStatus == {IDLE}'}"
         )
         schedd = self._schedd()
         for attr, value in attrs.items():
             schedd.edit(constraint, attr, value)
+
+    def hold_job(self, owner: str, cluster: int, proc: int, reason: str) -> None:
+        """Hold one job of `owner` with `reason` (provision mode: unusable user data)."""
+        constraint = (
+            f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
+        )
+        self._schedd().act(self._htcondor.JobAction.Hold, constraint, (reason, 0))
+        log.info("held job %d.%d of %s: %s", cluster, proc, owner, reason)
+
+    def reschedule(self) -> None:
+        """Ask the schedd to look at its queue now. Checked on 23.9: a local universe job
+        whose Requirements just became true starts at once, not at the next SCHEDD_INTERVAL
+        (default 300 s) - that is how a routed provision-mode job starts without delay."""
+        self._schedd().reschedule()
 
     def hold(self, owner: str, annex: str, reason: str) -> None:
         """Hold the jobs still waiting for an annex that will not come back."""

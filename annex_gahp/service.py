@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from annex_gahp import durations, faults, lifecycle, names, spec
+from annex_gahp import durations, faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import InputError, LimitExceeded, NotFound, PermissionDenied
 from annex_gahp.gahp import Caller
 from annex_gahp.settings import Settings
@@ -92,10 +92,14 @@ class AnnexService:
         wake: Callable[[], None] = lambda: None,
         resolve_region: Callable[[str, Settings], str] | None = None,
         clock: Callable[[], float] = time.time,
+        hold_job: Callable[[str, int, int, str], None] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.wake = wake
+        # (owner, cluster, proc, reason): holds one job (schedd.hold_job); provision mode holds
+        # a job whose user data cannot be used, with the reason, instead of refusing forever.
+        self.hold_job = hold_job
         self._resolve_region = resolve_region or _default_region
         self._clock = clock
         # Serialises ensure(): two hooks racing for the same new annex must not both insert.
@@ -129,6 +133,8 @@ class AnnexService:
         return owner
 
     def _find(self, caller: Caller, args: Mapping[str, str]) -> Annex:
+        if args.get("id"):
+            return self._find_id(caller, args)
         name = args.get("name", "")
         if not name:
             raise InputError("name= is required: which annex?")
@@ -140,10 +146,27 @@ class AnnexService:
             )
         return annex
 
+    def _find_id(self, caller: Caller, args: Mapping[str, str]) -> Annex:
+        """By record id (what a provision-mode job was given as AnnexId), retired ones too:
+        the job asks how its annex ended."""
+        try:
+            annex = self.store.get(int(args["id"]))
+        except ValueError:
+            raise InputError("id= must be a whole number") from None
+        owner = self._owner_for(caller, args)
+        anyone = caller.is_admin and not args.get("owner")
+        if annex is None or (annex.owner != owner and not anyone):
+            raise NotFound(f"{owner} has no annex with id {args['id']}")
+        return annex
+
     # --- creation and growth ---------------------------------------------------------------
 
-    def ensure(self, wanted: spec.AnnexSpec, *, qdate: int | None = None) -> Annex:
-        """Create the annex, or fold this request into the live one of the same owner and name."""
+    def ensure(
+        self, wanted: spec.AnnexSpec, *, qdate: int | None = None, user_data: bytes | None = None
+    ) -> Annex:
+        """Create the annex, or fold this request into the live one of the same owner and name.
+        `user_data` (provision mode) is kept with a new annex, or with a live one that has none
+        yet, before the reconcile loop is woken; an annex that has some keeps it."""
         now = int(self._clock())
         with self._lock:
             live = self.store.live(wanted.owner, wanted.name)
@@ -163,6 +186,8 @@ class AnnexService:
                 )
                 if limit:
                     annex = self.store.update_annex(annex.id, binding_limit=limit)
+                if user_data is not None:
+                    pilotdata.save(self.settings.state_dir, annex.id, user_data)
                 faults.checkpoint("create.recorded")
                 log.info(
                     "annex %s requested: %d instance(s) in %s, lease until %d%s",
@@ -181,6 +206,9 @@ class AnnexService:
                     "it is gone, or use another annex_name"
                 )
             merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+            if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
+                pilotdata.save(self.settings.state_dir, live.id, user_data)
+                self.wake()
             requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
             requested = max(requested, live.requested)
             lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
@@ -248,8 +276,16 @@ class AnnexService:
 
     def create(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         owner = self._owner_for(caller, args)
-        keywords = {k: v for k, v in args.items() if k != "owner"}
-        annex = self.ensure(spec.from_keywords(keywords, owner, self.settings))
+        keywords = {k: v for k, v in args.items() if k not in ("owner", "user_data")}
+        wanted = spec.from_keywords(keywords, owner, self.settings)
+        user_data = None
+        if wanted.mode == "provision":
+            # Read by `htcondor-annex create` with the caller's rights, as the hook does.
+            try:
+                user_data = pilotdata.decode(args.get("user_data", ""))
+            except pilotdata.UserDataError as exc:
+                raise InputError(f"provision mode needs the user data: {exc}") from None
+        annex = self.ensure(wanted, user_data=user_data)
         return {
             "name": annex.name,
             "owner": annex.owner,
@@ -307,7 +343,8 @@ class AnnexService:
 
     def delete(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
-        annex = self.retire(annex, "deleted")
+        if annex.state != names.RETIRED:  # (by id= a retired one is found too: nothing to do)
+            annex = self.retire(annex, "deleted")
         return {"name": annex.name, "state": annex.state}
 
     def retire(self, annex: Annex, reason: str) -> Annex:
@@ -322,6 +359,7 @@ class AnnexService:
     def status(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
         view = self.describe(annex)
+        view["Id"] = annex.id
         view["instances"] = [
             {"id": i.id, "state": i.state, "type": i.instance_type, "launched": i.launched}
             for i in self.store.instances(annex.id)
@@ -356,6 +394,34 @@ class AnnexService:
             "RetireReason": annex.retire_reason,
             "IdleJobs": annex.demand_idle,
             "RunningJobs": annex.demand_running,
+            "FailedInstances": self.failed_instances(annex),
+        }
+
+    def failed_instances(self, annex: Annex) -> int:
+        """Instances asked for that EC2 did not launch: launch calls that failed, and the part
+        of a launch that came back short (a launch the cloud accepted without ids is not)."""
+        failed = 0
+        for op in self.store.ops(annex.id):
+            if op.kind != "launch" or op.finished is None:
+                continue
+            count = int(op.intent.get("count", 0) or 0)
+            if op.error:
+                failed += count
+            elif op.result and not op.result.get("accepted") and not op.result.get("adopted"):
+                failed += max(0, count - len(op.result.get("instances") or []))
+        return failed
+
+    def instance_attrs(self, annex: Annex) -> dict[str, str]:
+        """Provision mode: the job stands for the annex, so its ad lists the instances."""
+        records = self.store.instances(annex.id)
+        view = self.describe(annex)
+        return {
+            "AnnexId": classad_literal(annex.id),
+            "AnnexInstanceIds": classad_literal(",".join(i.id for i in records)),
+            "AnnexInstanceStates": classad_literal(",".join(i.state for i in records)),
+            "AnnexPendingInstances": classad_literal(view["PendingInstances"]),
+            "AnnexFailedInstances": classad_literal(view["FailedInstances"]),
+            "AnnexRetireReason": classad_literal(annex.retire_reason),
         }
 
     # --- the job router hooks ------------------------------------------------------------
@@ -383,7 +449,8 @@ class AnnexService:
                 return {"AnnexState": classad_literal("unknown")}
             annex = last
         view = self.describe(annex)
-        return {
+        extra = self.instance_attrs(annex) if view["Mode"] == "provision" else {}
+        return extra | {
             "AnnexState": classad_literal(view["AnnexState"]),
             "AnnexRequestedInstances": classad_literal(view["RequestedInstances"]),
             "AnnexRunningInstances": classad_literal(view["RunningInstances"]),
@@ -402,12 +469,38 @@ class AnnexService:
         attrs = self._job(caller, args)
         owner = attrs["Owner"]
         wanted = spec.from_job_attrs(attrs, owner, self.settings)
+        user_data = self._pilot_data(attrs, args) if wanted.mode == "provision" else None
         # Since when the job waits: a job released after its annex ended may start a new one.
         since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
-        annex = self.ensure(wanted, qdate=since if isinstance(since, int) else None)
+        annex = self.ensure(
+            wanted, qdate=since if isinstance(since, int) else None, user_data=user_data
+        )
         out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return {"json": json.dumps(out, sort_keys=True)}
+
+    def _pilot_data(self, attrs: Mapping[str, Any], args: Mapping[str, str]) -> bytes:
+        """Provision mode: the user data the translate hook read as the job's owner. When it
+        could not be used, the job is held with the reason (one line naming the file and what
+        is wrong) and the request refused: the router leaves a held job alone until the owner
+        fixes the file and releases it."""
+        problem = args.get("user_data_error", "")
+        data = None
+        if not problem:
+            try:
+                data = pilotdata.decode(args.get("user_data", ""))
+            except pilotdata.UserDataError as exc:
+                problem = str(exc)
+        if data is not None:
+            return data
+        problem = " ".join(problem.split())[:500] or "no user data was sent"
+        cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
+        if self.hold_job is not None and isinstance(cluster, int) and isinstance(proc, int):
+            try:
+                self.hold_job(str(attrs["Owner"]), cluster, proc, problem)
+            except Exception as err:
+                log.warning("could not hold job %s.%s: %s", cluster, proc, err)
+        raise InputError(problem)
 
     def job_update(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)

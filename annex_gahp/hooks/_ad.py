@@ -292,10 +292,29 @@ def check_job(ad: Ad, what: str = "job ad") -> str:
     return target
 
 
-def ask(command: str, ad: Ad, timeout: float = HOOK_TIMEOUT) -> dict[str, str]:
-    """Send `command ad=<helper_text(ad)>` to the helper. Raises client.ClientError."""
+def ask(command: str, ad: Ad, timeout: float = HOOK_TIMEOUT, **extra: str) -> dict[str, str]:
+    """Send `command ad=<helper_text(ad)> [extra...]` to the helper. Raises
+    client.ClientError."""
     path = client.socket_path(ad.string(names.SOCKET_ATTR))
-    return client.call(command, timeout=timeout, path=path, ad=helper_text(ad))
+    return client.call(command, timeout=timeout, path=path, ad=helper_text(ad), **extra)
+
+
+def user_data_args(ad: Ad) -> dict[str, str]:
+    """Provision mode: the user data file, read here, as the job's owner (the hook runs as
+    the owner), for the helper: `user_data=` (base64), or `user_data_error=` (one line) when
+    it cannot be used, so the helper can hold the job with that reason. Pool mode: nothing."""
+    mode = ad.string(names.JOB_ATTRS["mode"])
+    if mode is None or mode.strip().lower() != "provision":
+        return {}
+    from annex_gahp import pilotdata  # noqa: PLC0415 - provision-mode jobs only
+
+    path = ad.string(names.JOB_ATTRS["user_data_file"])
+    if not path:
+        return {}  # the helper refuses the request with the submit side's message
+    try:
+        return {"user_data": pilotdata.encode(pilotdata.read_file(path))}
+    except pilotdata.UserDataError as exc:
+        return {"user_data_error": str(exc)}
 
 
 def updates_from(result: dict[str, str]) -> dict[str, str]:

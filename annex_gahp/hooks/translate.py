@@ -38,7 +38,7 @@ def translate(text: str) -> str:
         return parts[1] if parts[1].endswith("\n") else parts[1] + "\n"
     job = _ad.parse(parts[1], what="job ad")
     _ad.check_job(job)
-    updates = _ad.updates_from(_ad.ask("JOB_ROUTED", job))
+    updates = _ad.updates_from(_ad.ask("JOB_ROUTED", job, **_ad.user_data_args(job)))
     for name, expr in updates.items():
         job.set(name, expr)
     return job.text()
