@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from annex_gahp import names, tokens, userdata
+from annex_gahp import names, pilotdata, tokens, userdata
 from annex_gahp.aws import fleet, instances, secrets, session, stack
 from annex_gahp.errors import CloudError, InputError
 from annex_gahp.reconcile import LaunchOutcome, Observed
@@ -116,9 +116,7 @@ class AwsCloud:
         bucket, key = stack.parse_location(location) if location.startswith("s3://") else ("", "")
         wanted = spec_from_record(annex.spec)
         if wanted.mode == "provision":
-            if not wanted.user_data_file:
-                raise InputError("provision mode needs annex_user_data_file")
-            raise InputError("provision mode is not available yet in this version")
+            return self._pilot_user_data(annex, wanted.user_data_template)
         return userdata.render_user_data(
             userdata.BootContext(
                 annex=annex.name,
@@ -134,6 +132,22 @@ class AwsCloud:
                 expires=annex.lease_expiration,
             )
         )
+
+    def _pilot_user_data(self, annex: Annex, template: bool) -> bytes:
+        """Provision mode: the user's own user data, as the translate hook read it with the
+        owner's rights (pilotdata.py), rendered with the annex's variables if asked."""
+        data = pilotdata.load(self.settings.state_dir, annex.id)
+        if data is None:
+            raise InputError(
+                f"annex {annex.name} has no user data: the job's translate hook did not send "
+                "any (resubmit the job)"
+            )
+        if not template:
+            return data
+        try:
+            return pilotdata.render(data, pilot_variables(annex))
+        except pilotdata.UserDataError as exc:
+            raise InputError(str(exc)) from None
 
     def _plan(
         self, annex: Annex, count: int, request: str, user_data: bytes | str
@@ -163,7 +177,9 @@ class AwsCloud:
     def prepare(self, annex: Annex) -> dict[str, str]:
         """Token and per-annex launch template (stack: token bucket; the stack itself is made
         by `launch`, under the launch's recorded intent); idempotent, so redone after a crash."""
-        parameter = self._store_token(annex)
+        # Provision mode: nothing of this pool goes to the instances, so no token either.
+        provision = spec_from_record(annex.spec).mode == "provision"
+        parameter = "" if provision else self._store_token(annex)
         if self._is_stack(annex):
             return {"template_id": self._stack_name(annex), "token_parameter": parameter}
         plan = self._plan(annex, 0, "", self._user_data(annex, parameter))
@@ -280,3 +296,20 @@ class AwsCloud:
         ec2 = self._client("ec2", annex.region)
         fleet.delete_annex_template(ec2, self.settings.pool_id, annex.owner, annex.name)
         secrets.delete_token(self._client("ssm", annex.region), self._token_parameter(annex))
+
+
+def pilot_variables(annex: Annex) -> dict[str, object]:
+    """What a provision-mode user data template may use (annex_user_data_template = true).
+    One rendering serves every instance of the annex: an instance's own index is EC2's
+    ami-launch-index, which the script reads from the instance metadata service."""
+    return {
+        "annex_name": annex.name,
+        "annex_owner": annex.owner,
+        "annex_request_id": f"annex-{annex.id}",
+        "annex_region": annex.region,
+        "annex_instances": annex.requested,
+        "annex_expires": annex.lease_expiration,
+        "annex_expires_utc": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(annex.lease_expiration)
+        ),
+    }

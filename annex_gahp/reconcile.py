@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from annex_gahp import faults, lifecycle, names
+from annex_gahp import faults, lifecycle, names, pilotdata
 from annex_gahp.errors import AnnexError
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService, spec_from_record
@@ -238,19 +238,24 @@ class Reconciler:
         demand: dict[tuple[str, str], Demand] | None,
         now: int,
     ) -> Annex:
+        provision = spec_from_record(annex.spec).mode == "provision"
         if now >= annex.lease_expiration:
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
-            self.demand.hold(
-                annex.owner,
-                annex.name,
-                f"annex {annex.name} reached the end of its lease at {when}; its instances were "
-                "terminated. Extend leases with htcondor-annex extend before they end, or "
-                "condor_release these jobs to start a new annex.",
-            )
+            if not provision:
+                # (Provision mode: the job that stands for the annex ends by itself, exit 2.)
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
+                self.demand.hold(
+                    annex.owner,
+                    annex.name,
+                    f"annex {annex.name} reached the end of its lease at {when}; its instances "
+                    "were terminated. Extend leases with htcondor-annex extend before they end, or "
+                    "condor_release these jobs to start a new annex.",
+                )
             return self.service.retire(annex, "lease")
         if demand is None:
             return annex
         wanted = demand.get((annex.owner, annex.name), Demand())
+        if provision and wanted.idle:
+            self._start_local_jobs()
         changes: dict[str, Any] = {}
         if (wanted.idle, wanted.running) != (annex.demand_idle, annex.demand_running):
             changes.update(demand_idle=wanted.idle, demand_running=wanted.running)
@@ -266,6 +271,35 @@ class Reconciler:
             return self.service.retire(annex, "idle")
         return annex
 
+    def _start_local_jobs(self) -> None:
+        """Provision-mode jobs are local universe jobs that wait until the route has handed
+        them to us (their Requirements); the schedd starts such a job at its next queue scan
+        (SCHEDD_INTERVAL, 300 s by default) unless asked to look now: ask, once per cycle."""
+        now = self.clock()
+        if now - getattr(self, "_rescheduled_at", 0.0) < 1.0:
+            return
+        self._rescheduled_at = now
+        reschedule = getattr(self.demand, "reschedule", None)
+        if reschedule is None:
+            return
+        try:
+            reschedule()
+        except Exception as err:
+            log.warning("could not ask the schedd to start provision-mode jobs: %s", err)
+
+    def _provision_ended(self, annex: Annex, have: int) -> Annex | None:
+        """Provision mode: the annex ends when every instance it got has ended (its pilots are
+        done: `ended`), or when none could be launched (`failed`, with the error kept)."""
+        if have:
+            return None
+        launched = len(self.store.instances(annex.id))
+        if launched and launched >= annex.requested:
+            log.info("annex %s: all %d instance(s) ended by themselves", annex.key, launched)
+            return self.service.retire(annex, "ended")
+        if not launched and annex.state == names.FAILED:
+            return self.service.retire(annex, "failed")
+        return None
+
     def _converge(self, annex: Annex, live: list[Observed], now: int) -> Annex:
         known = {o.id for o in live}
         # Launched by us, not yet visible to describe: count them so we do not launch twice.
@@ -275,6 +309,13 @@ class Reconciler:
             if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
         ]
         have = len(live) + len(recent)
+        if spec_from_record(annex.spec).mode == "provision":
+            ended = self._provision_ended(annex, have)
+            if ended is not None:
+                return ended
+            # The job stands for the instances it got: one that ended (its pilot finished) is
+            # not replaced, as a grid-universe ec2 job's VM is not.
+            have = max(have, len(self.store.instances(annex.id)))
         running = sum(1 for o in live if o.state == "running")
         if have < annex.requested and self._may_launch(annex, now):
             annex = self._launch(annex, annex.requested - have, now)
@@ -305,7 +346,14 @@ class Reconciler:
         return now - annex.updated >= RETRY_AFTER_FAILURE
 
     def _launch(self, annex: Annex, count: int, now: int) -> Annex:
-        prepared = self.cloud.prepare(annex)
+        try:
+            prepared = self.cloud.prepare(annex)
+        except AnnexError as err:
+            if spec_from_record(annex.spec).mode != "provision":
+                raise
+            # Provision mode: the user's data cannot be used (e.g. its template does not
+            # render); that is this annex's launch failing, and its job says so.
+            return self._launch_failed(annex, str(err))
         if prepared and (
             prepared.get("template_id") != annex.template_id
             or prepared.get("token_parameter") != annex.token_parameter
@@ -359,6 +407,12 @@ class Reconciler:
             faults.checkpoint("retire.terminated")
             return annex
         self.cloud.release(annex)
+        pilotdata.remove(self.settings.state_dir, annex.id)
+        # Its instances are gone (none is live): their records say so, for the last report.
+        records = self.store.instances(annex.id)
+        ended = [(i.id, "terminated", "") for i in records if i.state in LIVE_STATES]
+        if ended:
+            self.store.record_instances(annex.id, "", ended, now)
         faults.checkpoint("retire.released")
         annex = self.store.update_annex(
             annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
@@ -420,7 +474,9 @@ class Reconciler:
             self._last_publish = now
 
     def _annotate_jobs(self, annex: Annex, view: dict[str, Any]) -> None:
-        if not annex.demand_idle:
+        # Provision mode: the running job stands for the annex and shows its instances too.
+        provision = view.get("Mode") == "provision"
+        if not annex.demand_idle and not (provision and annex.demand_running):
             return  # nobody waits; the schedd refuses an edit that matches no job
         previous = self._published.get(annex.id)
         if previous is not None and all(previous.get(k) == view.get(k) for k in _JOB_VISIBLE):
@@ -430,6 +486,7 @@ class Reconciler:
                 annex.owner,
                 annex.name,
                 self.service.job_status_attrs(annex, annex.owner, annex.name),
+                **({"running": True} if provision else {}),
             )
         except Exception as err:
             log.warning("could not update the jobs of %s: %s", annex.key, err)
@@ -443,4 +500,7 @@ _JOB_VISIBLE = (
     "LeaseExpiration",
     "LastError",
     "BindingLimit",
+    "PendingInstances",
+    "FailedInstances",
+    "RetireReason",
 )
