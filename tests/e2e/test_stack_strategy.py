@@ -136,6 +136,31 @@ def test_stack_annex_create_run_grow_shrink_retire() -> None:
     burst_demo.wait_for("3 annex startds", lambda: len(_startds(annex)) >= 3, TIMEOUT)
     assert len([s for s in cfn.describe_stacks()["Stacks"] if s["StackName"] == name]) == 1
 
+    # A longer lease reaches the groups (for instances launched later) and the instances.
+    before = s3.get_object(Bucket=buckets[0], Key="token")["LastModified"]
+    _cli("extend", "--name", annex, "--lease", "2h")
+
+    def expiries() -> set[str]:
+        found = {
+            t["Value"]
+            for g in asg.describe_auto_scaling_groups(
+                AutoScalingGroupNames=[g.name for g in groups]
+            )["AutoScalingGroups"]
+            for t in g["Tags"]
+            if t["Key"] == "htcondor-annex:expires"
+        }
+        for inst in _live(ec2, annex):
+            found |= {t["Value"] for t in inst["Tags"] if t["Key"] == "htcondor-annex:expires"}
+        return found
+
+    new = burst_demo.wait_for(
+        "the new lease on groups and instances",
+        lambda: len(e := expiries()) == 1 and int(next(iter(e))) > time.time() + 3600 and e,
+        60,
+    )
+    assert burst_demo.annex_ads(OWNER, annex)[0]["LeaseExpiration"] == int(next(iter(new)))
+    assert s3.get_object(Bucket=buckets[0], Key="token")["LastModified"] >= before
+
     # Shrink: instances leave with their group's capacity, so none is replaced.
     _cli("extend", "--name", annex, "--instances", "1")
     burst_demo.wait_for(
