@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from annex_gahp import faults, logsetup
@@ -61,6 +62,71 @@ def _take_lock(state_dir: str) -> Any:
     return handle
 
 
+class MasterLink:
+    """What a DaemonCore daemon tells its condor_master, done for this non-DaemonCore program.
+
+    - Alive: `htcondor2.send_alive` (DC_CHILDALIVE to the master named in CONDOR_INHERIT) works
+      from here with Debian's 23.9 bindings: the master accepts it from the condor user (DAEMON
+      level) and, from the first one on, kills the helper as hung ("appears hung! Killing it
+      hard") when the next one is later than the timeout we gave, then restarts it. The loop
+      sends one every third of ANNEX_GAHP_NOT_RESPONDING_TIMEOUT (else NOT_RESPONDING_TIMEOUT,
+      default 3600 s), so a wedged reconcile loop is replaced, not left serving stale records.
+    - Ready: `htcondor2.set_ready_state` exists only in newer bindings (not in 23.9); it is
+      called when present. Without it the master simply shows no ready state for ANNEX_GAHP.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("CONDOR_INHERIT"))
+        self.timeout = 3600
+        self._last = 0.0
+        self._failing = False
+
+    def configure(self) -> None:
+        import htcondor2  # noqa: PLC0415
+
+        value = None
+        for knob in ("ANNEX_GAHP_NOT_RESPONDING_TIMEOUT", "NOT_RESPONDING_TIMEOUT"):
+            value = htcondor2.param.get(knob)
+            if value is not None:
+                break
+        try:
+            self.timeout = max(10, int(str(value))) if value is not None else 3600
+        except ValueError:
+            log.error("NOT_RESPONDING_TIMEOUT = %r is not a number; using 3600", value)
+            self.timeout = 3600
+        self._last = 0.0  # a new timeout takes effect with the next alive
+
+    def alive(self) -> None:
+        now = time.monotonic()
+        if not self.enabled or (self._last and now - self._last < self.timeout / 3):
+            return
+        import htcondor2  # noqa: PLC0415
+
+        try:
+            htcondor2.send_alive(pid=os.getpid(), timeout=self.timeout)
+        except Exception as err:  # the master restarting must not stop the loop
+            if not self._failing:
+                log.warning("could not tell condor_master this helper is alive: %s", err)
+            self._failing = True
+            return
+        if self._failing or not self._last:
+            log.info("told condor_master: alive, next within %d s", self.timeout)
+        self._failing = False
+        self._last = now
+
+    def ready(self) -> None:
+        import htcondor2  # noqa: PLC0415
+
+        set_ready = getattr(htcondor2, "set_ready_state", None)
+        if not self.enabled or set_ready is None:
+            return
+        try:
+            set_ready("Ready")
+            log.info("told condor_master: Ready")
+        except Exception as err:
+            log.warning("could not tell condor_master this helper is ready: %s", err)
+
+
 class Helper:
     """The long-running parts, wired together."""
 
@@ -73,6 +139,7 @@ class Helper:
         from annex_gahp.store import Store  # noqa: PLC0415
 
         self.cfg = cfg
+        self.master = MasterLink()
         self.stop = threading.Event()
         self._wake = threading.Event()
         self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
@@ -85,24 +152,33 @@ class Helper:
     def reload(self) -> None:
         import htcondor2  # noqa: PLC0415
 
-        htcondor2.reload_config()
-        cfg = settings_mod.load()
+        try:
+            htcondor2.reload_config()
+            cfg = settings_mod.load()
+        except Exception as err:  # a typo in a knob must not take the helper down
+            log.error("configuration reload failed; keeping the previous knobs: %s", err)
+            return
         arm_faults(cfg)
+        self.master.configure()
         self.cfg = self.service.settings = self.reconciler.settings = cfg
         self.reconciler.cloud.settings = cfg
         log.info("configuration reloaded")
         self._wake.set()
 
     def loop(self) -> None:
+        self.master.configure()
+        self.master.alive()
         try:
             self.reconciler.recover()
         except Exception:
             log.exception("recovery after restart failed; retrying in the loop")
+        self.master.ready()
         while not self.stop.is_set():
             try:
                 self.reconciler.run_once()
             except Exception:
                 log.exception("reconcile cycle failed")
+            self.master.alive()
             self._wake.wait(self.cfg.reconcile_interval)
             self._wake.clear()
 
@@ -121,8 +197,14 @@ def run_daemon() -> int:
     from annex_gahp.gahp import Dispatcher  # noqa: PLC0415
     from annex_gahp.transports import SocketServer  # noqa: PLC0415
 
-    cfg = settings_mod.load()
+    # Until the handlers below are in place a reconfig must not kill us (SIGHUP's default):
+    # the knobs are being read fresh anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     condor = pwd.getpwnam("condor")
+    try:
+        cfg = settings_mod.load()
+    except AnnexError as err:
+        return _refuse_early(err, condor)
     _prepare_dirs(cfg, condor)
     _drop_privileges()
     logsetup.configure(cfg.log_file)
@@ -155,6 +237,26 @@ def run_daemon() -> int:
         lock.close()
         log.info("annex_gahp stopped")
     return 0
+
+
+def _refuse_early(err: AnnexError, condor: pwd.struct_passwd) -> int:
+    """A knob that does not parse: say so in the log (whose own knob is read raw), not only on
+    stderr, which condor_master sends to /dev/null."""
+    import htcondor2  # noqa: PLC0415
+
+    path = str(htcondor2.param.get("ANNEX_GAHP_LOG") or "/var/log/condor/AnnexGahpLog")
+    try:
+        if os.geteuid() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "a").close()
+            os.chown(path, condor.pw_uid, condor.pw_gid)
+        _drop_privileges()
+        logsetup.configure(path)
+        log.error("annex_gahp cannot start (pid %d): %s", os.getpid(), err)
+    except OSError:
+        pass
+    print(f"annex_gahp: {err}", file=sys.stderr)
+    return 1
 
 
 def relay_stdio(path: str) -> int:
