@@ -69,7 +69,8 @@ def cluster_of(res: subprocess.CompletedProcess[str]) -> int:
 def job_ads(cluster: int) -> list[dict]:
     res = sandbox.run_as(
         USER, "condor_q", str(cluster), "-json", "-attributes",
-        ",".join([*CANONICAL, *SPELLINGS, "Requirements", "JobMachineAttrs", "Iwd", "ProcId"]),
+        ",".join([*CANONICAL, *SPELLINGS, "Requirements", "JobMachineAttrs", "Iwd", "ProcId",
+                  "JobUniverse", "Cmd"]),
     )  # fmt: skip
     return json.loads(res.stdout) if res.stdout.strip() else []
 
@@ -195,10 +196,18 @@ def test_valid_example_is_queued_with_canonical_attributes(workdir, name):
                 assert value is None or isinstance(value, (str, int)), (attr, value)
                 if isinstance(value, str) and attr != "AnnexTags":
                     assert " " not in value, (attr, value)
-            assert re.search(r"TARGET\.AnnexName (=\?=|is) MY\.TargetAnnexName", ad["Requirements"])
             assert "AnnexName" in ad["JobMachineAttrs"].split(",")
             if name == "provision.sub":
                 assert ad["AnnexUserDataFile"] == f"{ad['Iwd']}/pilot-user-data.sh"
+                # The job stands for its annex: a local universe job of ours, which may start
+                # once the route has handed it to the helper (docs/users.md, provision mode).
+                assert ad["JobUniverse"] == 12
+                assert ad["Cmd"].endswith("/annex_provision_job")
+                assert re.search(r"AnnexRoutedName (=\?=|is) MY\.TargetAnnexName", ad["Requirements"])
+            else:
+                assert re.search(
+                    r"TARGET\.AnnexName (=\?=|is) MY\.TargetAnnexName", ad["Requirements"]
+                )
             if name == "expiry.sub":
                 assert type(ad["AnnexExpiry"]) is int
                 assert abs(ad["AnnexExpiry"] - (submitted_at + 3 * 3600)) < 300
