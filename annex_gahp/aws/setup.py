@@ -47,6 +47,7 @@ class AdminClients:
     events: Any
     ssm: Any
     region: str
+    s3: Any = None  # the stack strategy's token buckets (made from the settings if not given)
 
 
 def admin_clients(settings: Settings, region: str | None = None) -> AdminClients:
@@ -447,13 +448,24 @@ def teardown(
     stack_name = stack_name or default_stack_name(settings.pool_id)
     removed: dict[str, list[str]] = {"instances": [], "launch_templates": [], "parameters": []}
     live = instances.describe_pool(clients.ec2, settings.pool_id)
-    if live and not force:
-        annexes = sorted({f"{v.owner}/{v.annex}" for v in live})
+    annex_stacks = _annex_stacks(clients.cloudformation, settings.pool_id, stack_name)
+    if (live or annex_stacks) and not force:
+        annexes = sorted({f"{v.owner}/{v.annex}" for v in live} | set(annex_stacks.values()))
         raise SetupError(
-            f"{len(live)} instance(s) of pool {settings.pool_id} still run (annexes "
-            f"{', '.join(annexes[:10])}): delete those annexes first, or use "
-            "`htcondor-annex teardown --force` to terminate them"
+            f"{len(live)} instance(s) and {len(annex_stacks)} annex stack(s) of pool "
+            f"{settings.pool_id} still exist (annexes {', '.join(annexes[:10])}): delete those "
+            "annexes first, or use `htcondor-annex teardown --force` to terminate them"
         )
+    if annex_stacks:
+        # Deleting the stack takes its groups' instances; terminating them one by one would
+        # only make the groups launch replacements.
+        for name in annex_stacks:
+            with aws_errors(f"delete annex stack {name}"):
+                clients.cloudformation.delete_stack(StackName=name)
+        for name in annex_stacks:
+            _wait(clients.cloudformation, "stack_delete_complete", name)
+        removed["annex_stacks"] = sorted(annex_stacks)
+        live = instances.describe_pool(clients.ec2, settings.pool_id)
     if live:
         removed["instances"] = instances.terminate(clients.ec2, [v.id for v in live])
         with aws_errors("wait for the pool's instances to terminate"):
@@ -469,6 +481,9 @@ def teardown(
         base_id = _outputs(stack).get("LaunchTemplate", "")
     removed["launch_templates"] = _delete_annex_templates(clients.ec2, settings.pool_id, base_id)
     removed["parameters"] = _delete_tokens(clients.ssm, settings)
+    removed["buckets"] = _delete_token_buckets(
+        clients.s3 or session.client("s3", settings, clients.region), settings
+    )
     if stack is None:
         log.info("setup stack %s does not exist", stack_name)
         return removed
@@ -483,6 +498,45 @@ def teardown(
     if policy_arn and _delete_leftover_policy(clients.iam, policy_arn):
         removed["leftovers"] = [policy_arn]
     return removed
+
+
+def _annex_stacks(cfn: Any, pool_id: str, setup_stack: str) -> dict[str, str]:
+    """The stack strategy's stacks of this pool: name -> owner/annex."""
+    found: dict[str, str] = {}
+    with aws_errors("list the pool's annex stacks"):
+        for page in cfn.get_paginator("describe_stacks").paginate():
+            for item in page["Stacks"]:
+                tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
+                if (
+                    tags.get(names.TAG_POOL) == pool_id
+                    and names.TAG_NAME in tags
+                    and item["StackName"] != setup_stack
+                    and item["StackStatus"] != "DELETE_COMPLETE"
+                ):
+                    found[item["StackName"]] = (
+                        f"{tags.get(names.TAG_OWNER, '?')}/{tags[names.TAG_NAME]}"
+                    )
+    return found
+
+
+def _delete_token_buckets(s3: Any, settings: Settings) -> list[str]:
+    """The stack strategy's token buckets of this pool (by name, then by pool tag)."""
+    from annex_gahp.aws import stack  # noqa: PLC0415 - only teardown needs it
+
+    prefix = stack.bucket_prefix(settings.central_manager)
+    gone = []
+    with aws_errors("list the pool's token buckets"):
+        candidates = [
+            b["Name"] for b in s3.list_buckets().get("Buckets", []) if b["Name"].startswith(prefix)
+        ]
+    for bucket in candidates:
+        try:
+            tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}
+        except ClientError:
+            continue  # untagged or not ours to read: not provably this pool's
+        if tags.get(names.TAG_POOL) == settings.pool_id and stack.delete_bucket(s3, bucket):
+            gone.append(bucket)
+    return gone
 
 
 def _delete_annex_templates(ec2: Any, pool_id: str, keep: str) -> list[str]:

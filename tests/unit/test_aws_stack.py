@@ -456,3 +456,41 @@ def test_stack_create_failure_shows_as_an_error(moto_url: str) -> None:  # noqa:
     cfn.meta.events.register("before-call.cloudformation.CreateStack", refuse)
     with pytest.raises(CloudError, match=r"create stack annex-a1 .*InsufficientCapabilities"):
         stack.ensure(cfn, asg, _plan(moto_url), name="annex-a1", base={}, target=1, max_size=5)
+
+
+def test_teardown_deletes_annex_stacks_and_token_buckets(moto_url: str) -> None:  # noqa: F811
+    """Teardown refuses while a stack annex exists; forced, it deletes the stack (taking the
+    instances with it: none is terminated behind its group's back) and the token bucket."""
+    from annex_gahp.aws import setup  # noqa: PLC0415
+    from annex_gahp.errors import SetupError  # noqa: PLC0415
+
+    settings = make_settings(moto_url, pool_id=POOL, central_manager=POOL)
+    made = _ensure(moto_url, _plan(moto_url), 2)
+    s3 = raw_client("s3", moto_url)
+    bucket = stack.bucket_name(POOL, POOL, "alice", "a1")
+    stack.put_token(s3, bucket, "tok", {names.TAG_POOL: POOL}, REGION)
+    s3.create_bucket(Bucket=stack.bucket_name(POOL, POOL, "bob", "other-pool"))  # untagged
+    clients = setup.AdminClients(
+        cloudformation=raw_client("cloudformation", moto_url),
+        ec2=raw_client("ec2", moto_url),
+        iam=raw_client("iam", moto_url),
+        lambda_=raw_client("lambda", moto_url),
+        events=raw_client("events", moto_url),
+        ssm=raw_client("ssm", moto_url),
+        region=REGION,
+        s3=s3,
+    )
+    with pytest.raises(SetupError, match=r"1 annex stack\(s\).*alice/a1.*--force"):
+        setup.teardown(settings, clients=clients)
+    terminations = count_calls(clients.ec2, "TerminateInstances")
+    removed = setup.teardown(settings, clients=clients, force=True)
+    assert removed["annex_stacks"] == ["annex-a1"]
+    assert removed["instances"] == [] and terminations == []
+    assert removed["buckets"] == [bucket]
+    assert not set(made.instance_ids) & set(_live(moto_url))
+    assert (
+        stack.describe(clients.cloudformation, raw_client("autoscaling", moto_url), "annex-a1")
+        is None
+    )
+    left = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert left == [stack.bucket_name(POOL, POOL, "bob", "other-pool")]
