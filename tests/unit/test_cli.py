@@ -24,24 +24,29 @@ from annex_gahp.gahp import Caller, Dispatcher
 from annex_gahp.transports import SocketServer
 
 REPO = Path(__file__).resolve().parents[2]
-NOW = int(time.time())
 
-ANNEX = {
-    "AnnexName": "gpu-burst",
-    "Owner": "alice",
-    "AnnexState": "running",
-    "RequestedInstances": 4,
-    "RunningInstances": 3,
-    "PendingInstances": 1,
-    "LeaseExpiration": NOW + 5400,
-    "LastError": "",
-}
+
+def annex_view(now: int) -> dict:
+    # Times are taken when the peer is made, not at import: a loaded machine may take minutes
+    # between collecting this module and running a test, and "lease left" must not drift.
+    return {
+        "AnnexName": "gpu-burst",
+        "Owner": "alice",
+        "AnnexState": "running",
+        "RequestedInstances": 4,
+        "RunningInstances": 3,
+        "PendingInstances": 1,
+        "LeaseExpiration": now + 5400 + 30,  # shows 1h30m for the next 30 s
+        "LastError": "",
+    }
 
 
 class Peer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, str]]] = []
         self.lock = threading.Lock()
+        now = int(time.time())
+        view = annex_view(now)
         self.answers: dict[str, dict[str, str] | Exception] = {
             "ANNEX_CREATE": {
                 "name": "gpu-burst",
@@ -52,14 +57,14 @@ class Peer:
             "ANNEX_EXTEND": {
                 "name": "gpu-burst",
                 "state": "running",
-                "lease_expiration": str(NOW + 7200),
+                "lease_expiration": str(now + 7200 + 30),
                 "requested": "6",
             },
             "ANNEX_DELETE": {"name": "gpu-burst", "state": "retiring"},
             "ANNEX_STATUS": {
                 "json": json.dumps(
                     {
-                        **ANNEX,
+                        **view,
                         "instances": [{"id": "i-0abc", "state": "running", "type": "m5.large"}],
                     }
                 )
@@ -67,12 +72,12 @@ class Peer:
             "ANNEX_LIST": {
                 "json": json.dumps(
                     [
-                        ANNEX,
+                        view,
                         {
-                            **ANNEX,
+                            **view,
                             "AnnexName": "old",
                             "AnnexState": "failed",
-                            "LeaseExpiration": NOW - 10,
+                            "LeaseExpiration": now - 10,
                             "LastError": "InsufficientInstanceCapacity:\nno m5.large",
                         },
                     ]
@@ -191,7 +196,7 @@ def test_extend(peer, capsys) -> None:
     )
     assert code == 0
     assert p.calls == [("ANNEX_EXTEND", {"name": "gpu-burst", "lease": "2h", "instances": "6"})]
-    assert out.startswith("annex gpu-burst: running, 6 instance(s) requested, lease left 1h59m")
+    assert out.startswith("annex gpu-burst: running, 6 instance(s) requested, lease left 2h00m")
 
 
 def test_extend_needs_something(peer, capsys) -> None:
@@ -218,7 +223,7 @@ def test_status_lists_a_table(peer, capsys) -> None:
         "LAST",
         "ERROR",
     ]
-    assert lines[1].split()[:5] == ["gpu-burst", "alice", "running", "3/4", "1h29m"]
+    assert lines[1].split()[:5] == ["gpu-burst", "alice", "running", "3/4", "1h30m"]
     assert lines[1].endswith("-")
     assert lines[2].split()[:5] == ["old", "alice", "failed", "3/4", "expired"]
     assert lines[2].endswith("InsufficientInstanceCapacity: no m5.large")
@@ -414,9 +419,9 @@ def test_cli_imports_no_cloud_or_condor_bindings() -> None:
 
 def test_format_table_lease_column() -> None:
     rows = [
-        {**ANNEX, "LeaseExpiration": 1000 + 59},
-        {**ANNEX, "LeaseExpiration": 0},
-        {**ANNEX, "LeaseExpiration": 999},
+        {**annex_view(0), "LeaseExpiration": 1000 + 59},
+        {**annex_view(0), "LeaseExpiration": 0},
+        {**annex_view(0), "LeaseExpiration": 999},
     ]
     lines = cli.format_table(rows, now=1000).splitlines()
     assert [line.split()[4] for line in lines[1:]] == ["59s", "-", "expired"]
