@@ -287,7 +287,12 @@ class AwsCloud:
     def release(self, annex: Annex) -> None:
         if self._is_stack(annex):
             name = self._stack_name(annex)
-            status = stack.delete(self._client("cloudformation", annex.region), name)
+            ours = {
+                names.TAG_POOL: self.settings.pool_id,
+                names.TAG_OWNER: annex.owner,
+                names.TAG_NAME: annex.name,
+            }
+            status = stack.delete(self._client("cloudformation", annex.region), name, ours)
             if status:
                 # Retried by the next cycle; the annex stays retiring until the stack is gone.
                 raise CloudError(f"waiting for stack {name} to be deleted ({status})")

@@ -517,10 +517,13 @@ def retag_groups(asg: Any, group_names: list[str], tags: dict[str, str]) -> None
             asg.create_or_update_tags(Tags=payload[start : start + 50])
 
 
-def delete(cfn: Any, name: str) -> str:
+def delete(cfn: Any, name: str, expect: dict[str, str] | None = None) -> str:
     """Ask for the stack's deletion (its groups, templates and instances go with it).
 
-    Returns the status after the call: "" = gone; DELETE_IN_PROGRESS = AWS is at it."""
+    `expect`: tags the stack must carry to be deleted (the annex's pool, owner and name): an
+    annex whose stack name was taken by someone else's stack never deletes that stack.
+    Returns the status after the call: "" = gone (or not ours); DELETE_IN_PROGRESS = AWS is
+    at it."""
     with aws_errors(f"delete stack {name}"):
         try:
             stacks = cfn.describe_stacks(StackName=name)["Stacks"]
@@ -529,6 +532,10 @@ def delete(cfn: Any, name: str) -> str:
                 return ""
             raise
         if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
+            return ""
+        tags = {t["Key"]: t["Value"] for t in stacks[0].get("Tags", [])}
+        if expect and any(tags.get(k) != v for k, v in expect.items()):
+            log.warning("stack %s is not this annex's (tags %s): left alone", name, tags)
             return ""
         if stacks[0]["StackStatus"] != "DELETE_IN_PROGRESS":
             cfn.delete_stack(StackName=name)

@@ -192,6 +192,12 @@ def test_a_stack_of_someone_else_is_not_taken_over(moto_url: str) -> None:  # no
     _ensure(moto_url, _plan(moto_url), 1)
     with pytest.raises(CloudError, match="choose another annex_stack_name"):
         _ensure(moto_url, _plan(moto_url, owner="bob"), 1)
+    # Nor deleted when bob's (failed) annex retires.
+    cfn, asg = _clients(moto_url)
+    bobs = {names.TAG_POOL: POOL, names.TAG_OWNER: "bob", names.TAG_NAME: "a1"}
+    assert stack.delete(cfn, "annex-a1", bobs) == ""
+    assert stack.describe(cfn, asg, "annex-a1") is not None
+    assert len(_live(moto_url)) == 1
 
 
 # --- the token bucket ------------------------------------------------------------------------
