@@ -101,8 +101,9 @@ def test_provision_job_stands_for_its_annex_and_condor_rm_ends_it() -> None:
             raise AssertionError(f"job {cluster}.0 left: {dict(ad) if ad else None}")
         ids = [i for i in str(ad.get("AnnexInstanceIds", "")).split(",") if i]
         states = str(ad.get("AnnexInstanceStates", "")).split(",")
+        # (The helper writes one attribute at a time: wait for the counts too.)
         if ad.get("JobStatus") == 2 and len(ids) == 2 and states.count("running") == 2:
-            return ad
+            return ad if ad.get("AnnexRunningInstances") == 2 else None
         return None
 
     ad = sandbox.wait_for(
@@ -212,3 +213,56 @@ def test_oversize_user_data_is_refused_with_the_limit() -> None:
     assert "over EC2's user data limit of 16384 bytes" in reason
     assert not annex_ads(name) and not tagged(name, states=())
     sandbox.run_as(USER, "condor_rm", str(cluster))
+
+
+def finished(cluster: int, timeout: float = 120):
+    def done():
+        ad = sandbox.job_ad(cluster)
+        return ad if ad is not None and ad.get("JobStatus") == 4 else None
+
+    return sandbox.wait_for(done, timeout=timeout, what=f"job {cluster}.0 done", on_timeout=logs)
+
+
+def test_job_completes_with_0_when_every_pilot_ended_by_itself() -> None:
+    sandbox.check_running()
+    name = f"pv-{uuid.uuid4().hex[:8]}"
+    workdir = sandbox.user_tmpdir(USER, "annex-provision-")
+    # A pilot that does its work and powers the instance off (the booter's poweroff terminates
+    # it in EC2, as InstanceInitiatedShutdownBehavior=terminate does).
+    write_as_user(workdir / "short.sh", b"#!/bin/sh\nsleep 5\n$ANNEX_POWEROFF_CMD\n")
+    cluster = submit(workdir, name, "short.sh", "annex_instances = 2")
+    ad = finished(cluster)
+    assert ad["ExitCode"] == names.EXIT_ENDED
+    out = (workdir / "job.out").read_text()
+    assert "every instance ended by itself (exit 0)" in out, out
+    assert not tagged(name)
+    sandbox.wait_for(lambda: not annex_ads(name), timeout=30, what="the Annex ad gone")
+
+
+def test_job_completes_with_2_when_the_lease_ends() -> None:
+    sandbox.check_running()
+    name = f"pv-{uuid.uuid4().hex[:8]}"
+    workdir = sandbox.user_tmpdir(USER, "annex-provision-")
+    write_as_user(workdir / "pilot.sh", b"#!/bin/sh\nexec sleep 100000\n")
+    cluster = sandbox.condor_submit_as(
+        USER,
+        "\n".join(
+            [
+                "executable = /bin/true",
+                f"annex_name = {name}",
+                "annex_mode = provision",
+                "annex_user_data_file = pilot.sh",
+                "annex_lease = 40s",
+                "output = job.out",
+                "log = job.log",
+                "queue",
+                "",
+            ]
+        ),
+        cwd=str(workdir),
+    )
+    ad = finished(cluster)
+    assert ad["ExitCode"] == names.EXIT_LEASE
+    out = (workdir / "job.out").read_text()
+    assert "lease ended; its instances were terminated (exit 2)" in out, out
+    assert not tagged(name)
