@@ -266,7 +266,7 @@ class AwsCloud:
                 self._client("autoscaling", annex.region),
                 self._stack_name(annex),
             )
-            if view is not None:
+            if view is not None and stack.owned_by(view, self.settings.pool_id, annex):
                 stack.retag_groups(
                     self._client("autoscaling", annex.region),
                     [g.name for g in view.groups],

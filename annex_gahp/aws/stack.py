@@ -380,6 +380,15 @@ def describe(cfn: Any, asg: Any, name: str) -> StackView | None:
     return view
 
 
+def owned_by(view: StackView, pool_id: str, annex: Any) -> bool:
+    """Whether the stack is this annex's (`annex`: anything with .owner and .name)."""
+    return (
+        view.tags.get(names.TAG_POOL) == pool_id
+        and view.tags.get(names.TAG_OWNER) == annex.owner
+        and view.tags.get(names.TAG_NAME) == annex.name
+    )
+
+
 def _check_ours(view: StackView, plan: fleet.LaunchPlan) -> None:
     mine = {names.TAG_POOL: plan.pool_id, names.TAG_OWNER: plan.owner, names.TAG_NAME: plan.annex}
     if any(view.tags.get(k) != v for k, v in mine.items()):
