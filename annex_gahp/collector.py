@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from annex_gahp import names
 
 log = logging.getLogger(__name__)
+
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{1,32}$")
 
 
 def ad_name(owner: str, annex: str, schedd: str) -> str:
@@ -68,3 +71,46 @@ class Publisher:
         ad["Requirements"] = classad2.ExprTree(f'Name == "{name}"')
         htcondor2.Collector().advertise([ad], "INVALIDATE_ADS_GENERIC")
         log.info("invalidated the Annex ad %s", name)
+
+
+class AnnexSlots:
+    """The startds of this pool's annexes, for the idle-instance check: one query per cycle."""
+
+    PROJECTION = (
+        "AnnexOwner",
+        "AnnexName",
+        "AnnexInstanceId",
+        "State",
+        "Activity",
+        "EnteredCurrentState",
+    )
+
+    def slots(self, pool_id: str) -> list[dict[str, Any]]:
+        import htcondor2  # noqa: PLC0415
+
+        pool = '"' + pool_id.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        ads = htcondor2.Collector().query(
+            htcondor2.AdType.Startd,
+            constraint=f"IsAnnex =?= true && AnnexPool =?= {pool}",
+            projection=list(self.PROJECTION),
+        )
+        return [{key: ad.get(key) for key in self.PROJECTION} for ad in ads]
+
+    def invalidate(self, instance_ids: list[str]) -> None:
+        """Remove the startd and master ads of terminated instances from the collector."""
+        import classad2  # noqa: PLC0415
+        import htcondor2  # noqa: PLC0415
+
+        wanted = ", ".join(f'"{i}"' for i in instance_ids if _INSTANCE_ID.match(i))
+        if not wanted:
+            return
+        for command, target, attr in (
+            ("INVALIDATE_STARTD_ADS", "Machine", "AnnexInstanceId"),
+            ("INVALIDATE_MASTER_ADS", "DaemonMaster", "Machine"),
+        ):
+            ad = classad2.ClassAd()
+            ad["MyType"] = "Query"
+            ad["TargetType"] = target
+            ad["Requirements"] = classad2.ExprTree(f"member({attr}, {{ {wanted} }})")
+            htcondor2.Collector().advertise([ad], command)
+        log.info("dropped the ads of %s from the collector", " ".join(instance_ids))

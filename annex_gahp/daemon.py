@@ -132,7 +132,7 @@ class Helper:
 
     def __init__(self, cfg: settings_mod.Settings) -> None:
         from annex_gahp.cloud import AwsCloud  # noqa: PLC0415
-        from annex_gahp.collector import Publisher  # noqa: PLC0415
+        from annex_gahp.collector import AnnexSlots, Publisher  # noqa: PLC0415
         from annex_gahp.reconcile import Reconciler  # noqa: PLC0415
         from annex_gahp.schedd import ScheddDemand  # noqa: PLC0415
         from annex_gahp.service import AnnexService  # noqa: PLC0415
@@ -146,7 +146,12 @@ class Helper:
         demand = ScheddDemand()
         self.service = AnnexService(self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job)
         self.reconciler = Reconciler(
-            self.store, self.service, AwsCloud(cfg), ScheddDemand(), Publisher()
+            self.store,
+            self.service,
+            AwsCloud(cfg),
+            ScheddDemand(),
+            Publisher(),
+            slots=AnnexSlots(),
         )
 
     def reload(self) -> None:

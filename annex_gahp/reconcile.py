@@ -86,6 +86,14 @@ class DemandSource(Protocol):
     def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None: ...
 
 
+class SlotSource(Protocol):
+    """The collector's view of the annexes' startds (collector.AnnexSlots)."""
+
+    def slots(self, pool_id: str) -> list[dict[str, Any]]: ...
+
+    def invalidate(self, instance_ids: list[str]) -> None: ...
+
+
 class Publisher(Protocol):
     def publish(self, views: Iterable[dict[str, Any]]) -> None: ...
 
@@ -102,6 +110,7 @@ class Reconciler:
         publisher: Publisher,
         *,
         clock: Callable[[], float] = time.time,
+        slots: SlotSource | None = None,
     ) -> None:
         self.store = store
         self.service = service
@@ -113,6 +122,9 @@ class Reconciler:
         self._last_publish = 0.0
         self._published: dict[int, dict[str, Any]] = {}
         self._orphans_seen: dict[str, int] = {}
+        self.slots = slots
+        # instance id -> when a slot of it was last seen claimed (or first seen at all).
+        self._busy_at: dict[str, int] = {}
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -193,10 +205,12 @@ class Reconciler:
         mine: dict[tuple[str, str], list[Observed]] = defaultdict(list)
         for o in observed:
             mine[o.key].append(o)
+        unclaimed = self._unclaimed_instances()
         changed: list[Annex] = []
         for annex in annexes:
+            key = (annex.owner, annex.name)
             try:
-                after = self._step(annex, mine.get((annex.owner, annex.name), []), demand)
+                after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
             except AnnexError as err:
                 log.error("annex %s: %s", annex.key, err)
                 after = self.store.update_annex(annex.id, last_error=str(err))
@@ -211,7 +225,11 @@ class Reconciler:
         return self.cloud.observe(sorted(regions))
 
     def _step(
-        self, annex: Annex, seen: list[Observed], demand: dict[tuple[str, str], Demand] | None
+        self,
+        annex: Annex,
+        seen: list[Observed],
+        demand: dict[tuple[str, str], Demand] | None,
+        unclaimed: dict[str, int] | None = None,
     ) -> Annex:
         now = int(self.clock())
         if seen:
@@ -225,6 +243,8 @@ class Reconciler:
         live = [o for o in seen if o.state in LIVE_STATES]
         if annex.state in lifecycle.ACTIVE:
             annex = self._policy(annex, live, demand, now)
+        if annex.state in lifecycle.ACTIVE and unclaimed:
+            annex, live = self._retire_unclaimed(annex, live, unclaimed, now)
         if annex.state in lifecycle.ACTIVE:
             annex = self._converge(annex, live, now)
         if annex.state == names.RETIRING:
@@ -271,6 +291,110 @@ class Reconciler:
             return self.service.retire(annex, "idle")
         return annex
 
+    def _terminate(self, region: str, ids: list[str]) -> None:
+        """Terminate, then drop the instances' startd ads from the collector: a startd that
+        dies with its instance leaves ads behind for CLASSAD_LIFETIME, and the negotiator would
+        keep matching jobs of the same annex name to slots that are gone."""
+        self.cloud.terminate(region, ids)
+        if self.slots is not None and ids:
+            try:
+                self.slots.invalidate(ids)
+            except Exception as err:
+                log.warning("could not drop the slots of %s from the collector: %s", ids, err)
+
+    # --- instances nobody uses ---------------------------------------------------------------
+
+    def _unclaimed_instances(self) -> dict[tuple[str, str], dict[str, int]]:
+        """(owner, annex) -> {instance id: unclaimed since}, from one collector query.
+
+        An instance counts as unclaimed when none of its slots is claimed; since when is the
+        latest of its slots' EnteredCurrentState and the last time this loop saw one of them
+        claimed (a partitionable slot stays Unclaimed while its dynamic slots run jobs). An
+        instance whose startd has not reported is not in the answer: never retired as unused.
+        """
+        if self.slots is None:
+            return {}
+        now = int(self.clock())
+        try:
+            ads = self.slots.slots(self.settings.pool_id)
+        except Exception as err:  # no collector answer: nothing is known to be unused
+            log.warning("could not read the annexes' slots from the collector: %s", err)
+            return {}
+        per: dict[str, tuple[tuple[str, str], bool, int]] = {}
+        for ad in ads:
+            instance = ad.get("AnnexInstanceId")
+            if not isinstance(instance, str) or not instance.startswith("i-"):
+                continue
+            key = (str(ad.get("AnnexOwner", "")), str(ad.get("AnnexName", "")))
+            _, claimed, since = per.get(instance, (key, False, 0))
+            entered = ad.get("EnteredCurrentState")
+            per[instance] = (
+                key,
+                claimed or ad.get("State") != "Unclaimed",
+                max(since, entered if isinstance(entered, int) else now),
+            )
+        result: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        for instance, (key, claimed, since) in per.items():
+            if claimed:
+                self._busy_at[instance] = now
+                continue
+            result[key][instance] = max(since, self._busy_at.setdefault(instance, now))
+        for instance in set(self._busy_at) - set(per):
+            del self._busy_at[instance]
+        return result
+
+    def _retire_unclaimed(
+        self, annex: Annex, live: list[Observed], unclaimed: dict[str, int], now: int
+    ) -> tuple[Annex, list[Observed]]:
+        """Terminate the instances unclaimed for the idle timeout, and ask for that many less.
+
+        The clock runs only while the annex has jobs: with none, the annex's own idle timeout
+        (in _policy) decides, and a job released or submitted later finds every instance
+        with a fresh clock rather than one that ran out while nobody asked.
+        """
+        if not (annex.demand_idle or annex.demand_running):
+            for instance in unclaimed:
+                self._busy_at[instance] = now
+            return annex, live
+        timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
+        running = {o.id for o in live if o.state == "running"}
+        ids = sorted(i for i, since in unclaimed.items() if i in running and now - since >= timeout)
+        if not ids:
+            return annex, live
+        have = len(live) + len(self._recent(annex, live, now))
+        requested = max(0, min(annex.requested, have) - len(ids))
+        self._terminate(annex.region, ids)
+        # Recorded at once, so the launch-grace count in _converge does not see them as live.
+        self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
+        log.info(
+            "annex %s: %d instance(s) unclaimed for %d s, terminated: %s; now wants %d",
+            annex.key,
+            len(ids),
+            timeout,
+            " ".join(ids),
+            requested,
+        )
+        changes: dict[str, Any] = {"requested": requested}
+        if annex.demand_idle:
+            changes["last_error"] = (
+                f"{len(ids)} instance(s) retired after {timeout} s unclaimed while jobs waited: "
+                "the waiting jobs do not match them (check request_memory, request_cpus, "
+                "requirements)"
+            )
+        annex = self.store.update_annex(annex.id, **changes)
+        for instance in ids:
+            self._busy_at.pop(instance, None)
+        return annex, [o for o in live if o.id not in ids]
+
+    def _recent(self, annex: Annex, live: list[Observed], now: int) -> list[str]:
+        """Launched by us, not yet visible to describe: counted so we do not launch twice."""
+        known = {o.id for o in live}
+        return [
+            i.id
+            for i in self.store.instances(annex.id)
+            if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
+        ]
+
     def _start_local_jobs(self) -> None:
         """Provision-mode jobs are local universe jobs that wait until the route has handed
         them to us (their Requirements); the schedd starts such a job at its next queue scan
@@ -301,14 +425,7 @@ class Reconciler:
         return None
 
     def _converge(self, annex: Annex, live: list[Observed], now: int) -> Annex:
-        known = {o.id for o in live}
-        # Launched by us, not yet visible to describe: count them so we do not launch twice.
-        recent = [
-            i
-            for i in self.store.instances(annex.id)
-            if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
-        ]
-        have = len(live) + len(recent)
+        have = len(live) + len(self._recent(annex, live, now))
         if spec_from_record(annex.spec).mode == "provision":
             ended = self._provision_ended(annex, have)
             if ended is not None:
@@ -322,7 +439,7 @@ class Reconciler:
         elif have > annex.requested:
             surplus = sorted(live, key=lambda o: (o.state == "running", o.id))
             ids = [o.id for o in surplus[: have - annex.requested]]
-            self.cloud.terminate(annex.region, ids)
+            self._terminate(annex.region, ids)
             # Recorded at once: still within the launch grace, they would count as live and
             # the next cycle would shrink again (by the live instances this time).
             self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
@@ -402,7 +519,7 @@ class Reconciler:
 
     def _retire(self, annex: Annex, live: list[Observed], now: int) -> Annex:
         if live:
-            self.cloud.terminate(annex.region, [o.id for o in live])
+            self._terminate(annex.region, [o.id for o in live])
             log.info("annex %s: terminating %d instance(s)", annex.key, len(live))
             faults.checkpoint("retire.terminated")
             return annex
@@ -446,7 +563,7 @@ class Reconciler:
                 orphans[o.region].append(o.id)
                 log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
         for region, ids in orphans.items():
-            self.cloud.terminate(region, ids)
+            self._terminate(region, ids)
             for instance_id in ids:
                 self._orphans_seen.pop(instance_id, None)
 
