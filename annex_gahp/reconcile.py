@@ -217,6 +217,8 @@ class Reconciler:
             changed.append(after)
         self._reap(observed)
         self._publish(changed)
+        if demand:
+            self._left_behind(demand)
 
     def _observe(self, annexes: list[Annex]) -> list[Observed]:
         regions = {a.region for a in annexes}
@@ -259,17 +261,14 @@ class Reconciler:
         now: int,
     ) -> Annex:
         provision = spec_from_record(annex.spec).mode == "provision"
+        # Pool mode: the jobs are held two cycles before the end, while their startds still
+        # answer. A shadow whose startd is already gone waits out its JobLeaseDuration (40 min
+        # by default) before it lets a held job go, so a condor_release would not run the job
+        # until then. (Provision mode: the job that stands for the annex ends by itself, exit 2.)
+        ahead = 2 * self.settings.reconcile_interval
+        if not provision and now >= annex.lease_expiration - ahead:
+            self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
         if now >= annex.lease_expiration:
-            if not provision:
-                # (Provision mode: the job that stands for the annex ends by itself, exit 2.)
-                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
-                self.demand.hold(
-                    annex.owner,
-                    annex.name,
-                    f"annex {annex.name} reached the end of its lease at {when}; its instances "
-                    "were terminated. Extend leases with htcondor-annex extend before they end, or "
-                    "condor_release these jobs to start a new annex.",
-                )
             return self.service.retire(annex, "lease")
         if demand is None:
             return annex
@@ -385,6 +384,36 @@ class Reconciler:
         for instance in ids:
             self._busy_at.pop(instance, None)
         return annex, [o for o in live if o.id not in ids]
+
+    # --- jobs whose annex has ended -------------------------------------------------------
+
+    def _left_behind(self, demand: dict[tuple[str, str], Demand]) -> None:
+        """Idle jobs naming an annex that has ended and has no successor yet.
+
+        Jobs that have waited since before an annex ended by its lease or by
+        `htcondor-annex delete` are held with the reason (once, with the same message as at
+        the end); they never bring it back by themselves. Jobs idle since (released by their
+        owner) are handed back to the route, whose hook asks for a new annex. After an idle
+        retirement every idle job is handed back: there was no job to leave behind.
+        """
+        hold_left = getattr(self.demand, "hold_left_behind", None)
+        reroute = getattr(self.demand, "reroute", None)
+        if hold_left is None or reroute is None:
+            return
+        for (owner, name), wanted in demand.items():
+            if not wanted.idle or self.store.live(owner, name) is not None:
+                continue
+            last = self.store.last_retired(owner, name)
+            if last is None or last.retired_at is None:
+                continue  # never had an annex: the route's hook creates (or refuses) it
+            try:
+                if last.retire_reason in ENDINGS:
+                    hold_left(owner, name, ended_message(last, last.retire_reason), last.retired_at)
+                    reroute(owner, name, last.retired_at)
+                else:
+                    reroute(owner, name, 0)
+            except Exception as err:
+                log.warning("could not settle the waiting jobs of %s/%s: %s", owner, name, err)
 
     def _recent(self, annex: Annex, live: list[Observed], now: int) -> list[str]:
         """Launched by us, not yet visible to describe: counted so we do not launch twice."""
@@ -621,3 +650,29 @@ _JOB_VISIBLE = (
     "FailedInstances",
     "RetireReason",
 )
+
+
+# Ends after which the jobs left behind are held rather than bringing the annex back.
+ENDINGS = ("lease", "deleted")
+
+
+def ended_message(annex: Annex, reason: str) -> str:
+    """The hold reason for jobs whose annex ended: which annex, when, and what to do."""
+    if reason == "lease":
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
+        what = f"the lease of annex {annex.name} ends at {when}, and its instances with it"
+        keep = (
+            f"; to keep an annex longer, run htcondor-annex extend --name {annex.name} "
+            "--lease DURATION before its lease ends"
+        )
+    else:
+        ended = annex.retired_at or annex.updated
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ended))
+        what = (
+            f"annex {annex.name} was deleted (htcondor-annex delete) at {when}, its instances too"
+        )
+        keep = ""
+    return (
+        f"{what}. condor_release these jobs to start a new "
+        f"annex {annex.name} for them (new instances, a new lease), or condor_rm them{keep}."
+    )

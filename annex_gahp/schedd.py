@@ -11,6 +11,8 @@ from annex_gahp import names
 log = logging.getLogger(__name__)
 
 IDLE, RUNNING, HELD = 1, 2, 5
+# What the route sets on a job it edited (30-annex-router.conf); it does not route it again.
+ROUTED_MARK = "AnnexRoutedName"
 
 # Routed copies (RoutedFromJobId defined) mirror their source job: count each job once.
 _DEMAND = (
@@ -72,6 +74,20 @@ class ScheddDemand:
         for attr, value in attrs.items():
             schedd.edit(constraint, attr, value)
 
+    def _waiting(self, owner: str, annex: str) -> str:
+        return (
+            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
+            f" && RoutedFromJobId =?= undefined"
+        )
+
+    def _unroute(self, constraint: str) -> None:
+        """Forget that these jobs were routed, so the route takes them again once they are
+        idle (after a condor_release): the annex they were routed to is gone."""
+        try:
+            self._schedd().edit(constraint, ROUTED_MARK, "undefined")
+        except OSError:
+            pass  # no job matched: the schedd refuses such an edit
+
     def hold_job(self, owner: str, cluster: int, proc: int, reason: str) -> None:
         """Hold one job of `owner` with `reason` (provision mode: unusable user data)."""
         constraint = (
@@ -89,9 +105,30 @@ class ScheddDemand:
     def hold(self, owner: str, annex: str, reason: str) -> None:
         """Hold the jobs still waiting for an annex that will not come back."""
         constraint = (
-            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
-            f" && RoutedFromJobId =?= undefined && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
+            f"{self._waiting(owner, annex)} && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
         )
+        self._unroute(constraint)
         # A plain-string reason is dropped by the 23.9 bindings; (text, code) is kept.
         self._schedd().act(self._htcondor.JobAction.Hold, constraint, (reason, 0))
         log.info("held the jobs of %s/%s: %s", owner, annex, reason)
+
+    def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
+        """Hold the idle jobs that have waited since before their annex ended (`ended`): they
+        do not bring it back by themselves. A job released after that is left alone."""
+        constraint = (
+            f"{self._waiting(owner, annex)} && JobStatus == {IDLE}"
+            f" && EnteredCurrentStatus <= {int(ended)}"
+        )
+        self._unroute(constraint)
+        result = self._schedd().act(self._htcondor.JobAction.Hold, constraint, (reason, 0))
+        if result.get("TotalSuccess"):
+            log.info("held %s job(s) of %s/%s left behind", result["TotalSuccess"], owner, annex)
+
+    def reroute(self, owner: str, annex: str, ended: int) -> None:
+        """Idle jobs routed to an annex that has ended, and released or queued since: let the
+        route take them again, so the helper hears of them (and starts a new annex)."""
+        constraint = (
+            f"{self._waiting(owner, annex)} && JobStatus == {IDLE}"
+            f" && {ROUTED_MARK} =?= {names.JOB_TARGET} && EnteredCurrentStatus > {int(ended)}"
+        )
+        self._unroute(constraint)
