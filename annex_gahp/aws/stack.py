@@ -33,7 +33,7 @@ import re
 from typing import Any
 
 import jinja2
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from annex_gahp import names
 from annex_gahp.aws import fleet
@@ -501,6 +501,8 @@ def retire_instances(asg: Any, ids: list[str]) -> list[str]:
             if error_code(err) == "ValidationError":
                 strays.append(instance_id)  # not (any more) in a group
                 continue
+            raise cloud_error(err, f"terminate {instance_id} in its Auto Scaling group") from None
+        except BotoCoreError as err:  # e.g. an unparsable answer (moto: an id no group has)
             raise cloud_error(err, f"terminate {instance_id} in its Auto Scaling group") from None
     return strays
 
