@@ -178,18 +178,22 @@ class Reconciler:
                 now=now,
                 adopted=True,
             )
-            for request in {o.request for o in members}:
-                self.store.record_instances(
-                    annex.id,
-                    request,
-                    [(o.id, o.state, o.instance_type) for o in members if o.request == request],
-                    now,
-                )
+            self._record(annex.id, members, now)
             log.warning(
                 "adopted annex %s from tags: %d instance(s), lease until %d",
                 annex.key,
                 len(members),
                 expires,
+            )
+
+    def _record(self, annex_id: int, seen: list[Observed], now: int) -> None:
+        """Remember what the cloud reported for this annex, grouped by launch request."""
+        for request in {o.request for o in seen}:
+            self.store.record_instances(
+                annex_id,
+                request,
+                [(o.id, o.state, o.instance_type) for o in seen if o.request == request],
+                now,
             )
 
     # --- one cycle -----------------------------------------------------------------------
@@ -234,14 +238,7 @@ class Reconciler:
         unclaimed: dict[str, int] | None = None,
     ) -> Annex:
         now = int(self.clock())
-        if seen:
-            for request in {o.request for o in seen}:
-                self.store.record_instances(
-                    annex.id,
-                    request,
-                    [(o.id, o.state, o.instance_type) for o in seen if o.request == request],
-                    now,
-                )
+        self._record(annex.id, seen, now)
         live = [o for o in seen if o.state in LIVE_STATES]
         if annex.state in lifecycle.ACTIVE:
             annex = self._policy(annex, live, demand, now)
@@ -249,6 +246,8 @@ class Reconciler:
             annex, live = self._retire_unclaimed(annex, live, unclaimed, now)
         if annex.state in lifecycle.ACTIVE:
             annex = self._converge(annex, live, now)
+            if annex.state == names.RETIRING:
+                return annex  # deleted during this cycle: retire it on a fresh observation
         if annex.state == names.RETIRING:
             annex = self._retire(annex, live, now)
         return annex
