@@ -131,6 +131,9 @@ class InstanceRecord:
 
 
 _ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
+# Retiring is final: a writer holding an older view of the annex (the reconcile loop in the
+# middle of a cycle, while a delete lands from the socket) must not make it active again.
+_FINAL_STATES = ("retiring", "retired")
 _UPDATABLE = set(_ANNEX_FIELDS) - {"id", "owner", "name", "created"}
 
 
@@ -248,8 +251,12 @@ class Store:
         if "spec" in fields:
             fields["spec"] = json.dumps(fields["spec"], sort_keys=True)
         fields.setdefault("updated", int(time.time()))
-        assignments = ", ".join(f"{name}=?" for name in fields)
         with self.transaction() as db:
+            if fields.get("state", "retiring") not in _FINAL_STATES:
+                now = db.execute("SELECT state FROM annexes WHERE id=?", (annex_id,)).fetchone()
+                if now is not None and now[0] in _FINAL_STATES:
+                    fields = {k: v for k, v in fields.items() if k != "state"}
+            assignments = ", ".join(f"{name}=?" for name in fields)
             db.execute(
                 f"UPDATE annexes SET {assignments} WHERE id=?",  # noqa: S608 - names are checked
                 (*fields.values(), annex_id),

@@ -36,6 +36,20 @@ def test_one_live_annex_per_owner_and_name(tmp_path):
     assert store.last_retired("alice", "burst").id == first.id
 
 
+def test_a_stale_writer_cannot_make_a_retiring_annex_active_again(tmp_path):
+    """The loop, mid-cycle with an older view, writes 'provisioning' after a delete landed."""
+    store = Store(str(tmp_path / "s.sqlite"))
+    annex = make(store)
+    store.update_annex(annex.id, state=names.RETIRING, retire_reason="deleted")
+    after = store.update_annex(annex.id, state=names.PROVISIONING, last_error="partial")
+    assert (after.state, after.retire_reason, after.last_error) == (
+        names.RETIRING,
+        "deleted",
+        "partial",
+    )
+    assert store.update_annex(annex.id, state=names.RETIRED, retired_at=5).state == names.RETIRED
+
+
 def test_intent_survives_reopen_and_is_reported_open(tmp_path):
     path = str(tmp_path / "s.sqlite")
     store = Store(path)
