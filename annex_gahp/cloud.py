@@ -38,6 +38,9 @@ class AwsCloud:
         # instance id -> its Auto Scaling group, from the last observation: a group member
         # must leave with its group's capacity lowered, or the group replaces it.
         self._groups: dict[str, str] = {}
+        # (owner, annex) -> stack name, from the instances' htcondor-annex:stack tag: an annex
+        # rebuilt from tags (lost state file) still gets its stack deleted when it retires.
+        self._stacks: dict[tuple[str, str], str] = {}
 
     def _client(self, service: str, region: str) -> Any:
         key = (service, region)
@@ -54,6 +57,8 @@ class AwsCloud:
             for view in instances.describe_pool(self._client("ec2", region), self.settings.pool_id):
                 if view.tags.get(stack.GROUP_TAG):
                     groups[view.id] = view.tags[stack.GROUP_TAG]
+                if view.tags.get(stack.STACK_TAG):
+                    self._stacks[(view.owner, view.annex)] = view.tags[stack.STACK_TAG]
                 seen.append(
                     Observed(
                         id=view.id,
@@ -285,8 +290,12 @@ class AwsCloud:
         )
 
     def release(self, annex: Annex) -> None:
-        if self._is_stack(annex):
-            name = self._stack_name(annex)
+        name = (
+            self._stack_name(annex)
+            if self._is_stack(annex)
+            else self._stacks.get((annex.owner, annex.name), "")
+        )
+        if name:
             ours = {
                 names.TAG_POOL: self.settings.pool_id,
                 names.TAG_OWNER: annex.owner,
@@ -297,7 +306,9 @@ class AwsCloud:
                 # Retried by the next cycle; the annex stays retiring until the stack is gone.
                 raise CloudError(f"waiting for stack {name} to be deleted ({status})")
             stack.delete_bucket(self._client("s3", annex.region), self._bucket(annex))
-            return
+            self._stacks.pop((annex.owner, annex.name), None)
+            if self._is_stack(annex):
+                return
         ec2 = self._client("ec2", annex.region)
         fleet.delete_annex_template(ec2, self.settings.pool_id, annex.owner, annex.name)
         secrets.delete_token(self._client("ssm", annex.region), self._token_parameter(annex))

@@ -46,6 +46,8 @@ TEMPLATE = "annex-stack.json.j2"
 # What CreateStack declares in ResourceTypes: the runtime policy allows stacks only of these.
 RESOURCE_TYPES = ("AWS::AutoScaling::AutoScalingGroup", "AWS::EC2::LaunchTemplate")
 GROUP_TAG = "aws:autoscaling:groupName"
+# On the groups and (propagated) their instances: the stack they belong to.
+STACK_TAG = "htcondor-annex:stack"
 TOKEN_KEY = "token"  # noqa: S105 - the object's key, not a secret
 BUCKET_PREFIX = "htcondor-annex-"
 MAX_BUCKET = 63
@@ -279,7 +281,8 @@ def render_template(
             groups=rendered,
             subnets=list(plan.subnets),
             group_tags=[
-                {"Key": k, "Value": v, "PropagateAtLaunch": True} for k, v in plan.tags().items()
+                {"Key": k, "Value": v, "PropagateAtLaunch": True}
+                for k, v in (plan.tags() | {STACK_TAG: name}).items()
             ],
         )
     )

@@ -500,3 +500,41 @@ def test_teardown_deletes_annex_stacks_and_token_buckets(moto_url: str) -> None:
     )
     left = [b["Name"] for b in s3.list_buckets()["Buckets"]]
     assert left == [stack.bucket_name(POOL, POOL, "bob", "other-pool")]
+
+
+def test_an_annex_rebuilt_from_tags_still_gets_its_stack_deleted(moto_url: str, tmp_path) -> None:  # noqa: F811
+    """State file lost: the helper rebuilds the annex from its instances' tags (as a plain
+    annex: the record of its strategy is gone); retiring it still takes the stack's way out
+    (through the groups, then DeleteStack) and deletes the bucket, found by the
+    htcondor-annex:stack tag."""
+
+    def world(path: str) -> tuple[Store, AnnexService, AwsCloud, Reconciler]:
+        settings = make_settings(moto_url, default_image_id=default_image(moto_url), pool_id=POOL)
+        store = Store(path)
+        service = AnnexService(store, settings, clock=Clock(), resolve_region=lambda r, s: REGION)
+        cloud = AwsCloud(settings, mint=lambda identity, lifetime: "tok")
+        return store, service, cloud, Reconciler(store, service, cloud, Demand_(), Publisher())
+
+    store, service, _, loop = world(str(tmp_path / "first.sqlite"))
+    wanted = spec.from_keywords(
+        {"name": "st", "instances": 2, "strategy": "stack"}, "alice", service.settings
+    )
+    service.ensure(wanted)
+    loop.run_once()
+    assert len(_live(moto_url)) == 2
+    tags = {t["Key"]: t["Value"] for t in next(iter(_live(moto_url).values()))["Tags"]}
+    name = stack.stack_name(POOL, "alice", "st")
+    assert tags[stack.STACK_TAG] == name
+
+    store, service, _cloud, loop = world(str(tmp_path / "lost.sqlite"))
+    loop.recover()
+    (adopted,) = store.annexes()
+    assert (adopted.owner, adopted.name, adopted.requested) == ("alice", "st", 2)
+    service.retire(adopted, "deleted")
+    for _ in range(3):
+        loop.run_once()
+    assert store.get(adopted.id).state == names.RETIRED
+    cfn, asg = _clients(moto_url)
+    assert stack.describe(cfn, asg, name) is None and _live(moto_url) == {}
+    bucket = stack.bucket_name(POOL, POOL, "alice", "st")
+    assert bucket not in [b["Name"] for b in raw_client("s3", moto_url).list_buckets()["Buckets"]]
