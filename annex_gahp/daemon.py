@@ -142,6 +142,8 @@ class Helper:
         self.master = MasterLink()
         self.stop = threading.Event()
         self._wake = threading.Event()
+        # Signals received and not yet acted on; only the signal handlers append to it.
+        self._signals: list[int] = []
         self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
         demand = ScheddDemand()
         self.service = AnnexService(self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job)
@@ -170,6 +172,34 @@ class Helper:
         log.info("configuration reloaded")
         self._wake.set()
 
+    def signalled(self, signum: int, _frame: Any = None) -> None:
+        """The signal handler: it only notes the signal, and the loop acts on it. A handler runs
+        in the main thread between two bytecodes of whatever that thread was doing; one that
+        took a lock there (Event.set while the loop holds that Event's lock inside wait(), or
+        HTCondor's config reload) could wait for itself forever, the loop dead while the
+        socket threads kept answering."""
+        self._signals.append(signum)  # atomic under the GIL, no lock
+
+    def _act_on_signals(self) -> None:
+        pending = []
+        while self._signals:
+            pending.append(self._signals.pop(0))
+        for signum in sorted(set(pending) - {signal.SIGHUP}):
+            log.info("signal %d: shutting down", signum)
+            self.stop.set()
+        if signal.SIGHUP in pending and not self.stop.is_set():
+            self.reload()  # once, however many reconfigs came in meanwhile
+
+    def _sleep(self) -> None:
+        """Wait for the next cycle: the interval, a wake-up from a request handler, or a
+        signal (seen within a second)."""
+        deadline = time.monotonic() + self.cfg.reconcile_interval
+        while not self._signals and not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._wake.wait(min(left, 1.0)):
+                break
+        self._wake.clear()
+
     def loop(self) -> None:
         self.master.configure()
         self.master.alive()
@@ -178,14 +208,16 @@ class Helper:
         except Exception:
             log.exception("recovery after restart failed; retrying in the loop")
         self.master.ready()
-        while not self.stop.is_set():
+        while True:
+            self._act_on_signals()
+            if self.stop.is_set():
+                break
             try:
                 self.reconciler.run_once()
             except Exception:
                 log.exception("reconcile cycle failed")
             self.master.alive()
-            self._wake.wait(self.cfg.reconcile_interval)
-            self._wake.clear()
+            self._sleep()
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -225,13 +257,8 @@ def run_daemon() -> int:
     dispatcher = Dispatcher(helper.service.commands())
     server = SocketServer(cfg.socket_path, dispatcher, admin_uids={condor.pw_uid})
 
-    def on_term(signum: int, _frame: Any) -> None:
-        log.info("signal %d: shutting down", signum)
-        helper.shutdown()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, lambda *_: helper.reload())
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, helper.signalled)
     threading.Thread(target=server.serve_forever, name="socket", daemon=True).start()
     log.info("serving %s", cfg.socket_path)
     try:
