@@ -382,6 +382,33 @@ def test_lease_end_terminates_holds_and_only_a_release_starts_a_new_annex() -> N
         cleanup(ALICE, name, [cluster])
 
 
+def test_delete_holds_the_waiting_jobs_and_release_starts_a_new_annex() -> None:
+    """htcondor-annex delete while jobs wait: the instances go, the waiting jobs are held
+    within a cycle with a reason naming the annex, the deletion and what to do, and the
+    annex does not come back until a job is released (then with a new create call)."""
+    name = unique("del")
+    cluster = submit(ALICE, name, instances=1, jobs=2, extra=never_runs())
+    try:
+        wait(lambda: len(startds(ALICE, name)) == 1, 90, "the annex startd")
+        (first_request,) = requests(ALICE, name)
+        htcondor_annex(ALICE, "delete", "--name", name)
+        wait(lambda: statuses(cluster) == [HELD, HELD], 30, "the waiting jobs held")
+        wait(lambda: gone(ALICE, name), 30, "the annex gone")
+        for ad in jobs(cluster):
+            reason = ad["HoldReason"]
+            assert f"annex {name} was deleted (htcondor-annex delete) at " in reason, reason
+            assert "condor_release" in reason and "condor_rm" in reason
+        time.sleep(3 * CYCLE)
+        assert gone(ALICE, name) and statuses(cluster) == [HELD, HELD]
+
+        sandbox.run_as(ALICE, "condor_release", f"{cluster}.1")
+        wait(lambda: len(requests(ALICE, name)) == 2, 60, "a new create call")
+        assert first_request in requests(ALICE, name)
+        assert sandbox.job_ad(cluster, 0)["JobStatus"] == HELD
+    finally:
+        cleanup(ALICE, name, [cluster])
+
+
 # --- condor_hold / condor_release -----------------------------------------------------------
 
 
