@@ -405,6 +405,8 @@ class Reconciler:
             last = self.store.last_retired(owner, name)
             if last is None or last.retired_at is None:
                 continue  # never had an annex: the route's hook creates (or refuses) it
+            if spec_from_record(last.spec).mode != "pool":
+                continue  # provision mode: its job stands for the annex and ends with it
             try:
                 if last.retire_reason in ENDINGS:
                     hold_left(owner, name, ended_message(last, last.retire_reason), last.retired_at)
