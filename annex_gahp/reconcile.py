@@ -569,6 +569,10 @@ class Reconciler:
         except Exception as err:
             log.warning("could not invalidate the ad of %s: %s", annex.key, err)
         self._published.pop(annex.id, None)
+        if spec_from_record(annex.spec).mode == "provision" and annex.demand_idle:
+            # A provision job that has not started yet starts on a state other than
+            # requested/provisioning: tell it this one, or it would wait for good.
+            self._annotate_jobs(annex, self.service.describe(annex))
         log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
         return annex
 
@@ -635,6 +639,8 @@ class Reconciler:
                 self.service.job_status_attrs(annex, annex.owner, annex.name),
                 **({"running": True} if provision else {}),
             )
+            if provision and annex.demand_idle:
+                self._start_local_jobs()  # their Requirements may have just become true
         except Exception as err:
             log.warning("could not update the jobs of %s: %s", annex.key, err)
 
