@@ -8,6 +8,9 @@ delete` retires the annex: stack, bucket and instances gone.
 
 from __future__ import annotations
 
+import base64
+import gzip
+import json
 import os
 import sys
 import textwrap
@@ -45,6 +48,18 @@ def _startds(annex: str) -> set[str]:
     return {
         str(s.get("AnnexInstanceId") or s.get("Machine")) for s in burst_demo.annex_startds(annex)
     }
+
+
+def _user_data_of(template: Any) -> str:
+    """The user data of the stack's launch templates, decoded."""
+    body = template if isinstance(template, dict) else json.loads(template)
+    texts = []
+    for resource in body["Resources"].values():
+        data = resource["Properties"].get("LaunchTemplateData", {}).get("UserData")
+        if data:
+            raw = base64.b64decode(data)
+            texts.append((gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode())
+    return "\n".join(texts)
 
 
 def _cli(*args: str) -> str:
@@ -101,7 +116,13 @@ def test_stack_annex_create_run_grow_shrink_retire() -> None:
         if b["Name"].startswith("htcondor-annex-") and annex in b["Name"]
     ]
     assert len(buckets) == 1, buckets
-    assert s3.get_object(Bucket=buckets[0], Key="token")["ContentLength"] > 0
+    token = s3.get_object(Bucket=buckets[0], Key="token")["Body"].read().decode().strip()
+    assert token
+    # The secret is only in the bucket: not in the stack's template (the user data), not in
+    # the helper's log.
+    template = cfn.get_template(StackName=name)["TemplateBody"]
+    assert token not in str(template) and buckets[0] in _user_data_of(template)
+    assert token not in Path("/var/log/condor/AnnexGahpLog").read_text(errors="replace")
 
     # Instances boot from the groups' user data, fetch the token from S3 and join as the annex.
     live = burst_demo.wait_for(
