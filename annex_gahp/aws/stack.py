@@ -280,6 +280,9 @@ def render_template(
             pool_id=plan.pool_id,
             groups=rendered,
             subnets=list(plan.subnets),
+            # Named on the template itself, so its CreateLaunchTemplate carries the pool tag
+            # (the runtime policy's condition) and its deletion finds it.
+            template_tags=[{"Key": k, "Value": v} for k, v in stack_tags(plan).items()],
             group_tags=[
                 {"Key": k, "Value": v, "PropagateAtLaunch": True}
                 for k, v in (plan.tags() | {STACK_TAG: name}).items()

@@ -147,6 +147,15 @@ def test_create_makes_one_group_per_type_with_the_split_and_the_tags(moto_url: s
     some = next(iter(live))
     data = ec2.describe_instance_attribute(InstanceId=some, Attribute="userData")["UserData"]
     assert base64.b64decode(data["Value"]).startswith(b"#!/bin/sh\necho booted")
+    # The groups' launch templates carry the pool's tags too.
+    templates = [
+        t
+        for t in ec2.describe_launch_templates()["LaunchTemplates"]
+        if t["LaunchTemplateName"].startswith("annex-a1-")
+    ]
+    assert len(templates) == 2
+    for template in templates:
+        assert {"Key": names.TAG_POOL, "Value": POOL} in template["Tags"]
     # describe_pool (the loop, the reaper, the enforcer) sees them as the pool's.
     assert {v.id for v in instances.describe_pool(ec2, POOL)} == set(live)
 
