@@ -203,7 +203,8 @@ def test_valid_example_is_queued_with_canonical_attributes(workdir, name):
                 # once the route has handed it to the helper (docs/users.md, provision mode).
                 assert ad["JobUniverse"] == 12
                 assert ad["Cmd"].endswith("/annex_provision_job")
-                assert re.search(r"AnnexRoutedName (=\?=|is) MY\.TargetAnnexName", ad["Requirements"])
+                routed = r"AnnexRoutedName (=\?=|is) MY\.TargetAnnexName"
+                assert re.search(routed, ad["Requirements"])
             else:
                 assert re.search(
                     r"TARGET\.AnnexName (=\?=|is) MY\.TargetAnnexName", ad["Requirements"]
