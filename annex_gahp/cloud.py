@@ -182,6 +182,15 @@ class AwsCloud:
     def prepare(self, annex: Annex) -> dict[str, str]:
         """Token and per-annex launch template (stack: token bucket; the stack itself is made
         by `launch`, under the launch's recorded intent); idempotent, so redone after a crash."""
+        if (
+            self._is_stack(annex)
+            and annex.template_id == self._stack_name(annex)
+            and annex.token_parameter == stack.token_location(self._bucket(annex))
+        ):
+            # Stored when the stack was first asked for, and again by every lease extension
+            # (set_expiry): a grow, or a cycle waiting for a group's instances, does not mint
+            # and upload it again.
+            return {"template_id": annex.template_id, "token_parameter": annex.token_parameter}
         # Provision mode: nothing of this pool goes to the instances, so no token either.
         provision = spec_from_record(annex.spec).mode == "provision"
         parameter = "" if provision else self._store_token(annex)
