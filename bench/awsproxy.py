@@ -17,6 +17,7 @@ htcondor-annex:name tag, if any) and `count` (TotalTargetCapacity, or MinCount/M
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import threading
@@ -67,6 +68,11 @@ def describe_call(method: str, path: str, headers: dict[str, str], body: bytes) 
     return info
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that gave up (its own timeout) is logged as status 599; no traceback."""
+
+
 class Proxy:
     def __init__(self, upstream: str, log_path: str) -> None:
         parts = urllib.parse.urlsplit(upstream)
@@ -113,7 +119,8 @@ class Proxy:
                 except OSError as err:
                     entry["status"] = 599
                     entry["error"] = str(err)
-                    self.send_error(502, "upstream unreachable")
+                    with contextlib.suppress(OSError):
+                        self.send_error(502, "upstream unreachable or client gone")
                 finally:
                     conn.close()
                     proxy.record(entry)
@@ -123,7 +130,7 @@ class Proxy:
         return Handler
 
     def serve(self, tag: str, port: int) -> ThreadingHTTPServer:
-        server = ThreadingHTTPServer(("127.0.0.1", port), self.handler(tag))
+        server = _Server(("127.0.0.1", port), self.handler(tag))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server

@@ -213,6 +213,57 @@ def remove_jobs(cluster: int | str, timeout: float = 120) -> None:
         run(["condor_rm", "-forcex", str(cluster)])
 
 
+def router_quiet(period: float, timeout: float = 300) -> float:
+    """Wait until the job router has done nothing but its periodic table for 2 polling periods.
+
+    The router runs the translate hook for every job it picked up, even for jobs removed since
+    (seen: ~900 hooks for a removed 1,000-job cluster over the next 2 minutes). Returns the
+    seconds waited."""
+    import datetime  # noqa: PLC0415
+
+    periodic = ("Checking for candidate jobs", "Route Name ", "Annex ")
+    started = time.time()
+
+    def last_activity() -> float:
+        last = 0.0
+        with open("/var/log/condor/JobRouterLog", errors="replace") as handle:
+            for line in handle.readlines()[-400:]:
+                if any(mark in line for mark in periodic) or len(line) < 18:
+                    continue
+                try:
+                    stamp = datetime.datetime.strptime(line[:17], "%m/%d/%y %H:%M:%S")
+                except ValueError:
+                    continue
+                last = max(last, stamp.timestamp())
+        return last
+
+    wait_for(
+        "the job router to go quiet",
+        lambda: time.time() - last_activity() >= 2 * period + 1,
+        timeout,
+        1,
+    )
+    return time.time() - started
+
+
+def submit_retry(user: str, where: str, tries: int = 3) -> tuple[str, float]:
+    """condor_submit job.sub in `where`; retried on the schedd's transient commit error.
+
+    Seen once: right after a cluster naming an annex was removed while the router was still
+    editing its jobs, another cluster's submit failed with "Failed to commit job submission
+    into the queue. ERROR: Modifying attribute AnnexGahpSocket in nonexistent job N.M"."""
+    for attempt in range(tries):
+        done = run(["runuser", "-u", user, "--", "condor_submit", "job.sub"], cwd=where)
+        returned = time.time()
+        if done.returncode == 0:
+            cluster = done.stdout.split("submitted to cluster ")[-1].strip().rstrip(".")
+            return cluster, returned
+        why = f"{done.stdout.strip()} {done.stderr.strip()}"
+        out(f"  condor_submit failed (try {attempt + 1}): {why}")
+        time.sleep(5)
+    raise RuntimeError("condor_submit kept failing")
+
+
 def remove_all() -> None:
     run(["condor_rm", "-all"])
     # Grid jobs whose gridmanager is gone linger in X; force them out.

@@ -27,6 +27,7 @@ import common
 
 BENCH = "peers"
 USER = "alice"
+PERIOD = float(common.run(["condor_config_val", "JOB_ROUTER_POLLING_PERIOD"]).stdout or 10)
 PILOT = "#!/bin/sh\n# a pilot: report home and stay up\necho pilot up; sleep 3600\n"
 
 
@@ -52,11 +53,7 @@ def ours(label: str, instances: int, jobs: int, mode: str = "pool") -> dict:
         f"annex_name = {name}\nannex_instances = {instances}\n{extra}queue {jobs}\n"
     )
     common.write_as(USER, os.path.join(where, "job.sub"), sub)
-    done = common.run(["runuser", "-u", USER, "--", "condor_submit", "job.sub"], cwd=where)
-    returned = time.time()
-    if done.returncode != 0:
-        return {"error": f"condor_submit: {done.stdout.strip()} {done.stderr.strip()}"}
-    cluster = done.stdout.split("submitted to cluster ")[-1].strip().rstrip(".")
+    cluster, returned = common.submit_retry(USER, where)
 
     def all_running() -> float | None:
         found = common.annex_instances(common.ec2(), name, ("running",))
@@ -67,11 +64,11 @@ def ours(label: str, instances: int, jobs: int, mode: str = "pool") -> dict:
             status = json.loads(common.helper_call("ANNEX_STATUS", owner=USER, name=name)["json"])
         except Exception as err:
             return str(err)
-        return status.get("LastError", "")
+        return status.get("LastError", "") or f"annex state {status.get('AnnexState')}"
 
     result: dict = {"name": name, "cluster": cluster, "mode": mode}
     try:
-        limit = 30 if mode == "provision" else 300
+        limit = 60 if mode == "provision" else 300
         t_all = common.wait_for(f"{instances} running instances of {name}", all_running, limit, 0.2)
     except TimeoutError:
         result["error"] = failed() or "instances did not all run"
@@ -110,11 +107,7 @@ def grid(label: str, count: int) -> dict:
         f"queue {count}\n"
     )
     common.write_as(USER, os.path.join(where, "job.sub"), sub)
-    done = common.run(["runuser", "-u", USER, "--", "condor_submit", "job.sub"], cwd=where)
-    returned = time.time()
-    if done.returncode != 0:
-        return {"error": f"condor_submit: {done.stdout.strip()} {done.stderr.strip()}"}
-    cluster = done.stdout.split("submitted to cluster ")[-1].strip().rstrip(".")
+    cluster, returned = common.submit_retry(USER, where)
     result: dict = {"cluster": cluster}
     marks: dict[str, float] = {}
 
@@ -138,7 +131,7 @@ def grid(label: str, count: int) -> dict:
         return len(marks) == 2
 
     try:
-        common.wait_for(f"{count} grid jobs and their instances running", progress, 360, 0.2)
+        common.wait_for(f"{count} grid jobs and their instances running", progress, 360, 0.5)
     except TimeoutError as err:
         result["error"] = str(err)
         hold = common.condor_q(f"ClusterId == {cluster}", ["JobStatus", "HoldReason"])
@@ -207,10 +200,10 @@ def main() -> int:
     common.delete_all_annexes()
     common.out("  (a) upstream condor_annex: not run; docs/benchmarks.md says exactly why")
 
-    common.out("  (b) 8 instances for 1,000 short jobs")
-    mine = ours("peer8-", 8, 1000)
-    peer = grid("8", 8)
-    ok &= compare("(b) 8 instances", mine, peer, "grid ec2 x8")
+    # The grid-universe runs first: they do not involve the job router, whose backlog of
+    # translate hooks after a removed 1,000-job cluster takes minutes to drain.
+    grid8 = grid("8", 8)
+    grid50 = grid("50", 50)
 
     common.out("  (c) 50 pilots")
     mine = ours("pilots-", 50, 50, mode="provision")
@@ -220,9 +213,12 @@ def main() -> int:
             "POOL mode with 50 instances instead"
         )
         mine = ours("pilots-", 50, 50)
-        mine["note"] = "pool mode (provision mode does not launch yet)"
-    peer = grid("50", 50)
-    ok &= compare("(c) 50 pilots", mine, peer, "grid ec2 x50")
+        mine["note"] = "pool mode (provision mode did not launch)"
+    ok &= compare("(c) 50 pilots", mine, grid50, "grid ec2 x50")
+
+    common.out("  (b) 8 instances for 1,000 short jobs")
+    mine = ours("peer8-", 8, 1000)
+    ok &= compare("(b) 8 instances", mine, grid8, "grid ec2 x8")
     common.delete_all_annexes()
     return 0 if ok else 1
 
