@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -434,27 +433,6 @@ def test_hooks_import_nothing_heavy(hook: str) -> None:
     ).stdout.split()
     loaded = [m for m in out if m in FORBIDDEN or m.split(".")[0] in FORBIDDEN[:7]]
     assert loaded == []
-
-
-def _best_of(args: list[str], env: dict[str, str], runs: int = 9) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(args, env=env, capture_output=True, check=True)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def test_translate_starts_within_twice_a_bare_python(tmp_path) -> None:
-    # Byte-compiled, as a pip install leaves it (the sandbox mounts the tree read-only and
-    # sets PYTHONDONTWRITEBYTECODE, which would time the compiler instead).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(PYTHONPATH=str(REPO), PYTHONPYCACHEPREFIX=str(tmp_path))
-    hook_cmd = [sys.executable, "-c", "import annex_gahp.hooks.translate"]
-    subprocess.run(hook_cmd, env=env, check=True)  # warm the cache
-    bare = _best_of([sys.executable, "-c", "pass"], env)
-    hook = _best_of(hook_cmd, env)
-    assert hook <= 2 * bare, f"hook import {hook:.3f}s vs bare python {bare:.3f}s"
 
 
 def test_hooks_do_not_need_re_or_json_to_start() -> None:
