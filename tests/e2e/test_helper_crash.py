@@ -483,25 +483,27 @@ def test_corrupt_state_refuses_to_start_and_moved_aside_rebuilds_from_tags(clean
                 handle.write(os.urandom(size))
     kill_helper(pid)
     refusal = f"the state file {path} is unreadable"
-    sb.wait_for(
-        lambda: log_since(offset).count(refusal) >= 2,  # it refuses, and refuses again
-        timeout=60,
-        what="the helper to refuse the corrupt state file (twice)",
-        on_timeout=log_tail,
-    )
-    text = log_since(offset)
-    assert "Move it aside" in text
-    assert not [p for p in started_pids(text) if ours(p)], "a helper runs on a corrupt file"
-    # Nothing was forgotten or duplicated meanwhile: the instances just run on.
-    assert {i["InstanceId"] for i in tagged(USER, name)} == ids
-
-    # The admin's recovery, as docs/admin.md says: move the file aside; the master retries.
-    offset = log_size()
     aside = path.with_name("annexes.sqlite.bad")
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(str(path) + suffix)
-        if src.exists():
-            src.rename(Path(str(aside) + suffix))
+    try:
+        sb.wait_for(
+            lambda: log_since(offset).count(refusal) >= 2,  # it refuses, and refuses again
+            timeout=60,
+            what="the helper to refuse the corrupt state file (twice)",
+            on_timeout=log_tail,
+        )
+        text = log_since(offset)
+        assert "Move it aside" in text
+        assert "serving " not in text, "a helper serves from a corrupt file"
+        # Nothing was forgotten or duplicated meanwhile: the instances just run on.
+        assert {i["InstanceId"] for i in tagged(USER, name)} == ids
+    finally:
+        # The admin's recovery, as docs/admin.md says: move the files aside, start it now.
+        offset = log_size()
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(path) + suffix)
+            if src.exists():
+                src.rename(Path(str(aside) + suffix))
+        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], capture_output=True, check=False)
     sb.wait_for(
         lambda: f"adopted annex {USER}/{name} from tags" in log_since(offset),
         timeout=60,
