@@ -8,7 +8,8 @@ benchmarks can tell the helper's calls from a peer's. Requests are forwarded unc
 header included: HTCondor's ec2_gahp signs with the service and region it reads from the host
 name, and moto picks the service from that signature). Stdlib only.
 
-Logged per call: t (epoch seconds, when the request arrived), tag, service, action, status,
+Logged per call: t (epoch seconds, when the request arrived), ms (until answered), tag,
+service, action, status,
 and for the calls the benchmarks reason about: DescribeInstances `first` (no NextToken: the
 first page of a query) and `filters` (filter names); CreateFleet/RunInstances `annex` (the
 htcondor-annex:name tag, if any) and `count` (TotalTargetCapacity, or MinCount/MaxCount).
@@ -123,6 +124,7 @@ class Proxy:
                         self.send_error(502, "upstream unreachable or client gone")
                 finally:
                     conn.close()
+                    entry["ms"] = round((time.time() - t) * 1000, 1)
                     proxy.record(entry)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _forward

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import re
 import shutil
 import socket
 import statistics
@@ -185,14 +184,8 @@ def submit(user: str, submit_text: str, label: str) -> tuple[int, float]:
     """condor_submit as `user`; returns (cluster id, epoch time condor_submit returned)."""
     where = workdir(user, label)
     write_as(user, os.path.join(where, "job.sub"), submit_text)
-    done = run(["runuser", "-u", user, "--", "condor_submit", "job.sub"], cwd=where)
-    returned = time.time()
-    if done.returncode != 0:
-        raise RuntimeError(f"condor_submit failed: {done.stdout}{done.stderr}")
-    match = re.search(r"submitted to cluster (\d+)", done.stdout)
-    if not match:
-        raise RuntimeError(f"no cluster id in: {done.stdout}")
-    return int(match.group(1)), returned
+    cluster, returned = submit_retry(user, where)
+    return int(cluster), returned
 
 
 def remove_jobs(cluster: int | str, timeout: float = 120) -> None:
@@ -214,7 +207,7 @@ def remove_jobs(cluster: int | str, timeout: float = 120) -> None:
 
 
 def router_quiet(period: float, timeout: float = 300) -> float:
-    """Wait until the job router has done nothing but its periodic table for 2 polling periods.
+    """Wait until the job router has done nothing but its periodic table for 4 polling periods.
 
     The router runs the translate hook for every job it picked up, even for jobs removed since
     (seen: ~900 hooks for a removed 1,000-job cluster over the next 2 minutes). Returns the
@@ -239,19 +232,20 @@ def router_quiet(period: float, timeout: float = 300) -> float:
 
     wait_for(
         "the job router to go quiet",
-        lambda: time.time() - last_activity() >= 2 * period + 1,
+        lambda: time.time() - last_activity() >= 4 * period + 1,
         timeout,
         1,
     )
     return time.time() - started
 
 
-def submit_retry(user: str, where: str, tries: int = 3) -> tuple[str, float]:
-    """condor_submit job.sub in `where`; retried on the schedd's transient commit error.
+def submit_retry(user: str, where: str, tries: int = 12) -> tuple[str, float]:
+    """condor_submit job.sub in `where`; retried (every 5 s) on a failed commit.
 
-    Seen once: right after a cluster naming an annex was removed while the router was still
-    editing its jobs, another cluster's submit failed with "Failed to commit job submission
-    into the queue. ERROR: Modifying attribute AnnexGahpSocket in nonexistent job N.M"."""
+    Seen every time a cluster naming an annex had just been removed while the router was still
+    editing its jobs in place: another submit by the same user failed with "Failed to commit job
+    submission into the queue. ERROR: Modifying attribute AnnexGahpSocket in nonexistent job
+    N.M" (the schedd logs the router's SetAttribute on the removed job)."""
     for attempt in range(tries):
         done = run(["runuser", "-u", user, "--", "condor_submit", "job.sub"], cwd=where)
         returned = time.time()
@@ -261,7 +255,7 @@ def submit_retry(user: str, where: str, tries: int = 3) -> tuple[str, float]:
         why = f"{done.stdout.strip()} {done.stderr.strip()}"
         out(f"  condor_submit failed (try {attempt + 1}): {why}")
         time.sleep(5)
-    raise RuntimeError("condor_submit kept failing")
+    raise RuntimeError(f"condor_submit kept failing: {why}")
 
 
 def remove_all() -> None:

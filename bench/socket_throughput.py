@@ -20,6 +20,7 @@ of one annex; ANNEX_LIST there returns all 1,000 annexes and is reported separat
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -338,6 +339,16 @@ def main() -> int:
             c for c in common.calls("fill", mark) if c.get("action") == "DescribeInstances"
         ]
         firsts = sum(1 for c in described if c.get("first"))
+        starts = [c["t"] for c in common.calls("fill") if c.get("first")]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        page_ms = [c["ms"] for c in described if "ms" in c]
+        if gaps:
+            common.out(
+                f"  scratch helper: reconcile cycle start to start {min(gaps):.0f}-"
+                f"{max(gaps):.0f} s (ANNEX_RECONCILE_INTERVAL 3 s); emulator answered a "
+                f"describe page in {common.median(page_ms) / 1000 if page_ms else 0:.1f} s "
+                "(median)"
+            )
         common.out(
             f"  scratch helper: {FILL} annexes, {FILL} instances; VmRSS {rss / 1024:.1f} MB, "
             f"VmHWM (peak) {hwm / 1024:.1f} MB; DescribeInstances pages per cycle "
