@@ -321,3 +321,27 @@ def test_prepared_template_is_used_without_template_calls(ec2, base_template, mo
 def test_missing_base_template_names_region(ec2) -> None:
     with pytest.raises(CloudError, match=r"region us-east-1 set up\?"):
         fleet.launch(ec2, plan(image_ids=("ami-12c6146b",)), "no-such-template")
+
+
+def test_throttled_launch_is_retried_with_backoff_not_failed(ec2, base_template) -> None:
+    """RequestLimitExceeded twice, as AWS answers a burst: botocore's retries (with backoff)
+    take it, the launch succeeds, and the fleet is still one logical create."""
+    throttled = (
+        b"<Response><Errors><Error><Code>RequestLimitExceeded</Code>"
+        b"<Message>Request limit exceeded.</Message></Error></Errors>"
+        b"<RequestID>r</RequestID></Response>"
+    )
+    answered: list[str] = []
+
+    def hook(request: Any, **_: Any) -> AWSResponse | None:
+        if len(answered) < 2:
+            answered.append("throttled")
+            return AWSResponse(request.url, 503, {}, _Raw(throttled))
+        answered.append("sent")
+        return None
+
+    ec2.meta.events.register("before-send.ec2.CreateFleet", hook)
+    result = fleet.launch(ec2, plan(count=2), base_template)
+    assert answered == ["throttled", "throttled", "sent"]
+    assert len(result.instance_ids) == 2 and result.errors == []
+    assert len(instances.describe_pool(ec2, POOL)) == 2
