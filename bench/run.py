@@ -124,7 +124,6 @@ def setup() -> subprocess.Popen:
             "# The grid-universe ec2 peer (one VM per grid job, as GlideinWMS does it).\n"
             "GRIDMANAGER_JOB_PROBE_INTERVAL = 5\n"
             "GRIDMANAGER_MAX_SUBMITTED_JOBS_PER_RESOURCE = 1000\n"
-            "EC2_GAHP_RATE_LIMIT = 0\n"
         )
     common.run(["condor_reconfig"])
     restart_helper()
