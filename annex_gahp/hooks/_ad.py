@@ -345,3 +345,17 @@ def fail(prog: str, message: object) -> int:
     sys.stderr.write(f"{prog}: {_short(text, 400)}\n")
     sys.stderr.flush()
     return 1
+
+
+def print_updates(prog: str, command: str, ad: Ad, on_failure: str) -> int:
+    """Ask the helper for attribute updates and print them. A failure is reported on stderr
+    but exits 0: for update/finalize a non-zero exit stalls or strands the job (docs/router.md),
+    and the helper learns the job's state from the schedd anyway."""
+    try:
+        updates = updates_from(ask(command, ad))
+    except (client.ClientError, AdError) as exc:
+        fail(prog, f"{on_failure}: {exc}")
+        return 0
+    sys.stdout.write(format_updates(updates))
+    sys.stdout.flush()
+    return 0

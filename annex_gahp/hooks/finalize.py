@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-from annex_gahp import client
 from annex_gahp.hooks import _ad
 
 PROG = "annex_hook_finalize"
@@ -32,14 +31,7 @@ def main() -> int:
         _ad.check_job(routed, "routed job ad")
     except _ad.AdError as exc:
         return _ad.fail(PROG, f"refused: {exc}")
-    try:
-        updates = _ad.updates_from(_ad.ask("JOB_FINALIZE", routed))
-    except (client.ClientError, _ad.AdError) as exc:
-        _ad.fail(PROG, f"source job not updated: {exc}")
-        return 0
-    sys.stdout.write(_ad.format_updates(updates))
-    sys.stdout.flush()
-    return 0
+    return _ad.print_updates(PROG, "JOB_FINALIZE", routed, "source job not updated")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-from annex_gahp import client
 from annex_gahp.hooks import _ad
 
 PROG = "annex_hook_update"
@@ -27,14 +26,7 @@ def main() -> int:
         _ad.check_job(job, "routed job ad")
     except _ad.AdError as exc:
         return _ad.fail(PROG, f"refused: {exc}")
-    try:
-        updates = _ad.updates_from(_ad.ask("JOB_UPDATE", job))
-    except (client.ClientError, _ad.AdError) as exc:
-        _ad.fail(PROG, f"no status update this time: {exc}")
-        return 0
-    sys.stdout.write(_ad.format_updates(updates))
-    sys.stdout.flush()
-    return 0
+    return _ad.print_updates(PROG, "JOB_UPDATE", job, "no status update this time")
 
 
 if __name__ == "__main__":
