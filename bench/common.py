@@ -14,24 +14,21 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-ENV_FILE = "/etc/annex-sandbox.env"
 BENCH_DIR = "/var/tmp/bench"
 BENCH_ENV = f"{BENCH_DIR}/bench.json"  # written by run.py: proxy ports, log path
 RESULTS = f"{BENCH_DIR}/results.jsonl"
 
 
-def sandbox_env() -> dict[str, str]:
-    values: dict[str, str] = {}
-    with open(ENV_FILE) as handle:
-        for line in handle:
-            key, _, value = line.strip().partition("=")
-            if key and not key.startswith("#"):
-                values[key] = value
-    return values
+# One reader of /etc/annex-sandbox.env: the demo's (scripts/burst_demo.py).
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+)
+from burst_demo import sandbox_env  # noqa: E402
 
 
 def bench_env() -> dict[str, Any]:
