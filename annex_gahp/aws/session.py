@@ -258,3 +258,18 @@ def aws_errors(action: str) -> Iterator[None]:
         yield
     except (ClientError, BotoCoreError) as err:
         raise cloud_error(err, action) from None
+
+
+def stack_failure_reasons(cfn: Any, stack_name: str, limit: int = 5) -> str:
+    """The reasons CloudFormation gave for a stack's failed resources, for an error message;
+    empty when it gave none (or the stack's events cannot be read)."""
+    try:
+        events = cfn.describe_stack_events(StackName=stack_name)["StackEvents"]
+    except ClientError:
+        return ""
+    failed = [
+        f"{e.get('LogicalResourceId')}: {e['ResourceStatusReason']}"
+        for e in events
+        if e.get("ResourceStatus", "").endswith("FAILED") and e.get("ResourceStatusReason")
+    ]
+    return "; ".join(failed[:limit])

@@ -140,26 +140,16 @@ def _describe_stack(cfn: Any, stack_name: str) -> dict[str, Any] | None:
         raise cloud_error(err, f"describe stack {stack_name}") from None
 
 
-def _failure_reasons(cfn: Any, stack_name: str) -> str:
-    try:
-        events = cfn.describe_stack_events(StackName=stack_name)["StackEvents"]
-    except ClientError:
-        return ""
-    failed = [
-        f"{e['LogicalResourceId']}: {e.get('ResourceStatusReason', '')}"
-        for e in events
-        if e.get("ResourceStatus", "").endswith("FAILED")
-    ]
-    return "; ".join(failed[:5])
-
-
 def _wait(cfn: Any, waiter: str, stack_name: str) -> None:
     try:
         cfn.get_waiter(waiter).wait(
             StackName=stack_name, WaiterConfig={"Delay": 5, "MaxAttempts": 360}
         )
     except WaiterError as err:
-        reasons = _failure_reasons(cfn, stack_name) or "see the stack's events in CloudFormation"
+        reasons = (
+            session.stack_failure_reasons(cfn, stack_name)
+            or "see the stack's events in CloudFormation"
+        )
         raise SetupError(
             f"stack {stack_name}: {waiter.replace('_', ' ')} failed "
             f"({err.kwargs.get('reason', '')}): {reasons}"

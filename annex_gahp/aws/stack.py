@@ -37,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from annex_gahp import names
 from annex_gahp.aws import fleet
-from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+from annex_gahp.aws.session import aws_errors, cloud_error, error_code, stack_failure_reasons
 from annex_gahp.errors import CloudError, InputError
 
 log = logging.getLogger(__name__)
@@ -318,19 +318,6 @@ class StackView:
         return [i for g in self.groups for i in g.instance_ids]
 
 
-def _status_reason(cfn: Any, name: str) -> str:
-    try:
-        events = cfn.describe_stack_events(StackName=name)["StackEvents"]
-    except ClientError:
-        return ""
-    failed = [
-        f"{e.get('LogicalResourceId')}: {e.get('ResourceStatusReason')}"
-        for e in events
-        if e.get("ResourceStatus", "").endswith("FAILED") and e.get("ResourceStatusReason")
-    ]
-    return "; ".join(failed[:3])
-
-
 def describe(cfn: Any, asg: Any, name: str) -> StackView | None:
     """The stack and its groups, or None when there is no such (undeleted) stack."""
     try:
@@ -466,7 +453,7 @@ def ensure(
     if view.status.startswith("DELETE"):
         raise CloudError(f"stack {name} is being deleted; the annex is created again after")
     if view.status in _FAILED:
-        reason = _status_reason(cfn, name)
+        reason = stack_failure_reasons(cfn, name, limit=3)
         raise CloudError(f"stack {name} failed ({view.status}){': ' + reason if reason else ''}")
     if view.status in _SETTLING or not view.groups:
         return EnsureResult(view.stack_id, [], False, False)
