@@ -9,8 +9,10 @@ package's stdlib-only modules (protocol, names): no dataclasses, no logging, not
 
 from __future__ import annotations
 
+# The low-level module, not `socket`: `socket` imports enum and selectors, which at hook
+# start-up cost more than everything else the hook does (docs/benchmarks.md, benchmark 1).
+import _socket
 import os
-import socket
 import time
 
 from annex_gahp import names
@@ -80,7 +82,7 @@ def _not_running(path: str, why: str) -> NotRunning:
 class _Conversation:
     """One connection: line reading with a single deadline for the whole call."""
 
-    def __init__(self, sock: socket.socket, path: str, deadline: float, timeout: float) -> None:
+    def __init__(self, sock: _socket.socket, path: str, deadline: float, timeout: float) -> None:
         self.sock = sock
         self.path = path
         self.deadline = deadline
@@ -90,8 +92,11 @@ class _Conversation:
         self.r_seen = False  # an async "R" arrived since we last cleared it
 
     def send(self, args: list[str]) -> None:
+        self.send_all([args])
+
+    def send_all(self, requests: list[list[str]]) -> None:
         self._settimeout()
-        self.sock.sendall(encode_line(args))
+        self.sock.sendall(b"".join(encode_line(args) for args in requests))
 
     def _settimeout(self) -> None:
         remaining = self.deadline - time.monotonic()
@@ -126,6 +131,10 @@ class _Conversation:
     def command(self, args: list[str]) -> str:
         """Send one request and return its Return Line; E/F become ClientError."""
         self.send(args)
+        return self.reply_to(args)
+
+    def reply_to(self, args: list[str]) -> str:
+        """Read the Return Line of a request already sent; E/F become ClientError."""
         reply = self.read()
         if reply == "S" or reply.startswith("S "):
             return reply
@@ -136,8 +145,8 @@ class _Conversation:
         raise ClientError(REFUSED, f"annex_gahp refused {args[0]}: {detail}")
 
 
-def _connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _connect(path: str, timeout: float) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -185,13 +194,23 @@ def call(
     try:
         conv = _Conversation(sock, path, deadline, timeout)
         try:
+            # Both requests go out before the banner is read: the helper reads them once its
+            # banner is written, and a call costs two round trips instead of four.
+            requests = [["ASYNC_MODE_ON"], [cmd, reqid, *args]]
+            send_error: OSError | None = None
+            try:
+                conv.send_all(requests)
+            except OSError as exc:  # a helper refusing us closes at once: its banner says why
+                send_error = exc
             banner = conv.read()
             if not banner.startswith("$GahpVersion"):
                 parts = split_args(banner)
                 detail = " ".join(parts[1:]) if parts and parts[0] == "E" else banner
                 raise ClientError(BUSY, f"annex_gahp at {path} did not accept us: {detail}")
-            conv.command(["ASYNC_MODE_ON"])
-            conv.command([cmd, reqid, *args])
+            if send_error is not None:
+                raise send_error
+            for request in requests:
+                conv.reply_to(request)
             return _await_result(conv, reqid)
         except ProtocolError as exc:
             raise ClientError(PROTOCOL, f"unreadable answer from annex_gahp: {exc}") from None

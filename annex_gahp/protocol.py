@@ -16,7 +16,11 @@ The rules (docs/protocol.md has the full text):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+# Annotations only: importing collections.abc loads `collections`, a measurable part of the
+# hooks' start-up (docs/benchmarks.md, benchmark 1).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
 
 # Job ads are ~10 KB; 1 MiB leaves room for the largest sane request while bounding what one
 # connection can make the helper buffer. Upstream's gridmanager reads lines into 500 KB.
