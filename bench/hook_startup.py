@@ -27,8 +27,10 @@ ANNEX = "hookbench"
 ROUTE_AD = '[ Name = "Annex"; TargetUniverse = 5 ]'
 
 
-def job_ad() -> str:
-    """A real job ad of a job naming an annex, in the router's `Name = value` form."""
+def job_ad() -> tuple[int, str]:
+    """(cluster, ad): a real job ad of a job naming an annex, in the router's `Name = value`
+    form. The job stays on hold until the end: the helper creates an annex only for a job
+    that is still in the queue."""
     cluster, _ = common.submit(
         USER,
         "executable = /bin/sleep\narguments = 60\nhold = true\n"
@@ -36,7 +38,6 @@ def job_ad() -> str:
         "hook",
     )
     done = common.run(["condor_q", "-l", f"{cluster}.0"])
-    common.run(["condor_rm", str(cluster)])
     lines = []
     for line in done.stdout.splitlines():
         name, sep, _ = line.partition(" = ")
@@ -47,7 +48,7 @@ def job_ad() -> str:
         # As the router sees it: idle.
         lines.append("JobStatus = 1" if name == "JobStatus" else line)
     lines.sort(key=lambda x: x.split(" = ", 1)[0].lower())
-    return f"{ROUTE_AD}\n------\n" + "\n".join(lines) + "\n\n"
+    return cluster, f"{ROUTE_AD}\n------\n" + "\n".join(lines) + "\n\n"
 
 
 def timed(argv: list[str], stdin: str | None) -> float:
@@ -84,13 +85,16 @@ def main() -> int:
     if os.geteuid() != 0:
         measure(sys.argv[1])
         return 0
-    ad = job_ad()
+    cluster, ad = job_ad()
     path = os.path.join(common.workdir(USER, "hook-ad"), "route-and-job.ad")
     common.write_as(USER, path, ad)
     common.out(f"  job ad: {ad.count(chr(10)) - 3} attributes, {len(ad)} bytes (from condor_q -l)")
-    done = common.run(
-        ["runuser", "-u", USER, "--", sys.executable, os.path.abspath(__file__), path]
-    )
+    try:
+        done = common.run(
+            ["runuser", "-u", USER, "--", sys.executable, os.path.abspath(__file__), path]
+        )
+    finally:
+        common.run(["condor_rm", str(cluster)])
     if done.returncode != 0:
         common.out(done.stdout + done.stderr)
         return 1
