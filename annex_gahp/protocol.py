@@ -137,32 +137,35 @@ def split_args(line: str) -> list[str]:
         line = line[:-1]
     if not line:
         return []
+    # Runs between backslashes are split with str methods (in C): a job ad or a JSON result
+    # is thousands of characters, too many to look at one by one in Python.
     args: list[str] = []
-    current: list[str] = []
-    i = 0
+    current: list[str] = []  # pieces of the argument being built
+    pos = 0
     n = len(line)
-    while i < n:
-        c = line[i]
-        if c == "\\":
-            if i + 1 >= n:
-                raise ProtocolError("line ends with a lone backslash (escape it as '\\\\')")
-            nxt = line[i + 1]
-            if nxt not in _ESCAPABLE:
-                raise ProtocolError(
-                    f"bad escape: backslash before {nxt!r} at position {i}; a backslash may"
-                    " only precede a space, a backslash or a line break"
-                )
-            current.append(nxt)
-            i += 2
-            continue
-        if c == " ":
+    while True:
+        bs = line.find("\\", pos)
+        run = line[pos:] if bs < 0 else line[pos:bs]
+        if "\r" in run or "\n" in run:
+            at = min(i for i in (run.find("\r"), run.find("\n")) if i >= 0)
+            raise ProtocolError(f"unescaped line break at position {pos + at}")
+        words = run.split(" ")
+        current.append(words[0])
+        for word in words[1:]:
             args.append("".join(current))
-            current = []
-        elif c in "\r\n":
-            raise ProtocolError(f"unescaped line break at position {i}")
-        else:
-            current.append(c)
-        i += 1
+            current = [word]
+        if bs < 0:
+            break
+        if bs + 1 >= n:
+            raise ProtocolError("line ends with a lone backslash (escape it as '\\\\')")
+        nxt = line[bs + 1]
+        if nxt not in _ESCAPABLE:
+            raise ProtocolError(
+                f"bad escape: backslash before {nxt!r} at position {bs}; a backslash may"
+                " only precede a space, a backslash or a line break"
+            )
+        current.append(nxt)
+        pos = bs + 2
     args.append("".join(current))
     return args
 
@@ -171,9 +174,17 @@ def escape_arg(arg: str) -> str:
     """Escape one argument so that `split_args` gives it back unchanged."""
     if not isinstance(arg, str):
         raise TypeError(f"GAHP arguments are strings, not {type(arg).__name__}")
-    if not any(c in _ESCAPABLE for c in arg):
-        return arg
-    return "".join("\\" + c if c in _ESCAPABLE else c for c in arg)
+    # str.replace runs in C; a per-character generator cost the helper a third of its time
+    # per request on a JSON result. The backslash goes first so added ones are not doubled.
+    if "\\" in arg:
+        arg = arg.replace("\\", "\\\\")
+    if " " in arg:
+        arg = arg.replace(" ", "\\ ")
+    if "\r" in arg:
+        arg = arg.replace("\r", "\\\r")
+    if "\n" in arg:
+        arg = arg.replace("\n", "\\\n")
+    return arg
 
 
 def join_args(args: Iterable[str]) -> str:
