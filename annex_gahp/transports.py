@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import queue
 import socket
 import stat
 import struct
@@ -36,6 +37,12 @@ LINE_TIMEOUT = 30.0
 WRITE_TIMEOUT = 30.0
 # How often blocked reads/accepts wake to check deadlines and shutdown.
 POLL_INTERVAL = 1.0
+# A connection thread with nothing to serve for this long ends; under load they are reused.
+WORKER_IDLE = 60.0
+# How long a uid's account name is reused. The uid is read from SO_PEERCRED on every
+# connection; only the passwd lookup (NSS: files opened and read) is saved, and an account
+# renamed meanwhile is seen by its new name after at most this long.
+USER_NAME_TTL = 5.0
 
 
 class ServerError(RuntimeError):
@@ -52,6 +59,30 @@ def user_name(uid: int) -> str:
 
 def caller_for_uid(uid: int, admin_uids: Collection[int] = ()) -> Caller:
     return Caller(uid=uid, user=user_name(uid), is_admin=uid == 0 or uid in admin_uids)
+
+
+class _UserNames:
+    """`user_name`, remembered for `ttl` seconds per uid (see USER_NAME_TTL)."""
+
+    MAX_ENTRIES = 4096  # local uids only, but bounded all the same
+
+    def __init__(self, ttl: float = USER_NAME_TTL) -> None:
+        self.ttl = ttl
+        self._names: dict[int, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, uid: int) -> str:
+        now = time.monotonic()
+        with self._lock:
+            known = self._names.get(uid)
+        if known is not None and known[1] > now:
+            return known[0]
+        name = user_name(uid)
+        with self._lock:
+            if len(self._names) >= self.MAX_ENTRIES:
+                self._names.clear()
+            self._names[uid] = (name, now + self.ttl)
+        return name
 
 
 def process_caller(admin_uids: Collection[int] = ()) -> Caller:
@@ -173,6 +204,10 @@ class _Connection:
 class SocketServer:
     """GAHP over a Unix stream socket, one thread per connection, at most `max_connections`.
 
+    Connection threads are reused: starting a thread per connection (and waiting in the accept
+    loop until it runs) was a fifth of the helper's time for a one-request connection. A
+    thread that finishes a connection waits `worker_idle` seconds for the next, then ends.
+
     The socket is created (and listening) when the object is built, so errors show at once and
     the daemon may drop privileges afterwards. `serve_forever()` blocks; `start()` runs it in a
     thread; `shutdown()` stops accepting, ends every connection and removes the socket.
@@ -190,6 +225,8 @@ class SocketServer:
         write_timeout: float = WRITE_TIMEOUT,
         poll_interval: float = POLL_INTERVAL,
         max_line_bytes: int = MAX_LINE_BYTES,
+        worker_idle: float = WORKER_IDLE,
+        user_name_ttl: float = USER_NAME_TTL,
     ) -> None:
         self.path = os.path.abspath(path)
         self.dispatcher = dispatcher
@@ -200,11 +237,20 @@ class SocketServer:
         self.write_timeout = write_timeout
         self.poll_interval = poll_interval
         self.max_line_bytes = max_line_bytes
+        self.worker_idle = worker_idle
+        self._user_names = _UserNames(user_name_ttl)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()  # not serving yet
         self._lock = threading.Lock()
-        self._active: dict[_Connection, threading.Thread] = {}
+        self._active: set[_Connection] = set()
+        # Admitted connections for the waiting threads; None tells a thread to end.
+        self._queue: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
+        self._workers: set[threading.Thread] = set()
+        # Threads waiting for a connection, less the connections queued for them. Changed
+        # only under _lock, together with the queue, so a queued connection always has a
+        # thread that will take it.
+        self._idle = 0
         self._serving: threading.Thread | None = None  # the thread inside serve_forever
         self._refused = 0  # connections refused since the last log line about it
         self._refused_logged = -60.0
@@ -301,45 +347,82 @@ class SocketServer:
         with self._lock:
             full = len(self._active) >= self.max_connections
             if not full:
-                thread = threading.Thread(
-                    target=self._serve_connection,
-                    args=(client,),
-                    name="annex-gahp-conn",
-                    daemon=True,
-                )
-                self._active[client] = thread
+                self._active.add(client)
+                if self._idle > 0:
+                    self._idle -= 1
+                    self._queue.put(client)
+                    return
         if full:
-            self._refused += 1
-            now = time.monotonic()
-            # Once a minute at most: a local user opening connections in a loop must not be
-            # able to fill the log.
-            if now - self._refused_logged >= 60.0:
-                log.warning(
-                    "refused %d connection(s): %d already open",
-                    self._refused,
-                    self.max_connections,
-                )
-                self._refused, self._refused_logged = 0, now
-            try:
-                client.write([_error_line("too many connections to annex_gahp; try again later")])
-            except OSError:
-                pass
-            conn.close()
+            self._refuse(client)
             return
+        thread = threading.Thread(
+            target=self._work, args=(client,), name="annex-gahp-conn", daemon=True
+        )
+        with self._lock:
+            self._workers.add(thread)
         try:
             thread.start()
         except RuntimeError:  # no more threads in this process: refuse, keep serving the rest
             log.warning("cannot start a thread for a new connection; refusing it")
             with self._lock:
-                self._active.pop(client, None)
+                self._workers.discard(thread)
+                self._active.discard(client)
             conn.close()
+
+    def _refuse(self, client: _Connection) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        # Once a minute at most: a local user opening connections in a loop must not be able
+        # to fill the log.
+        if now - self._refused_logged >= 60.0:
+            log.warning(
+                "refused %d connection(s): %d already open", self._refused, self.max_connections
+            )
+            self._refused, self._refused_logged = 0, now
+        try:
+            client.write([_error_line("too many connections to annex_gahp; try again later")])
+        except OSError:
+            pass
+        client.sock.close()
+
+    def _work(self, first: _Connection) -> None:
+        """A connection thread: serve `first`, then whatever is queued, until idle too long."""
+        client: _Connection | None = first
+        try:
+            while client is not None:
+                self._serve_connection(client)
+                client = self._next_connection()
+        finally:
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+
+    def _next_connection(self) -> _Connection | None:
+        """Wait for a queued connection; None when stopping or idle for `worker_idle`."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            self._idle += 1
+        try:
+            return self._queue.get(timeout=self.worker_idle)
+        except queue.Empty:
+            pass
+        with self._lock:
+            # Under the lock, so _admit cannot count on this thread after it has gone.
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                self._idle -= 1
+                return None
 
     def _serve_connection(self, client: _Connection) -> None:
         conn = client.sock
         session: Session | None = None
         try:
+            # The uid is the kernel's, read on every connection; only its name is cached.
             pid, uid, _gid = peer_credentials(conn)
-            caller = caller_for_uid(uid, self.admin_uids)
+            caller = Caller(
+                uid=uid, user=self._user_names(uid), is_admin=uid == 0 or uid in self.admin_uids
+            )
             log.debug("connection from pid %d uid %d (%s)", pid, uid, caller.user)
             session = self.dispatcher.session(caller, emit=client.write)
             client.write([session.banner])
@@ -358,7 +441,7 @@ class SocketServer:
             except OSError:
                 pass
             with self._lock:
-                self._active.pop(client, None)
+                self._active.discard(client)
 
     def _read_loop(self, client: _Connection, session: Session) -> None:
         conn = client.sock
@@ -389,12 +472,18 @@ class SocketServer:
             except LineTooLong as exc:
                 # Answer what came before it; after it the stream cannot be trusted.
                 lines, too_long = exc.lines, exc
+            # The replies to every line of this read go out in one write: a client that
+            # pipelines (the hooks send two requests at once) gets them in one wake-up.
+            replies: list[str] = []
             for line in lines:
-                client.write(session.handle_line(line))
+                replies += session.handle_line(line)
                 if session.closed:
-                    return
-            if too_long is not None:
-                client.write([_error_line(str(too_long))])
+                    break
+            if too_long is not None and not session.closed:
+                replies.append(_error_line(str(too_long)))
+            if replies:
+                client.write(replies)
+            if session.closed or too_long is not None:
                 return
             if not splitter.pending:
                 line_started = None
@@ -410,12 +499,24 @@ class SocketServer:
         if self._serving is not threading.current_thread():
             self._stopped.wait(timeout)
         with self._lock:
-            active = list(self._active.items())
-        for client, _ in active:
+            active = list(self._active)
+            workers = list(self._workers)
+        for client in active:
             client.kill()
+        for _ in workers:
+            self._queue.put(None)  # wakes a waiting thread, which then ends
         deadline = time.monotonic() + timeout
-        for _, conn_thread in active:
-            conn_thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        # A connection queued behind an end marker was never taken: close it here.
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if left is not None:
+                left.kill()
+                left.sock.close()
         self.close()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from annex_gahp import client, names
+from annex_gahp import client, names, transports
 from annex_gahp.errors import NotFound
 from annex_gahp.gahp import Caller, Dispatcher
 from annex_gahp.protocol import LineSplitter, decode_line, encode_line, split_args
@@ -189,6 +190,31 @@ def test_async_r_over_the_socket(sockdir: Path) -> None:
             srv.shutdown()
 
 
+def test_lines_sent_before_the_banner_are_all_answered(server: SocketServer) -> None:
+    # What the hooks' client does: its requests are in the socket before the banner is out,
+    # and arrive in one read. Every one gets its reply, in order, after the banner.
+    for end in ("\n", "\r\n"):
+        raw = Raw(server.path)
+        raw.send(end.join(["ASYNC_MODE_ON", "WHOAMI 1 a=b", "RESULTS", "QUIT", ""]))
+        assert raw.line().startswith("$GahpVersion: ")
+        assert [raw.line() for _ in range(4)] == ["S", "S", "R", "S 1"]
+        result = split_args(raw.line())
+        assert result[:2] == ["1", "0"]
+        assert json.loads(result[5].removeprefix("json=")) == {"a": "b"}
+        assert raw.line() == "S"
+        assert raw.closed_by_peer()  # QUIT ended it; nothing after it was read
+
+
+def test_lines_split_across_reads_before_the_banner(server: SocketServer) -> None:
+    raw = Raw(server.path)
+    raw.send("ASYNC_MODE_ON\nWHO")
+    time.sleep(0.05)
+    raw.send("AMI 2\nRESULTS\n")
+    assert raw.line().startswith("$GahpVersion: ")
+    assert [raw.line() for _ in range(4)] == ["S", "S", "R", "S 1"]
+    assert raw.line().startswith("2 0 ")
+
+
 def test_identity_is_root_for_root_and_admin_uids(sockdir: Path) -> None:
     srv = make_server(sockdir, admin_uids={NOBODY}, poll_interval=0.1)
     try:
@@ -253,6 +279,31 @@ def test_claiming_another_user_changes_nothing(server: SocketServer) -> None:
         "uid": "0",
         "user": "root",
     }
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
+def test_reused_connection_threads_take_each_identity_afresh(server: SocketServer) -> None:
+    # Threads and the uid -> name cache are shared by connections; the uid never is.
+    for _ in range(3):
+        assert _as_nobody(server.path)["uid"] == str(NOBODY)
+        mine = client.call("WHOAMI", path=server.path)
+        assert (mine["uid"], mine["is_admin"]) == ("0", "True")
+
+
+def test_user_names_are_reused_only_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[int] = []
+
+    def lookup(uid: int) -> str:
+        looked_up.append(uid)
+        return f"user{uid}.{len(looked_up)}"
+
+    monkeypatch.setattr(transports, "user_name", lookup)
+    names = transports._UserNames(ttl=0.2)
+    assert names(1000) == names(1000) == "user1000.1"
+    assert names(1001) == "user1001.2"
+    time.sleep(0.25)
+    assert names(1000) == "user1000.3"  # e.g. a renamed account: seen after the ttl
+    assert looked_up == [1000, 1001, 1000]
 
 
 def test_caller_for_uid() -> None:
@@ -389,6 +440,37 @@ def test_many_concurrent_clients(server: SocketServer) -> None:
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(one, range(200)))
     assert got == [json.dumps({"i": str(i)}) for i in range(200)]
+
+
+def _connection_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "annex-gahp-conn")
+
+
+def test_connection_threads_are_reused_and_end_when_idle(sockdir: Path) -> None:
+    before = _connection_threads()
+    srv = make_server(sockdir, poll_interval=0.1, worker_idle=0.5)
+    try:
+        for i in range(30):
+            assert client.call("WHOAMI", path=srv.path, i=i)["json"] == json.dumps({"i": str(i)})
+        assert wait_for(lambda: srv.connections == 0)
+        assert _connection_threads() - before <= 2  # one at a time: one thread, reused
+        assert wait_for(lambda: _connection_threads() <= before, 5)
+        # Later connections get a thread again.
+        assert client.call("WHOAMI", path=srv.path)["uid"] == str(os.getuid())
+    finally:
+        srv.shutdown()
+
+
+def test_shutdown_ends_waiting_connection_threads(sockdir: Path) -> None:
+    before = _connection_threads()
+    srv = make_server(sockdir, poll_interval=0.1)  # threads would wait 60 s for work
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.call("WHOAMI", path=srv.path), range(40)))
+    assert wait_for(lambda: srv.connections == 0)
+    start = time.monotonic()
+    srv.shutdown()
+    assert time.monotonic() - start < 3
+    assert wait_for(lambda: _connection_threads() <= before, 3)
 
 
 def test_shutdown_with_open_connections_is_prompt(sockdir: Path) -> None:
