@@ -41,6 +41,11 @@ class AwsCloud:
         # (owner, annex) -> stack name, from the instances' htcondor-annex:stack tag: an annex
         # rebuilt from tags (lost state file) still gets its stack deleted when it retires.
         self._stacks: dict[tuple[str, str], str] = {}
+        # (region, token location) -> when the token this helper last stored there expires:
+        # a launch attempt retried after a failure, or a re-tag with the same lease, does not
+        # mint and store another while that one still outlives the lease. Kept in memory only:
+        # after a restart the first attempt stores a fresh token, once.
+        self._token_expires: dict[tuple[str, str], int] = {}
 
     def _client(self, service: str, region: str) -> Any:
         key = (service, region)
@@ -99,22 +104,36 @@ class AwsCloud:
             self.settings.token_parameter_prefix, self.settings.pool_id, annex.owner, annex.name
         )
 
+    def _token_key(self, annex: Annex) -> tuple[str, str]:
+        if self._is_stack(annex):
+            return (annex.region, stack.token_location(self._bucket(annex)))
+        return (annex.region, self._token_parameter(annex))
+
     def _store_token(self, annex: Annex) -> str:
-        """Mint the annex's token and store it: SSM (fleet) or the annex's S3 bucket (stack).
+        """Mint the annex's token and store it: SSM (fleet) or the annex's S3 bucket (stack),
+        unless the one stored there last still outlives the lease (with TOKEN_MARGIN).
         Returns where: the parameter name, or `s3://bucket/key`."""
-        lifetime = max(60, annex.lease_expiration - int(time.time())) + TOKEN_MARGIN
+        key = self._token_key(annex)
+        if self._token_expires.get(key, 0) >= annex.lease_expiration + TOKEN_MARGIN:
+            return key[1]
+        now = int(time.time())
+        lifetime = max(60, annex.lease_expiration - now) + TOKEN_MARGIN
         token = self._mint(f"condor@{self.settings.uid_domain}", lifetime)
         if self._is_stack(annex):
-            return stack.put_token(
+            location = stack.put_token(
                 self._client("s3", annex.region),
                 self._bucket(annex),
                 token,
                 self._tags(annex),
                 annex.region,
             )
-        parameter = self._token_parameter(annex)
-        secrets.put_token(self._client("ssm", annex.region), parameter, token, self._tags(annex))
-        return parameter
+        else:
+            location = self._token_parameter(annex)
+            secrets.put_token(
+                self._client("ssm", annex.region), location, token, self._tags(annex)
+            )
+        self._token_expires[key] = now + lifetime
+        return location
 
     def _user_data(self, annex: Annex, location: str) -> bytes:
         """The boot script; `location` is the token's SSM parameter or `s3://bucket/key`."""
@@ -299,6 +318,7 @@ class AwsCloud:
         )
 
     def release(self, annex: Annex) -> None:
+        self._token_expires.pop(self._token_key(annex), None)  # deleted below with its bucket
         name = (
             self._stack_name(annex)
             if self._is_stack(annex)

@@ -5,10 +5,19 @@
         |                     |   +----grow-------+   \\
         +------retire---------+-------retire----------+--> retiring --gone--> retired
     requested/provisioning --launch_failed--> failed --retire--> retiring
+    failed --launch--> provisioning;  failed --launch_failed--> failed
 
 Events come from the reconcile loop (launch, up, grow, launch_failed, gone) and from users or
 policy (retire: delete, idle timeout, lease end). Anything not in the table is a bug in the
 caller, so it raises rather than guessing.
+
+A launch attempt is preparing the annex (its token and launch template) and the launch call.
+`launch_failed` is one that failed or got no capacity, whatever the state; the record then
+counts it (`launch_failures`) and says when the next attempt may be made (`retry_at`, see
+retry_delay: one reconcile interval doubled per failure in a row, at most BACKOFF_MAX), and
+its LastError says so too. A launch that gets capacity clears both. So a failure that will
+not go away by itself (a missing permission, a bad image) costs one attempt every few minutes,
+not one per cycle.
 """
 
 from __future__ import annotations
@@ -28,11 +37,15 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (RUNNING, "up"): RUNNING,
     (RUNNING, "launch_failed"): RUNNING,  # some capacity is up; the shortfall shows in LastError
     (RUNNING, "retire"): RETIRING,
-    (FAILED, "launch"): PROVISIONING,  # a later demand or extend tries again
+    (FAILED, "launch"): PROVISIONING,  # the next attempt, once its retry_at has passed
+    (FAILED, "launch_failed"): FAILED,  # and that one failed too: a longer wait
     (FAILED, "retire"): RETIRING,
     (RETIRING, "retire"): RETIRING,
     (RETIRING, "gone"): RETIRED,
 }
+
+# The longest wait between two launch attempts of an annex (seconds).
+BACKOFF_MAX = 300
 
 ACTIVE = frozenset({REQUESTED, PROVISIONING, RUNNING, FAILED})
 LIVE = ACTIVE | {RETIRING}  # states in which cloud resources may exist
@@ -47,3 +60,11 @@ def next_state(state: str, event: str) -> str:
         return TRANSITIONS[(state, event)]
     except KeyError:
         raise TransitionError(f"no transition from {state!r} on {event!r}") from None
+
+
+def retry_delay(failures: int, interval: int) -> int:
+    """Seconds from the `failures`-th failed launch attempt in a row to the next attempt: the
+    reconcile interval doubled per failure, capped at BACKOFF_MAX (0: nothing failed)."""
+    if failures <= 0:
+        return 0
+    return min(BACKOFF_MAX, max(1, interval) * 2 ** min(failures, 16))

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 LIVE_STATES = ("pending", "running")
 # An instance we launched may not show in describe at once (eventual consistency).
 SEEN_GRACE = 60
-RETRY_AFTER_FAILURE = 60
 
 
 @dataclass(frozen=True)
@@ -488,19 +487,23 @@ class Reconciler:
         return annex
 
     def _may_launch(self, annex: Annex, now: int) -> bool:
-        if annex.state != names.FAILED:
-            return True
-        return now - annex.updated >= RETRY_AFTER_FAILURE
+        """Not before the back-off after failed attempts has passed (lifecycle.retry_delay)."""
+        return annex.retry_at is None or now >= annex.retry_at
 
     def _launch(self, annex: Annex, count: int, now: int) -> Annex:
         try:
             prepared = self.cloud.prepare(annex)
         except AnnexError as err:
-            if spec_from_record(annex.spec).mode != "provision":
-                raise
-            # Provision mode: the user's data cannot be used (e.g. its template does not
-            # render); that is this annex's launch failing, and its job says so.
-            return self._launch_failed(annex, str(err))
+            # The token, the launch template or (provision mode) the user's data could not be
+            # made: this attempt failed like a launch call would, and is retried after the
+            # back-off - not every cycle, minting and storing a token each time.
+            return self._launch_failed(annex, str(err), now)
+        except Exception as err:
+            # A bug, or an SDK that breaks: nothing was launched yet (no intent written), so
+            # the same holds, and the other annexes' cycle goes on.
+            log.exception("annex %s: preparing the launch failed", annex.key)
+            what = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
+            return self._launch_failed(annex, what, now)
         if prepared and (
             prepared.get("template_id") != annex.template_id
             or prepared.get("token_parameter") != annex.token_parameter
@@ -517,7 +520,7 @@ class Reconciler:
             outcome = self.cloud.launch(annex, count, op.request)
         except AnnexError as err:
             self.store.finish_op(op.id, error=str(err))
-            return self._launch_failed(annex, str(err))
+            return self._launch_failed(annex, str(err), now)
         faults.checkpoint("create.launched")
         self.store.finish_op(
             op.id,
@@ -536,15 +539,35 @@ class Reconciler:
             f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
         )
         if not outcome.instance_ids and not outcome.accepted:
-            return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity")
+            return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity", now)
         error = "; ".join(outcome.errors)
         return self.store.update_annex(
-            annex.id, state=lifecycle.next_state(annex.state, "launch"), last_error=error
+            annex.id,
+            state=lifecycle.next_state(annex.state, "launch"),
+            last_error=error,
+            launch_failures=0,
+            retry_at=None,
         )
 
-    def _launch_failed(self, annex: Annex, error: str) -> Annex:
+    def _launch_failed(self, annex: Annex, error: str, now: int) -> Annex:
+        """Count the failed attempt and set when the next may be made; LastError says both,
+        unless nothing will be tried again (a provision-mode annex that got no instance ends:
+        _provision_ended)."""
+        failures = annex.launch_failures + 1
+        retry_at = now + lifecycle.retry_delay(failures, self.settings.reconcile_interval)
+        ends = spec_from_record(annex.spec).mode == "provision" and not self.store.instances(
+            annex.id
+        )
+        if not ends:
+            when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
+            error = f"{error} (attempt {failures} failed; next attempt at {when})"
+        log.warning("annex %s: launch failed: %s", annex.key, error)
         return self.store.update_annex(
-            annex.id, state=lifecycle.next_state(annex.state, "launch_failed"), last_error=error
+            annex.id,
+            state=lifecycle.next_state(annex.state, "launch_failed"),
+            last_error=error,
+            launch_failures=failures,
+            retry_at=retry_at,
         )
 
     def _retire(self, annex: Annex, live: list[Observed], now: int) -> Annex:

@@ -395,6 +395,10 @@ class AnnexService:
             "IdleJobs": annex.demand_idle,
             "RunningJobs": annex.demand_running,
             "FailedInstances": self.failed_instances(annex),
+            # Failed launch attempts in a row, and when the next one is due (epoch seconds;
+            # absent from the ad when none is waiting): lifecycle.retry_delay.
+            "LaunchFailures": annex.launch_failures,
+            "NextLaunchAttempt": annex.retry_at if annex.launch_failures else None,
         }
 
     def failed_instances(self, annex: Annex) -> int:

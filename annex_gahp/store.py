@@ -22,7 +22,13 @@ from typing import Any
 
 from annex_gahp.errors import AnnexError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added since version 1, as (name, definition): a version 1 file gets them when it is
+# opened (ADD COLUMN keeps every row, with the default), and is then version 2.
+_ADDED_COLUMNS = (
+    ("launch_failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("retry_at", "INTEGER"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +52,9 @@ CREATE TABLE IF NOT EXISTS annexes (
     binding_limit TEXT NOT NULL DEFAULT '',
     template_id TEXT NOT NULL DEFAULT '',
     token_parameter TEXT NOT NULL DEFAULT '',
-    adopted INTEGER NOT NULL DEFAULT 0
+    adopted INTEGER NOT NULL DEFAULT 0,
+    launch_failures INTEGER NOT NULL DEFAULT 0,
+    retry_at INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_annex ON annexes(owner, name)
     WHERE state != 'retired';
@@ -100,6 +108,9 @@ class Annex:
     template_id: str
     token_parameter: str
     adopted: int
+    # Failed launch attempts in a row, and when the next may be made (lifecycle.retry_delay).
+    launch_failures: int
+    retry_at: int | None
 
     @property
     def key(self) -> str:
@@ -155,6 +166,7 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock = threading.RLock()
         fresh = not os.path.exists(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -172,7 +184,6 @@ class Store:
                 "annex_gahp: it rebuilds its records from the instances' htcondor-annex tags."
             ) from None
         self.fresh = fresh
-        self._lock = threading.RLock()
 
     def _check_integrity(self) -> None:
         (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
@@ -187,9 +198,21 @@ class Store:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
+        elif int(row[0]) == 1:
+            self._add_columns()
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"schema version {row[0]} is not the supported {SCHEMA_VERSION}"
+            )
+
+    def _add_columns(self) -> None:
+        have = {info[1] for info in self._db.execute("PRAGMA table_info(annexes)")}
+        with self.transaction():
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE annexes ADD COLUMN {name} {definition}")
+            self._db.execute(
+                "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
             )
 
     def close(self) -> None:
