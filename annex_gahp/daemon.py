@@ -146,12 +146,16 @@ class Helper:
         self._signals: list[int] = []
         self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
         demand = ScheddDemand()
-        self.service = AnnexService(self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job)
+        # One ScheddDemand for both: JOB_ROUTED checks a job against the loop's last demand
+        # query (service._check_still_waiting).
+        self.service = AnnexService(
+            self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job, jobs=demand
+        )
         self.reconciler = Reconciler(
             self.store,
             self.service,
             AwsCloud(cfg),
-            ScheddDemand(),
+            demand,
             Publisher(),
             slots=AnnexSlots(),
         )

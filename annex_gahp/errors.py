@@ -25,6 +25,14 @@ class NotFound(AnnexError):
     code = "NOT_FOUND"
 
 
+class JobGone(AnnexError):
+    """The job a translate hook speaks for is no longer waiting (removed, completed, or gone
+    from the queue): nothing is created for it, and the hook exits non-zero so the job router
+    drops it without editing a job that is not there (docs/router.md)."""
+
+    code = "JOB_GONE"
+
+
 class LimitExceeded(AnnexError):
     """An admin limit (ANNEX_MAX_*) binds; the message names the knob."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from annex_gahp import names
 
 log = logging.getLogger(__name__)
 
-IDLE, RUNNING, HELD = 1, 2, 5
+IDLE, RUNNING, REMOVED, COMPLETED, HELD, SUBMISSION_ERR = 1, 2, 3, 4, 5, 6
 # What the route sets on a job it edited (30-annex-router.conf); it does not route it again.
 ROUTED_MARK = "AnnexRoutedName"
 
@@ -35,29 +36,73 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@dataclass(frozen=True)
+class QueuedJob:
+    """One job as the schedd has it now."""
+
+    owner: str
+    status: int
+
+
 class ScheddDemand:
     def __init__(self) -> None:
         import htcondor2  # noqa: PLC0415
 
         self._htcondor = htcondor2
+        # The demand query's answer kept as job ids, with when the query began: what a
+        # translate hook that merges into a live annex is checked against, at no extra query
+        # (left_since_last_look). One tuple, replaced whole: read from the socket threads.
+        self._last_look: tuple[float, frozenset[tuple[int, int]]] | None = None
 
     def _schedd(self):
         return self._htcondor.Schedd()
 
     def counts(self) -> dict[tuple[str, str], Demand]:
         """(owner, annex) -> jobs waiting for or running on it. Raises if the schedd is down."""
+        began = time.time()
         ads = self._schedd().query(
-            constraint=_DEMAND, projection=["Owner", names.JOB_TARGET, "JobStatus"]
+            constraint=_DEMAND,
+            projection=["Owner", names.JOB_TARGET, "JobStatus", "ClusterId", "ProcId"],
         )
         idle: Counter[tuple[str, str]] = Counter()
         running: Counter[tuple[str, str]] = Counter()
+        ids: set[tuple[int, int]] = set()
         for ad in ads:
             key = (str(ad.get("Owner")), str(ad.get(names.JOB_TARGET)))
             if ad.get("JobStatus") == RUNNING:
                 running[key] += 1
             else:
                 idle[key] += 1
+            cluster, proc = ad.get("ClusterId"), ad.get("ProcId")
+            if isinstance(cluster, int) and isinstance(proc, int):
+                ids.add((cluster, proc))
+        self._last_look = (began, frozenset(ids))
         return {k: Demand(idle[k], running[k]) for k in idle.keys() | running.keys()}
+
+    def left_since_last_look(self, cluster: int, proc: int, idle_since: int) -> bool:
+        """True when the last demand query began after the job became idle (`idle_since`,
+        its EnteredCurrentStatus) and did not find it idle or running: it was removed,
+        completed or held in between. A job that became idle since (submitted, released) is
+        not known yet: False, as it is when no query has answered yet."""
+        view = self._last_look
+        if view is None:
+            return False
+        began, ids = view
+        # Whole seconds: a job idle since the second the query began may have been missed.
+        return idle_since < int(began) and (cluster, proc) not in ids
+
+    def job(self, cluster: int, proc: int) -> QueuedJob | None:
+        """One job as the schedd has it now (one query by id), None when it has left the
+        queue. Raises if the schedd does not answer."""
+        ads = self._schedd().query(
+            constraint=f"ClusterId == {int(cluster)} && ProcId == {int(proc)}",
+            projection=["Owner", "JobStatus"],
+            limit=1,
+        )
+        for ad in ads:
+            status = ad.get("JobStatus")
+            return QueuedJob(str(ad.get("Owner", "")), status if isinstance(status, int) else 0)
+        return None
 
     def annotate(
         self, owner: str, annex: str, attrs: dict[str, str], *, running: bool = False

@@ -13,11 +13,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from annex_gahp import durations, faults, lifecycle, names, pilotdata, spec
-from annex_gahp.errors import InputError, LimitExceeded, NotFound, PermissionDenied
+from annex_gahp.errors import (
+    AnnexError,
+    InputError,
+    JobGone,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+)
 from annex_gahp.gahp import Caller
+from annex_gahp.schedd import (
+    COMPLETED,
+    HELD,
+    IDLE,
+    REMOVED,
+    RUNNING,
+    SUBMISSION_ERR,
+    QueuedJob,
+)
 from annex_gahp.settings import Settings
 from annex_gahp.store import Annex, Store
 
@@ -83,6 +99,37 @@ def parse_job_ad(text: str) -> dict[str, Any]:
     return values
 
 
+class JobQueue(Protocol):
+    """The schedd, as the translate hook's request is checked against it (schedd.ScheddDemand)."""
+
+    def job(self, cluster: int, proc: int) -> QueuedJob | None: ...
+
+    def left_since_last_look(self, cluster: int, proc: int, idle_since: int) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRef:
+    """The job a translate hook speaks for, as its ad (the job router's copy) says."""
+
+    cluster: int
+    proc: int
+    owner: str
+    idle_since: int | None  # EnteredCurrentStatus (else QDate): waiting since when
+
+    @property
+    def id(self) -> str:
+        return f"{self.cluster}.{self.proc}"
+
+
+# Why a job that is not idle or running gets no annex, as the hook's stderr line says it.
+_NOT_WAITING = {
+    REMOVED: "was removed",
+    COMPLETED: "has completed",
+    HELD: "is held (once released, the job router routes it again)",
+    SUBMISSION_ERR: "failed to submit",
+}
+
+
 class AnnexService:
     def __init__(
         self,
@@ -93,6 +140,7 @@ class AnnexService:
         resolve_region: Callable[[str, Settings], str] | None = None,
         clock: Callable[[], float] = time.time,
         hold_job: Callable[[str, int, int, str], None] | None = None,
+        jobs: JobQueue | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -100,6 +148,9 @@ class AnnexService:
         # (owner, cluster, proc, reason): holds one job (schedd.hold_job); provision mode holds
         # a job whose user data cannot be used, with the reason, instead of refusing forever.
         self.hold_job = hold_job
+        # The job router runs the translate hook for jobs removed after it picked them up
+        # (docs/router.md): `jobs` is how JOB_ROUTED tells (None: no schedd, nothing checked).
+        self.jobs = jobs
         self._resolve_region = resolve_region or _default_region
         self._clock = clock
         # Serialises ensure(): two hooks racing for the same new annex must not both insert.
@@ -162,16 +213,30 @@ class AnnexService:
     # --- creation and growth ---------------------------------------------------------------
 
     def ensure(
-        self, wanted: spec.AnnexSpec, *, qdate: int | None = None, user_data: bytes | None = None
+        self,
+        wanted: spec.AnnexSpec,
+        *,
+        qdate: int | None = None,
+        user_data: bytes | None = None,
+        job: JobRef | None = None,
     ) -> Annex:
         """Create the annex, or fold this request into the live one of the same owner and name.
         `user_data` (provision mode) is kept with a new annex, or with a live one that has none
-        yet, before the reconcile loop is woken; an annex that has some keeps it."""
+        yet, before the reconcile loop is woken; an annex that has some keeps it. `job` (a
+        translate hook's request): a new annex is created only while the schedd still has that
+        job waiting - one schedd query, on this path only, outside the lock when it can be."""
         now = int(self._clock())
+        checked = False
+        if job is not None and self.store.live(wanted.owner, wanted.name) is None:
+            self._refuse_expired_recreation(wanted, qdate)  # no need to ask the schedd then
+            self._require_waiting(job)
+            checked = True
         with self._lock:
             live = self.store.live(wanted.owner, wanted.name)
             if live is None:
                 self._refuse_expired_recreation(wanted, qdate)
+                if job is not None and not checked:
+                    self._require_waiting(job)  # the live annex ended between the two looks
                 requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
                 region = self._resolve_region(wanted.region, self.settings)
                 annex = self.store.insert_annex(
@@ -227,6 +292,47 @@ class AnnexService:
             log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
             self.wake()
             return annex
+
+    def _require_waiting(self, job: JobRef) -> None:
+        """Before a job's request creates an annex: the schedd still has the job, it is the
+        caller's, and it is idle or running. Anything else would start instances (and their
+        bill) for nobody: the request is refused, and the hook exits non-zero, which makes
+        the router drop the job without editing it (docs/router.md)."""
+        if self.jobs is None:
+            return
+        try:
+            queued = self.jobs.job(job.cluster, job.proc)
+        except Exception as err:
+            raise AnnexError(
+                f"could not ask the schedd whether job {job.id} still waits ({err}); nothing "
+                "was created, and the job router asks again later"
+            ) from None
+        if queued is None:
+            raise JobGone(f"job {job.id} is no longer in the queue: no annex is created for it")
+        if queued.owner != job.owner:
+            raise PermissionDenied(
+                f"job {job.id} belongs to {queued.owner}, not {job.owner}: a hook speaks only "
+                "for its owner's jobs"
+            )
+        if queued.status not in (IDLE, RUNNING):
+            what = _NOT_WAITING.get(queued.status, f"is not waiting (JobStatus {queued.status})")
+            raise JobGone(f"job {job.id} {what}: no annex is created for it")
+
+    def _check_still_waiting(self, job: JobRef) -> None:
+        """Any translate request, free of queries: the helper's last demand query (once per
+        reconcile cycle) began after the job became idle and did not see it idle or running,
+        so it has been removed, completed or held since. Refused like _require_waiting: an
+        answer would make the router edit a job that is gone, which fails and, in HTCondor
+        before 23.0.24/24.5.1, also fails the schedd's next commit - someone's condor_submit
+        (docs/router.md)."""
+        if self.jobs is None or job.idle_since is None:
+            return
+        if self.jobs.left_since_last_look(job.cluster, job.proc, job.idle_since):
+            raise JobGone(
+                f"job {job.id} was no longer idle or running at the helper's last look at the "
+                "queue (removed, completed or held since it was routed): nothing is done for it; "
+                "a held job is routed again once released"
+            )
 
     def _refuse_expired_recreation(self, wanted: spec.AnnexSpec, qdate: int | None) -> None:
         """An annex that ended by its lease or by delete is not brought back by a job that has
@@ -472,13 +578,15 @@ class AnnexService:
     def job_routed(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)
         owner = attrs["Owner"]
-        wanted = spec.from_job_attrs(attrs, owner, self.settings)
-        user_data = self._pilot_data(attrs, args) if wanted.mode == "provision" else None
         # Since when the job waits: a job released after its annex ended may start a new one.
         since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
-        annex = self.ensure(
-            wanted, qdate=since if isinstance(since, int) else None, user_data=user_data
-        )
+        since = since if isinstance(since, int) else None
+        wanted = spec.from_job_attrs(attrs, owner, self.settings)  # bad input says so first
+        job = _job_ref(attrs, since)
+        if job is not None:
+            self._check_still_waiting(job)
+        user_data = self._pilot_data(attrs, args) if wanted.mode == "provision" else None
+        annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
         out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return {"json": json.dumps(out, sort_keys=True)}
@@ -521,6 +629,13 @@ class AnnexService:
         self._job(caller, args)
         self.wake()
         return {}
+
+
+def _job_ref(attrs: Mapping[str, Any], idle_since: int | None) -> JobRef | None:
+    cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
+    if not isinstance(cluster, int) or not isinstance(proc, int):
+        return None  # (the hooks refuse such an ad before asking)
+    return JobRef(cluster, proc, str(attrs["Owner"]), idle_since)
 
 
 def _default_region(job_region: str, settings: Settings) -> str:

@@ -569,13 +569,17 @@ def test_translate_hook_refuses_malformed_and_hostile_ads() -> None:
     assert len(sandbox.instances(states=())) == ec2_before
     assert status(ALICE, name) is None
 
-    # The control: the same ad, well formed, is accepted and asks for the annex.
-    res = run_hook(f"{ROUTE}\n------\n{job_ad_text(name)}")
+    # The control: the same ad, well formed and for a real job of alice's that waits, is
+    # accepted and asks for the annex (the helper creates an annex only for a job the schedd
+    # still has; the route leaves this one alone: it looks routed already).
+    cluster = submit(ALICE, name, extra=("requirements = false", f'+AnnexRoutedName = "{name}"'))
+    res = run_hook(f"{ROUTE}\n------\n{job_ad_text(name, ClusterId=str(cluster))}")
     try:
         assert res.returncode == 0, res.stderr
         assert re.search(r'^AnnexState = "requested"$', res.stdout, re.M), res.stdout
         assert 'Cmd = "/bin/true"' in res.stdout
         assert status(ALICE, name)["AnnexName"] == name
     finally:
+        sandbox.run_as(ALICE, "condor_rm", str(cluster), check=False)
         htcondor_annex(ALICE, "delete", "--name", name, check=False)
         wait(lambda: gone(ALICE, name), 60, "the control annex to go")
