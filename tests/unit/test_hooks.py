@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from annex_gahp import names
 from annex_gahp.errors import InputError
@@ -465,6 +467,75 @@ def test_hook_launchers_load_nothing_slow_to_start(hook: str) -> None:
     loaded = set(loaded_line[0].split()[1:])
     assert f"annex_gahp.hooks.{hook}" in loaded
     assert sorted(loaded & set(START_UP_HEAVY)) == []
+
+
+def test_a_whole_translate_run_loads_nothing_slow_to_start(peer) -> None:
+    """The launcher run as the router runs it, with a real job ad against a peer that answers:
+    reading the helper's answer must not load json (and re with it), ~10 ms of start-up."""
+    _, path = peer
+    launcher = REPO / "annex_gahp" / "hooks" / "bin" / "annex_hook_translate"
+    code = (
+        f"import sys, atexit; sys.path.insert(0, {str(REPO)!r}); sys.argv = [{str(launcher)!r}]; "
+        f"atexit.register(lambda: sys.stderr.write('LOADED ' + ' '.join(sys.modules) + '\\n')); "
+        f"exec(compile(open({str(launcher)!r}).read(), {str(launcher)!r}, 'exec'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        input=TRANSLATE_IN,
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, names.SOCKET_ENV: path},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _ad.parse(proc.stdout).string("AnnexLastError") == 'said "no"'
+    [loaded_line] = [line for line in proc.stderr.splitlines() if line.startswith("LOADED ")]
+    assert sorted(set(loaded_line.split()[1:]) & set(START_UP_HEAVY)) == []
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(_TEXT, _TEXT, max_size=6),
+    st.sampled_from([{}, {"ensure_ascii": False}, {"indent": 1}, {"separators": (",", ":")}]),
+)
+def test_the_hooks_json_reader_reads_what_json_writes(data: dict[str, str], style: dict) -> None:
+    raw = json.dumps(data, **style)
+    try:
+        assert _ad._flat_json_object(raw) == data
+    except ValueError:  # only surrogate pairs are left to the json module
+        assert "\\ud" in raw.lower()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"a": 1}',
+        '{"a": "b",}',
+        '{"a" "b"}',
+        '{"a": "b"} x',
+        '{"a": "b\x01"}',
+        "[]",
+        '{"a": "b"',
+        "{",
+        '{"a": "\\x"}',
+        '{"a": "\\u12"}',
+        '{"a": "b"}}',
+        "{,}",
+    ],
+)
+def test_the_hooks_json_reader_refuses_what_it_does_not_read(raw: str) -> None:
+    with pytest.raises(ValueError):
+        _ad._flat_json_object(raw)
+
+
+def test_what_the_hooks_json_reader_leaves_goes_to_the_json_module() -> None:
+    smile = json.dumps({"AnnexLastError": '"\U0001f600 ok"'})  # a surrogate pair
+    assert _ad.updates_from({"json": smile}) == {"AnnexLastError": '"\U0001f600 ok"'}
+    with pytest.raises(_ad.AdError, match="helper sent unreadable JSON"):
+        _ad.updates_from({"json": '{"AnnexState": "running",}'})
 
 
 @pytest.mark.parametrize(
