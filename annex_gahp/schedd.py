@@ -119,6 +119,22 @@ class ScheddDemand:
         for attr, value in attrs.items():
             schedd.edit(constraint, attr, value)
 
+    def tell_job(self, owner: str, cluster: int, proc: int, attrs: dict[str, str]) -> None:
+        """Write `attrs` into one idle job of `owner` that no annex answers for (its request was
+        refused). By constraint, so a job that has left the queue or stopped waiting matches
+        nothing and is not edited (an edit of a removed job fails the schedd's next commit in
+        HTCondor before 23.0.24/24.5.1, docs/router.md)."""
+        constraint = (
+            f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
+            f" && JobStatus == {IDLE}"
+        )
+        schedd = self._schedd()
+        try:
+            for attr, value in attrs.items():
+                schedd.edit(constraint, attr, value)
+        except OSError:
+            pass  # no job matched: it left, or is no longer idle
+
     def _waiting(self, owner: str, annex: str) -> str:
         return (
             f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"

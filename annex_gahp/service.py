@@ -84,6 +84,7 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         "EnteredCurrentStatus",
         names.JOB_TARGET,
         "RoutedFromJobId",
+        "AnnexLastError",  # what the job already says, so a refusal is written only once
     )
     values: dict[str, Any] = {}
     for attr in (*wanted, *names.JOB_ATTRS.values()):
@@ -105,6 +106,8 @@ class JobQueue(Protocol):
     def job(self, cluster: int, proc: int) -> QueuedJob | None: ...
 
     def left_since_last_look(self, cluster: int, proc: int, idle_since: int) -> bool: ...
+
+    def tell_job(self, owner: str, cluster: int, proc: int, attrs: dict[str, str]) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -586,10 +589,27 @@ class AnnexService:
         if job is not None:
             self._check_still_waiting(job)
         user_data = self._pilot_data(attrs, args) if wanted.mode == "provision" else None
-        annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
+        try:
+            annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
+        except LimitExceeded as err:
+            self._tell_refused(job, attrs, str(err))
+            raise
         out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return {"json": json.dumps(out, sort_keys=True)}
+
+    def _tell_refused(self, job: JobRef | None, attrs: Mapping[str, Any], why: str) -> None:
+        """A refused request leaves the job unrouted, and the router asks again each polling
+        period; without this its owner would see an idle job and nothing else. Written only
+        when it changes: the router's copy of the ad says what the job already carries."""
+        if job is None or self.jobs is None or attrs.get("AnnexLastError") == why:
+            return
+        try:
+            self.jobs.tell_job(
+                job.owner, job.cluster, job.proc, {"AnnexLastError": classad_literal(why)}
+            )
+        except Exception as err:
+            log.warning("could not write AnnexLastError into job %s: %s", job.id, err)
 
     def _pilot_data(self, attrs: Mapping[str, Any], args: Mapping[str, str]) -> bytes:
         """Provision mode: the user data the translate hook read as the job's owner. When it

@@ -333,6 +333,23 @@ def test_binding_cap_is_named_on_the_annex_ad_and_the_waiting_jobs(tight_caps, k
         wait(lambda: len(annex_instances(user, capped)) == allowed, 30, "the instances")
         time.sleep(2 * CYCLE)
         assert len(annex_instances(user, capped)) == allowed  # and no more
+        if knob == "ANNEX_MAX_INSTANCES_PER_USER":
+            # bob's 3 are all taken: a third annex is refused, and its job (left unrouted)
+            # says why instead of just waiting.
+            third = unique("cap")
+            made.append((third, submit(user, third, instances=1, extra=never_runs())))
+            refused = wait(
+                lambda: (
+                    (af := condor_q_af(user, made[-1][1], "AnnexLastError"))
+                    and "ANNEX_MAX_INSTANCES_PER_USER (3)" in af[0][0]
+                    and af[0][0]
+                ),
+                30,
+                "the refused job to name ANNEX_MAX_INSTANCES_PER_USER",
+            )
+            assert "already has 3 instance(s)" in refused, refused
+            assert annex_ad(user, third) is None
+            assert annex_instances(user, third) == []
     finally:
         for name, cluster in made:
             cleanup(user, name, [cluster])

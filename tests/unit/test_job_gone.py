@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aws_fixtures import REGION, make_settings
 
-from annex_gahp.errors import AnnexError, JobGone, PermissionDenied
+from annex_gahp.errors import AnnexError, JobGone, LimitExceeded, PermissionDenied
 from annex_gahp.gahp import Caller
 from annex_gahp.schedd import COMPLETED, HELD, IDLE, REMOVED, RUNNING, ScheddDemand
 from annex_gahp.service import AnnexService
@@ -92,11 +92,19 @@ def service(tmp_path, queue) -> AnnexService:
     )
 
 
-def ad(cluster: int = 7, proc: int = 0, instances: int = 1, since: int = NOW - 60) -> str:
+def ad(
+    cluster: int = 7,
+    proc: int = 0,
+    instances: int = 1,
+    since: int = NOW - 60,
+    *,
+    name: str = "burst",
+    extra: str = "",
+) -> str:
     return (
         f'Owner = "alice"\nClusterId = {cluster}\nProcId = {proc}\nQDate = {since}\n'
-        f'EnteredCurrentStatus = {since}\nJobStatus = 1\nTargetAnnexName = "burst"\n'
-        f"AnnexInstances = {instances}\n"
+        f'EnteredCurrentStatus = {since}\nJobStatus = 1\nTargetAnnexName = "{name}"\n'
+        f"AnnexInstances = {instances}\n{extra}"
     )
 
 
@@ -237,3 +245,39 @@ def test_holding_jobs_still_works_after_a_demand_query(queue):
     demand.hold("alice", "burst", "the lease ends")
     demand.hold_left_behind("alice", "burst", "it was deleted", NOW)
     assert sum(q.startswith("Hold where Owner == \"alice\"") for q in schedd.queries) == 2
+
+
+# --- a refused request says why in the job ---------------------------------------------------
+
+
+def test_a_request_refused_by_the_per_user_cap_is_written_into_the_job_once(tmp_path, queue):
+    """The router leaves a refused job unrouted and asks again every polling period: the
+    job's AnnexLastError says which cap, written when it changes and only into that job while
+    it is idle (a constraint that matches nothing once it has left)."""
+    demand, schedd = queue
+    service = AnnexService(
+        Store(str(tmp_path / "state.sqlite")),
+        make_settings(max_instances_per_user=1),
+        clock=lambda: NOW,
+        resolve_region=lambda region, settings: REGION,
+        jobs=demand,
+    )
+    schedd.add(7)
+    schedd.add(8)
+    routed(service)  # burst takes alice's one instance
+    schedd.queries.clear()
+    with pytest.raises(LimitExceeded) as caught:
+        routed(service, cluster=8, name="other")
+    why = str(caught.value)
+    assert "ANNEX_MAX_INSTANCES_PER_USER (1)" in why
+    edits = [q for q in schedd.queries if q.startswith("edit ")]
+    assert edits == [
+        'edit AnnexLastError where ClusterId == 8 && ProcId == 0 && Owner == "alice"'
+        " && JobStatus == 1"
+    ]
+    assert service.store.live("alice", "other") is None
+
+    schedd.queries.clear()
+    with pytest.raises(LimitExceeded):  # the job already says so: nothing written again
+        routed(service, cluster=8, name="other", extra=f'AnnexLastError = "{why}"\n')
+    assert [q for q in schedd.queries if q.startswith("edit ")] == []
