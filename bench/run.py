@@ -176,7 +176,7 @@ def main() -> int:
     finally:
         proxy.terminate()
     rc = summary() or rc
-    common.out(f"=== all benchmarks: {time.time() - t0:.0f} s, exit {rc}")
+    common.out(f"=== all benchmarks: {time.time() - t0:.0f} s, exit {int(rc)}")
     return rc
 
 
