@@ -32,6 +32,10 @@ class Demand:
         return self.idle + self.running
 
 
+def _one_job(owner: str, cluster: int, proc: int) -> str:
+    return f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
+
+
 def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -124,10 +128,7 @@ class ScheddDemand:
         refused). By constraint, so a job that has left the queue or stopped waiting matches
         nothing and is not edited (an edit of a removed job fails the schedd's next commit in
         HTCondor before 23.0.24/24.5.1, docs/router.md)."""
-        constraint = (
-            f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
-            f" && JobStatus == {IDLE}"
-        )
+        constraint = f"{_one_job(owner, cluster, proc)} && JobStatus == {IDLE}"
         schedd = self._schedd()
         try:
             for attr, value in attrs.items():
@@ -151,9 +152,7 @@ class ScheddDemand:
 
     def hold_job(self, owner: str, cluster: int, proc: int, reason: str) -> None:
         """Hold one job of `owner` with `reason` (provision mode: unusable user data)."""
-        constraint = (
-            f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
-        )
+        constraint = _one_job(owner, cluster, proc)
         self._schedd().act(self._htcondor.JobAction.Hold, constraint, (reason, 0))
         log.info("held job %d.%d of %s: %s", cluster, proc, owner, reason)
 

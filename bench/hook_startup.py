@@ -39,10 +39,7 @@ def job_ad() -> tuple[int, str]:
         "hook",
     )
     done = common.run(["condor_q", "-l", f"{cluster}.0"])
-    lines = []
-    for line in done.stdout.splitlines():
-        if " = " in line:
-            lines.append(line)
+    lines = [line for line in done.stdout.splitlines() if " = " in line]
     lines.sort(key=lambda x: x.split(" = ", 1)[0].lower())
     return cluster, f"{ROUTE_AD}\n------\n" + "\n".join(lines) + "\n\n"
 

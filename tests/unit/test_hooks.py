@@ -443,12 +443,11 @@ def test_hooks_import_nothing_heavy(hook: str) -> None:
 START_UP_HEAVY = ("re", "json", "socket", "enum", "selectors", "collections")
 
 
-@pytest.mark.parametrize("hook", ["translate", "update", "finalize", "cleanup"])
-def test_hook_launchers_load_nothing_slow_to_start(hook: str) -> None:
+def run_launcher(hook: str, stdin: str, socket_path: str) -> tuple[int, str, set[str]]:
+    """The installed-style launcher run as the router would run it: (exit status, stdout, the
+    modules it had loaded when it exited, as atexit reports them on stderr)."""
     launcher = REPO / "annex_gahp" / "hooks" / "bin" / f"annex_hook_{hook}"
     assert launcher.read_text().startswith("#!python\n")  # pip points it at its interpreter
-    # Run the launcher as the router would, with an empty ad: it fails fast, and atexit reports
-    # which modules it had loaded by then.
     code = (
         f"import sys, atexit; sys.path.insert(0, {str(REPO)!r}); sys.argv = [{str(launcher)!r}]; "
         f"atexit.register(lambda: sys.stderr.write('LOADED ' + ' '.join(sys.modules) + '\\n')); "
@@ -456,15 +455,21 @@ def test_hook_launchers_load_nothing_slow_to_start(hook: str) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-S", "-c", code],
-        input="",
-        check=False,  # the empty ad is refused: only the modules matter here
+        input=stdin,
+        check=False,
         capture_output=True,
         text=True,
-        env={**os.environ, "ANNEX_GAHP_SOCKET": "/nonexistent/annex.sock"},
+        env={**os.environ, names.SOCKET_ENV: socket_path},
     )
     loaded_line = [line for line in proc.stderr.splitlines() if line.startswith("LOADED ")]
     assert len(loaded_line) == 1, proc.stderr
-    loaded = set(loaded_line[0].split()[1:])
+    return proc.returncode, proc.stdout, set(loaded_line[0].split()[1:])
+
+
+@pytest.mark.parametrize("hook", ["translate", "update", "finalize", "cleanup"])
+def test_hook_launchers_load_nothing_slow_to_start(hook: str) -> None:
+    # With an empty ad the launcher fails fast (refused): only the modules matter here.
+    _, _, loaded = run_launcher(hook, "", "/nonexistent/annex.sock")
     assert f"annex_gahp.hooks.{hook}" in loaded
     assert sorted(loaded & set(START_UP_HEAVY)) == []
 
@@ -473,24 +478,10 @@ def test_a_whole_translate_run_loads_nothing_slow_to_start(peer) -> None:
     """The launcher run as the router runs it, with a real job ad against a peer that answers:
     reading the helper's answer must not load json (and re with it), ~10 ms of start-up."""
     _, path = peer
-    launcher = REPO / "annex_gahp" / "hooks" / "bin" / "annex_hook_translate"
-    code = (
-        f"import sys, atexit; sys.path.insert(0, {str(REPO)!r}); sys.argv = [{str(launcher)!r}]; "
-        f"atexit.register(lambda: sys.stderr.write('LOADED ' + ' '.join(sys.modules) + '\\n')); "
-        f"exec(compile(open({str(launcher)!r}).read(), {str(launcher)!r}, 'exec'))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code],
-        input=TRANSLATE_IN,
-        check=False,
-        capture_output=True,
-        text=True,
-        env={**os.environ, names.SOCKET_ENV: path},
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert _ad.parse(proc.stdout).string("AnnexLastError") == 'said "no"'
-    [loaded_line] = [line for line in proc.stderr.splitlines() if line.startswith("LOADED ")]
-    assert sorted(set(loaded_line.split()[1:]) & set(START_UP_HEAVY)) == []
+    status, stdout, loaded = run_launcher("translate", TRANSLATE_IN, path)
+    assert status == 0
+    assert _ad.parse(stdout).string("AnnexLastError") == 'said "no"'
+    assert sorted(loaded & set(START_UP_HEAVY)) == []
 
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
