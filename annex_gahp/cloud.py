@@ -346,15 +346,13 @@ class AwsCloud:
 def pilot_variables(annex: Annex) -> dict[str, object]:
     """What a provision-mode user data template may use (annex_user_data_template = true).
     One rendering serves every instance of the annex: an instance's own index is EC2's
-    ami-launch-index, which the script reads from the instance metadata service."""
-    return {
-        "annex_name": annex.name,
-        "annex_owner": annex.owner,
-        "annex_request_id": f"annex-{annex.id}",
-        "annex_region": annex.region,
-        "annex_instances": annex.requested,
-        "annex_expires": annex.lease_expiration,
-        "annex_expires_utc": time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(annex.lease_expiration)
-        ),
-    }
+    ami-launch-index, which the script reads from the instance metadata service. Plain str
+    and int only (pilotdata.variables): no object of ours is within a template's reach."""
+    return pilotdata.variables(
+        annex.name,
+        annex.owner,
+        f"annex-{annex.id}",
+        annex.region,
+        annex.requested,
+        annex.lease_expiration,
+    )

@@ -4,7 +4,9 @@ The translate hook (running as the job's owner) reads the file named by annex_us
 with `read_file()` and sends it base64-encoded (`encode()`); the helper checks it again
 (`decode()`), keeps it in a file of its own under ANNEX_STATE_DIR (`save()`/`load()`, mode
 0600, never logged), and cloud.py puts it into the annex's launch template, rendered with
-jinja2 first when the job asked for that (`render()`).
+jinja2 first when the job asked for that (`render()`: never in the helper itself, but in
+pilotrender.py's confined child, jinja2's sandbox; `check()` does the same when the job is
+handed over, so a bad template is refused before anything is recorded).
 
 EC2 takes at most 16 KB of user data before its base64 encoding (names.USER_DATA_LIMIT). A
 larger file is sent gzip-compressed when that fits: cloud-init (and the sandbox's booter)
@@ -20,6 +22,8 @@ import binascii
 import gzip
 import os
 import stat
+import time
+import zlib
 
 from annex_gahp import names
 
@@ -156,20 +160,60 @@ def remove(state_dir: str, annex_id: int) -> None:
         pass
 
 
-def render(data: bytes, variables: dict[str, object]) -> bytes:
-    """The user data as a jinja2 template (UTF-8 text; gzip is unpacked first), rendered with
-    the annex's variables, then fitted to the limit again. Raises UserDataError."""
-    import jinja2  # noqa: PLC0415 - the helper only
-
+def template_text(data: bytes) -> str:
+    """The user data as template text: gzip unpacked (to READ_LIMIT at most: 16 KB of gzip can
+    hold 16 MB), UTF-8 decoded. Raises UserDataError."""
     if data[:2] == GZIP_MAGIC:
-        data = gzip.decompress(data)
+        unpack = zlib.decompressobj(wbits=31)
+        try:
+            data = unpack.decompress(data, READ_LIMIT + 1)
+        except zlib.error:
+            raise UserDataError("the user data is not valid gzip") from None
+        if len(data) > READ_LIMIT or unpack.unconsumed_tail:
+            raise UserDataError(f"the user data unpacks to over {READ_LIMIT} bytes")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UserDataError("the user data is not UTF-8 text, so it cannot be a template") from None
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701 - a shell script, not HTML
+
+
+def variables(  # noqa: PLR0917 - one per documented variable
+    name: str, owner: str, request_id: str, region: str, instances: int, expires: int
+) -> dict[str, object]:
+    """What a template may use (docs/users.md lists them): plain str and int only."""
+    return {
+        "annex_name": str(name),
+        "annex_owner": str(owner),
+        "annex_request_id": str(request_id),
+        "annex_region": str(region),
+        "annex_instances": int(instances),
+        "annex_expires": int(expires),
+        "annex_expires_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(expires))),
+    }
+
+
+def render(data: bytes, values: dict[str, object], timeout: float | None = None) -> bytes:
+    """The user data as a jinja2 template rendered with the annex's variables, in a confined
+    child (pilotrender.py: jinja2's sandbox, no privilege, time and size limits), then fitted
+    to EC2's limit again. Raises UserDataError with the template's own one-line reason."""
+    from annex_gahp import pilotrender  # noqa: PLC0415 - the helper only
+
+    text = template_text(data)
     try:
-        out = env.from_string(text).render(**variables)
-    except jinja2.TemplateError as exc:
+        if timeout is None:
+            out = pilotrender.render(text, values)
+        else:
+            out = pilotrender.render(text, values, timeout=timeout)
+    except pilotrender.RenderError as exc:
         raise UserDataError(f"the user data template does not render: {exc}") from None
     return fit(out.encode("utf-8"))
+
+
+def check(data: bytes, path: str, values: dict[str, object]) -> None:
+    """Refuse a template that cannot render, before anything is recorded: rendered as at
+    launch (same child, same limits) with the values known when the job is handed over.
+    The message names annex_user_data_file."""
+    try:
+        render(data, values)
+    except UserDataError as exc:
+        raise UserDataError(f"annex_user_data_file {path or '(none)'}: {exc}") from None

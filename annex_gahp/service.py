@@ -394,6 +394,10 @@ class AnnexService:
                 user_data = pilotdata.decode(args.get("user_data", ""))
             except pilotdata.UserDataError as exc:
                 raise InputError(f"provision mode needs the user data: {exc}") from None
+            try:
+                self._check_template(wanted, user_data)
+            except pilotdata.UserDataError as exc:
+                raise InputError(str(exc)) from None
         annex = self.ensure(wanted, user_data=user_data)
         return {
             "name": annex.name,
@@ -588,7 +592,14 @@ class AnnexService:
         job = _job_ref(attrs, since)
         if job is not None:
             self._check_still_waiting(job)
-        user_data = self._pilot_data(attrs, args) if wanted.mode == "provision" else None
+        user_data = None
+        if wanted.mode == "provision":
+            try:
+                user_data = self._pilot_data(attrs, args, wanted)
+            except InputError as err:
+                # Held with the reason; AnnexLastError says it too, where annex errors go.
+                self._tell_refused(job, attrs, str(err))
+                raise
         try:
             annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
         except LimitExceeded as err:
@@ -611,18 +622,39 @@ class AnnexService:
         except Exception as err:
             log.warning("could not write AnnexLastError into job %s: %s", job.id, err)
 
-    def _pilot_data(self, attrs: Mapping[str, Any], args: Mapping[str, str]) -> bytes:
+    def _check_template(self, wanted: spec.AnnexSpec, data: bytes) -> None:
+        """A template (annex_user_data_template) is rendered once now, confined as at launch,
+        with the values known before the annex exists: one that cannot render (a syntax
+        error, an unsafe construct, an unknown name, too slow, too large) is refused before
+        anything is recorded. Raises pilotdata.UserDataError naming annex_user_data_file."""
+        if not wanted.user_data_template:
+            return
+        now = int(time.time())
+        values = pilotdata.variables(
+            wanted.name,
+            wanted.owner,
+            "annex-0",
+            wanted.region or self.settings.region,
+            wanted.instances,
+            wanted.expires_at(now, self.settings),
+        )
+        pilotdata.check(data, wanted.user_data_file, values)
+
+    def _pilot_data(
+        self, attrs: Mapping[str, Any], args: Mapping[str, str], wanted: spec.AnnexSpec
+    ) -> bytes:
         """Provision mode: the user data the translate hook read as the job's owner. When it
-        could not be used, the job is held with the reason (one line naming the file and what
-        is wrong) and the request refused: the router leaves a held job alone until the owner
-        fixes the file and releases it."""
+        could not be used (nor, for a template, rendered: _check_template), the job is held
+        with the reason (one line naming the file and what is wrong) and the request refused:
+        the router leaves a held job alone until the owner fixes the file and releases it."""
         problem = args.get("user_data_error", "")
         data = None
         if not problem:
             try:
                 data = pilotdata.decode(args.get("user_data", ""))
+                self._check_template(wanted, data)
             except pilotdata.UserDataError as exc:
-                problem = str(exc)
+                data, problem = None, str(exc)
         if data is not None:
             return data
         problem = " ".join(problem.split())[:500] or "no user data was sent"
