@@ -9,12 +9,14 @@ daemon's socket, so a GAHP client gets the same records and the kernel's word on
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import os
 import pwd
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -40,15 +42,144 @@ def _drop_privileges(user: str = "condor") -> pwd.struct_passwd:
 
 
 def _prepare_dirs(cfg: settings_mod.Settings, owner: pwd.struct_passwd) -> None:
-    for path, mode in ((cfg.state_dir, 0o700), (os.path.dirname(cfg.socket_path), 0o755)):
-        os.makedirs(path, mode=mode, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    if os.geteuid() == 0 and os.path.dirname(cfg.log_file):
-        os.makedirs(os.path.dirname(cfg.log_file), exist_ok=True)
-        if not os.path.exists(cfg.log_file):
-            open(cfg.log_file, "a").close()
-        os.chown(cfg.log_file, owner.pw_uid, owner.pw_gid)
+    """Make the log file, the state dir and the socket dir, owned by the condor user.
+
+    Done as root, in places the condor user can write to: a symlink planted there (say
+    AnnexGahpLog -> /etc/shadow) must not make root create, open or chown what it points to.
+    So paths are walked one component at a time without following a symlink root does not
+    own (`_open_dir`), and files are opened with O_NOFOLLOW and changed through their fd. A
+    state or socket dir that is not a plain directory is refused (AnnexError naming it); a
+    log file that is not a plain file is moved aside, a new log started, and the new log
+    says so (`_prepare_log`)."""
+    if os.geteuid() != 0:
+        # Unprivileged: whatever a symlink points to, we can only do what we may anyway.
+        for path, mode in ((cfg.state_dir, 0o700), (os.path.dirname(cfg.socket_path), 0o755)):
+            os.makedirs(path, mode=mode, exist_ok=True)
+        return
+    if os.path.dirname(cfg.log_file):
+        _prepare_log(cfg.log_file, owner)
+    for knob, path, mode in (
+        ("ANNEX_STATE_DIR", cfg.state_dir, 0o700),
+        ("ANNEX_GAHP_SOCKET", os.path.dirname(cfg.socket_path), 0o755),
+    ):
+        fd = _open_dir(path, mode, knob)
+        try:
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        finally:
+            os.close(fd)
+
+
+def _refuse_path(knob: str, path: str, what: str) -> AnnexError:
+    return AnnexError(
+        f"{knob} {path}: {what}; refusing to use it as root (remove it, or point {knob} "
+        "elsewhere)"
+    )
+
+
+def _open_dir(path: str, leaf_mode: int | None, knob: str) -> int:
+    """An O_DIRECTORY fd for absolute `path`, reached from / one component at a time. Missing
+    directories are made (0755, the last one `leaf_mode`); a symlink is followed only if root
+    owns it (as /var/run -> /run), and a component that is not a directory is refused. The
+    stat and the O_NOFOLLOW open of each step mean a swap in between is refused, not
+    followed. Raises AnnexError naming `knob` and `path`."""
+    if not os.path.isabs(path):
+        raise _refuse_path(knob, path, "not an absolute path")
+    parts = [p for p in os.path.normpath(path).split("/") if p]
+    where, hops = "/", 0
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while parts:
+            name = parts.pop(0)
+            here = os.path.join(where, name)
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                mode = leaf_mode if (not parts and leaf_mode is not None) else 0o755
+                os.mkdir(name, mode, dir_fd=fd)
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                target = os.readlink(name, dir_fd=fd)
+                if info.st_uid != 0:
+                    raise _refuse_path(
+                        knob, path, f"{here} is a symlink (to {target}) owned by uid {info.st_uid}"
+                    )
+                hops += 1
+                if hops > 40:
+                    raise _refuse_path(knob, path, "too many levels of symlinks")
+                # Root's own symlink: start again from / with the target in its place.
+                rest = os.path.normpath(os.path.join(where, target, *parts))
+                parts = [p for p in rest.split("/") if p]
+                os.close(fd)
+                fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                where = "/"
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                raise _refuse_path(knob, path, f"{here} is not a directory")
+            try:
+                step = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as err:  # ELOOP, ENOTDIR: swapped since the stat
+                why = f"{here} changed under us ({err.strerror})"
+                raise _refuse_path(knob, path, why) from None
+            os.close(fd)
+            fd, where = step, here
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _prepare_log(path: str, owner: pwd.struct_passwd) -> None:
+    """The log file, a plain file with one link, owned by the condor user. Anything else in
+    its place (a symlink, a hard link, a FIFO, a directory) is not followed or opened: it is
+    renamed to <name>.refused-<time> for the admin to look at, and the new log's first line
+    says so."""
+    folder, name = os.path.split(path)
+    dfd = _open_dir(folder, None, "ANNEX_GAHP_LOG")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    note = ""
+    try:
+        what = ""
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=dfd)
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EWOULDBLOCK):
+                raise _refuse_path("ANNEX_GAHP_LOG", path, err.strerror or str(err)) from None
+            fd = -1
+        if fd >= 0:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                fd = -1
+                what = f"a file with {info.st_nlink} links" if stat.S_ISREG(info.st_mode) else ""
+        if fd < 0:
+            info = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not what and stat.S_ISLNK(info.st_mode):
+                what = f"a symlink to {os.readlink(name, dir_fd=dfd)}"
+            what = what or f"not a regular file (mode {stat.filemode(info.st_mode)})"
+            aside = f"{name}.refused-{int(time.time())}"
+            os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                fd = os.open(name, flags | os.O_EXCL, 0o644, dir_fd=dfd)
+            except OSError as err:
+                raise _refuse_path(
+                    "ANNEX_GAHP_LOG", path, f"{what}, and it came back ({err.strerror})"
+                ) from None
+            note = (
+                f"ANNEX_GAHP_LOG {path} was {what}: not followed nor changed; moved it aside "
+                f"to {os.path.join(folder, aside)} and started a new log"
+            )
+        try:
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+            if note:
+                record = log.makeRecord(log.name, logging.WARNING, __file__, 0, note, None, None)
+                line = logging.Formatter(logsetup.FORMAT, logsetup.DATEFMT).format(record)
+                os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 def _take_lock(state_dir: str) -> Any:
@@ -244,9 +375,9 @@ def run_daemon() -> int:
     condor = pwd.getpwnam("condor")
     try:
         cfg = settings_mod.load()
+        _prepare_dirs(cfg, condor)
     except AnnexError as err:
         return _refuse_early(err, condor)
-    _prepare_dirs(cfg, condor)
     _drop_privileges()
     logsetup.configure(cfg.log_file)
     log.info("annex_gahp starting (pid %d) as %s", os.getpid(), condor.pw_name)
@@ -276,20 +407,19 @@ def run_daemon() -> int:
 
 
 def _refuse_early(err: AnnexError, condor: pwd.struct_passwd) -> int:
-    """A knob that does not parse: say so in the log (whose own knob is read raw), not only on
-    stderr, which condor_master sends to /dev/null."""
+    """A knob that does not parse, or a path start-up refuses (_prepare_dirs): say so in the
+    log (whose own knob is read raw), not only on stderr, which condor_master sends to
+    /dev/null. The log is prepared as safely as in _prepare_dirs."""
     import htcondor2  # noqa: PLC0415
 
     path = str(htcondor2.param.get("ANNEX_GAHP_LOG") or "/var/log/condor/AnnexGahpLog")
     try:
         if os.geteuid() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            open(path, "a").close()
-            os.chown(path, condor.pw_uid, condor.pw_gid)
+            _prepare_log(path, condor)
         _drop_privileges()
         logsetup.configure(path)
         log.error("annex_gahp cannot start (pid %d): %s", os.getpid(), err)
-    except OSError:
+    except (OSError, AnnexError):
         pass
     print(f"annex_gahp: {err}", file=sys.stderr)
     return 1
