@@ -592,14 +592,7 @@ class AnnexService:
         job = _job_ref(attrs, since)
         if job is not None:
             self._check_still_waiting(job)
-        user_data = None
-        if wanted.mode == "provision":
-            try:
-                user_data = self._pilot_data(attrs, args, wanted)
-            except InputError as err:
-                # Held with the reason; AnnexLastError says it too, where annex errors go.
-                self._tell_refused(job, attrs, str(err))
-                raise
+        user_data = self._pilot_data(attrs, args, wanted) if wanted.mode == "provision" else None
         try:
             annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
         except LimitExceeded as err:
@@ -658,6 +651,8 @@ class AnnexService:
         if data is not None:
             return data
         problem = " ".join(problem.split())[:500] or "no user data was sent"
+        # AnnexLastError says it too, where annex errors go (written while the job is idle).
+        self._tell_refused(_job_ref(attrs, None), attrs, problem)
         cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
         if self.hold_job is not None and isinstance(cluster, int) and isinstance(proc, int):
             try:
