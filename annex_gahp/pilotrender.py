@@ -34,6 +34,7 @@ Stdlib only at import (the parent side); the child imports jinja2.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -52,7 +53,8 @@ ERROR_LIMIT = 300  # characters of an error message
 NOBODY = "nobody"
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
+
+log = logging.getLogger("annex_gahp.pilotrender")
 
 
 class RenderError(ValueError):
@@ -101,6 +103,7 @@ def render(template: str, variables: dict[str, object], timeout: float = TIMEOUT
         )
     except OSError as exc:
         why = exc.strerror or exc
+        log.error("the template renderer could not start (%s)", why)
         raise RenderError(f"the template renderer could not start ({why})") from None
     try:
         out, err = child.communicate(request, timeout=timeout + 1)
@@ -131,9 +134,14 @@ def _answer(code: int, out: bytes, err: bytes, timeout: float) -> str:
     except ValueError:
         lines = err.decode("utf-8", "replace").strip().splitlines()
         why = one_line(lines[-1] if lines else f"exit status {code}")
+        log.error("the template renderer failed (%s)", why)
         raise RenderError(f"the template renderer failed ({why})") from None
     if "error" in answer:
-        raise RenderError(one_line(answer["error"]))
+        why = one_line(answer["error"])
+        if why.startswith("the template renderer"):
+            # Not the template's fault: the admin must hear of it (it holds every template job).
+            log.error("%s", why)
+        raise RenderError(why)
     output = answer.get("output")
     if not isinstance(output, str):
         raise RenderError("the template renderer gave no output")

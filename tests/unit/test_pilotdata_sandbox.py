@@ -315,3 +315,10 @@ def test_template_failing_at_launch_fails_only_its_own_annex(moto_url, tmp_path)
     world.loop.run_once()
     alice = world.store.get(alice.id)
     assert alice.retire_reason == "failed" and "'secret_knob' is undefined" in alice.last_error
+
+
+def test_a_renderer_that_cannot_start_renders_nothing_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    with pytest.raises(pilotdata.UserDataError, match="the template renderer could not start"):
+        pilotdata.render(b"{{ annex_name }}", VARS)
+    assert "the template renderer could not start" in caplog.text
