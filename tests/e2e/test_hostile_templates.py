@@ -6,6 +6,8 @@
   the sandbox root or an instance's), each job is held with the template's own one-line
   refusal naming annex_user_data_file, also in AnnexLastError, and nothing is launched or
   recorded for them; bob's provision annex, submitted at the same time, is served.
+- One that renders at hand-over but loops forever for the real annex is stopped after 5 s:
+  that annex fails with the reason, the job exits 3; bob's annex is launched meanwhile.
 - As the condor user, a symlink where the helper's log goes (-> a root-only file) and one in
   place of its state dir (-> a root-owned dir): restarted as root by the master, the helper
   changes neither target; it moves the log symlink aside and says so in its new log, and
@@ -166,6 +168,50 @@ def test_template_exploits_run_nothing_and_hold_only_their_own_jobs() -> None:
     finally:
         for cluster, _name, _path in jobs.values():
             sb.run_as("alice", "condor_rm", str(cluster), check=False)
+        sb.run_as("bob", "condor_rm", str(bob_job), check=False)
+    sb.wait_for(
+        lambda: not tagged(bob_name),
+        timeout=90,
+        what="bob's instance terminated",
+        on_timeout=logs,
+    )
+
+
+def finished(cluster: int, timeout: float = 120):
+    def done():
+        ad = sb.job_ad(cluster)
+        return ad if ad is not None and ad.get("JobStatus") == 4 else None
+
+    return sb.wait_for(done, timeout=timeout, what=f"job {cluster}.0 done", on_timeout=logs)
+
+
+def test_template_that_stalls_only_at_launch_is_stopped_and_fails_only_its_annex() -> None:
+    """It passes the hand-over check (rendered as annex-0 there), then loops forever for the
+    real annex: stopped after 5 s, its annex fails with that reason, the job exits 3 saying
+    it; bob's annex, due in the same reconcile cycle, is launched all the same."""
+    sb.check_running()
+    tag = uuid.uuid4().hex[:8]
+    alice_dir = sb.user_tmpdir("alice", "annex-hostile-")
+    bob_dir = sb.user_tmpdir("bob", "annex-hostile-")
+    stall = (
+        "#!/bin/sh\n{% if annex_request_id != 'annex-0' %}{% for i in range(100000) %}"
+        "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}\n"
+    )
+    write_as("alice", alice_dir / "ud.sh", stall)
+    write_as("bob", bob_dir / "ud.sh", BOB_PILOT)
+    name, bob_name = f"slow-{tag}", f"fine-{tag}"
+    cluster = submit("alice", alice_dir, name)
+    bob_job = submit("bob", bob_dir, bob_name)
+    try:
+        ad = finished(cluster)
+        assert ad["ExitCode"] == names.EXIT_LAUNCH_FAILED
+        why = "the user data template does not render: rendering took longer than 5 s"
+        assert str(ad["AnnexLastError"]).startswith(why), ad["AnnexLastError"]
+        assert why in (alice_dir / "job.out").read_text()
+        assert not tagged(name, states=())
+        sb.wait_for(lambda: tagged(bob_name), timeout=60, what="bob's instance", on_timeout=logs)
+    finally:
+        sb.run_as("alice", "condor_rm", str(cluster), check=False)
         sb.run_as("bob", "condor_rm", str(bob_job), check=False)
     sb.wait_for(
         lambda: not tagged(bob_name),
