@@ -49,6 +49,7 @@ TEMPLATE_LIMIT = 1024 * 1024  # bytes of template text taken
 OUTPUT_LIMIT = 1024 * 1024  # characters of rendered text the child produces at most
 NOFILE = 16
 RESULT_LIMIT = 4 * OUTPUT_LIMIT + 65536  # bytes of JSON the parent reads at most
+REQUEST_LIMIT = 6 * TEMPLATE_LIMIT + 65536  # bytes of JSON the child reads (\u escapes)
 ERROR_LIMIT = 300  # characters of an error message
 NOBODY = "nobody"
 PR_SET_PDEATHSIG = 1
@@ -88,7 +89,8 @@ def render(template: str, variables: dict[str, object], timeout: float = TIMEOUT
     if len(template.encode("utf-8")) > TEMPLATE_LIMIT:
         raise RenderError(f"the template is over {TEMPLATE_LIMIT} bytes")
     request = json.dumps(
-        {"template": template, "variables": plain(variables), "timeout": timeout}
+        {"template": template, "variables": plain(variables), "timeout": timeout},
+        ensure_ascii=False,
     ).encode("utf-8")
     try:
         child = subprocess.Popen(
@@ -304,7 +306,7 @@ def main() -> int:
         confine(TIMEOUT)
         env = sandbox()
         limit()
-        raw = sys.stdin.buffer.read(RESULT_LIMIT + 1)
+        raw = sys.stdin.buffer.read(REQUEST_LIMIT + 1)
         request = json.loads(raw.decode("utf-8"))
         timeout = float(request.get("timeout", TIMEOUT))
         signal.alarm(max(1, math.ceil(timeout)))

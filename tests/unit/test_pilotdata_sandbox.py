@@ -322,3 +322,8 @@ def test_a_renderer_that_cannot_start_renders_nothing_and_says_so(monkeypatch, c
     with pytest.raises(pilotdata.UserDataError, match="the template renderer could not start"):
         pilotdata.render(b"{{ annex_name }}", VARS)
     assert "the template renderer could not start" in caplog.text
+
+
+def test_utf8_text_comes_back_as_it_was():
+    text = "#!/bin/sh\necho 'ünïcødé ✓ {{ annex_name }}' \x01\n".encode()
+    assert pilotdata.render(text, VARS) == "#!/bin/sh\necho 'ünïcødé ✓ pilots' \x01\n".encode()
