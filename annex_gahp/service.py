@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from annex_gahp import durations, faults, lifecycle, names, pilotdata, spec
+from annex_gahp import compat, durations, faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import (
     AnnexError,
     InputError,
@@ -91,11 +91,12 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         if attr not in ad:
             continue
         try:
-            value = ad.eval(attr)
+            value = compat.plain(ad.eval(attr))
         except Exception as err:  # an expression that does not evaluate is treated as absent
             log.debug("job attribute %s does not evaluate: %s", attr, err)
             continue
-        if isinstance(value, (str, int, float, bool)):
+        # `undefined` and `error` (classad2.Value, an IntEnum: not a number) count as absent.
+        if value is not None:
             values[attr] = value
     return values
 
