@@ -24,6 +24,7 @@ from annex_gahp import compat, names, schedd, service, settings, spec
 pytestmark = pytest.mark.sandbox
 
 HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
+MASTER_LOG = Path("/var/log/condor/MasterLog")
 
 
 def test_bindings_version_is_the_one_asked_for():
@@ -162,29 +163,39 @@ def test_collector_publish_query_invalidate_as_the_helper():
     assert "slots []" in lines and "after []" in lines and "schedd True" in lines, res.stdout
 
 
-def _helper_started_since_last_switch() -> tuple[int, str]:
-    text = HELPER_LOG.read_text(errors="replace")
-    starts = list(re.finditer(r"annex_gahp starting \(pid (\d+)\)", text))
-    assert starts, "the helper never started"
-    return int(starts[-1].group(1)), text[starts[-1].start():]
-
-
 def test_helper_under_the_master_runs_these_bindings_and_tells_it_alive():
-    """The helper the master runs is this interpreter's venv (scripts/test compat switched
-    ANNEX_BIN_DIR), and it told condor_master alive, and Ready where set_ready_state exists."""
+    """The helper the master started last is this interpreter's venv (scripts/test compat
+    switched ANNEX_BIN_DIR), and it told condor_master alive, and Ready where
+    set_ready_state exists (24.1.1 on), with no failed attempt before."""
 
-    def told() -> tuple[int, str] | None:
-        pid, since = _helper_started_since_last_switch()
-        return (pid, since) if "told condor_master: alive" in since else None
+    def started() -> tuple[int, str] | None:
+        text = HELPER_LOG.read_text(errors="replace")
+        starts = list(re.finditer(r"annex_gahp starting \(pid (\d+)\)", text))
+        if not starts:
+            return None
+        since = text[starts[-1].start():]
+        # What the helper says between its start and its first alive message.
+        head, alive, _ = since.partition("told condor_master: alive")
+        return (int(starts[-1].group(1)), head + alive) if alive else None
 
-    pid, since = sb.wait_for(told, timeout=30, what="the helper's alive message",
-                             on_timeout=lambda: HELPER_LOG.read_text()[-2000:])
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert cmdline[0].decode().startswith(sys.prefix), (cmdline, sys.prefix)
-    assert "could not tell condor_master" not in since, since[-2000:]
+    pid, head = sb.wait_for(started, timeout=30, what="the helper's alive message",
+                            on_timeout=lambda: HELPER_LOG.read_text()[-2000:])
+    master_log = MASTER_LOG.read_text(errors="replace")
+    program = re.findall(rf'Started process "([^"]+)", pid and pgroup = {pid}\b', master_log)
+    assert program and program[-1] == f"{sys.prefix}/bin/annex_gahp", (program, sys.prefix)
+    assert "could not tell condor_master" not in head, head
+    after = HELPER_LOG.read_text(errors="replace").split(f"(pid {pid})", 1)[1]
+    ready = re.search(r"told condor_master: Ready|could not tell condor_master this helper is "
+                      r"ready", after)
     if compat.set_ready_state() is not None:
-        assert "told condor_master: Ready" in since, since[-2000:]
+        assert ready and ready.group(0) == "told condor_master: Ready", after[:2000]
     else:
-        assert "Ready" not in since
-    assert "could not read demand from the schedd" not in since, since[-2000:]
+        assert ready is None, after[:2000]
 
+
+def test_the_router_hooks_are_this_venvs():
+    """The job router's translate hook is this venv's script, run by this venv's python."""
+    htcondor2.reload_config()
+    hook = compat.param("ANNEX_HOOK_TRANSLATE_JOB")
+    assert hook == f"{sys.prefix}/bin/annex_hook_translate", hook
+    assert Path(hook).read_text().splitlines()[0].startswith(f"#!{sys.prefix}/bin/python")
