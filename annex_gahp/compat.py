@@ -62,6 +62,13 @@ def plain(value: Any) -> str | int | float | bool | None:
     return None
 
 
+def is_error(value: Any) -> bool:
+    """True for ClassAd `error` from `ClassAd.eval()` (classad2.Value.Error)."""
+    import classad2  # noqa: PLC0415
+
+    return isinstance(value, classad2.Value) and value == classad2.Value.Error
+
+
 def set_ready_state() -> Callable[[str], Any] | None:
     """htcondor2.set_ready_state (24.1.1 on), else None."""
     return getattr(_htcondor(), "set_ready_state", None)

@@ -14,6 +14,7 @@ import pytest
 
 from annex_gahp import compat, schedd, service, settings, spec
 from annex_gahp.daemon import MasterLink
+from annex_gahp.errors import InputError
 
 NOW = 1_800_000_000
 
@@ -78,9 +79,13 @@ def test_edit_failed_is_oserror_plus_the_newer_class(newer_bindings):
 @pytest.mark.parametrize("empty", ["", "   ", None])
 def test_an_empty_knob_is_a_knob_not_set(empty):
     """23.9 says "" for `KNOB =`, 24.0.9+ says None: both take the default."""
-    got = settings.load({"ANNEX_DEFAULT_INSTANCE_TYPES": empty, "ANNEX_DEFAULT_LEASE": empty}.get)
+    knobs = ("ANNEX_DEFAULT_INSTANCE_TYPES", "ANNEX_DEFAULT_LEASE", "ANNEX_MAX_LEASE",
+             "ANNEX_MAX_INSTANCES", "ANNEX_MAX_INSTANCES_PER_USER")  # fmt: skip
+    got = settings.load(dict.fromkeys(knobs, empty).get)
     assert got.default_instance_types == ("m5.large",)
     assert got.default_lease == 3600
+    # An emptied limit is its default limit, never "no limit" nor an error on one version only.
+    assert (got.max_lease, got.max_instances, got.max_instances_per_user) == (86400, 50, 100)
     assert got == settings.load({}.get)
 
 
@@ -124,7 +129,7 @@ def _job_ad(**extra: str) -> str:
     return "\n".join(f"{k} = {v}" for k, v in lines.items())
 
 
-def test_real_classad_undefined_and_error_are_absent():
+def test_real_classad_undefined_is_absent():
     value = classad2.parseOne("[ A = undefined; B = error ]").eval("A")
     assert isinstance(value, int)  # the trap: classad2.Value is an IntEnum
     got = service.parse_job_ad(
@@ -132,11 +137,11 @@ def test_real_classad_undefined_and_error_are_absent():
             AnnexRegion="undefined",
             AnnexLease="undefined",
             AnnexExpiry=str(NOW + 7200),
-            AnnexInstanceTypes="error",
-            AnnexIdleTimeout='1 + "a"',
+            AnnexIdleTimeout="AnnexNoSuchAttr",
+            AnnexLastError="error",  # not a request attribute: only dropped
         )
     )
-    for attr in ("AnnexRegion", "AnnexLease", "AnnexInstanceTypes", "AnnexIdleTimeout"):
+    for attr in ("AnnexRegion", "AnnexLease", "AnnexIdleTimeout", "AnnexLastError"):
         assert attr not in got
     assert got["AnnexExpiry"] == NOW + 7200 and got["AnnexInstances"] == 1
     # What parse_job_ad kept validates: no "must be a quoted string", no "exclude each other".
@@ -144,10 +149,23 @@ def test_real_classad_undefined_and_error_are_absent():
     assert annex.region == "" and annex.expiry == NOW + 7200
 
 
+@pytest.mark.parametrize(
+    ("attr", "expr"),
+    [("AnnexInstances", "error"), ("AnnexInstanceTypes", '1 + "a"'), ("AnnexLease", "1/0 + error")],
+)
+def test_real_classad_error_in_a_request_attribute_is_refused(attr, expr):
+    """classad2.Value.Error is the int 1: kept, `AnnexInstances = error` asked for one
+    instance. It is a bad request, named, not a default."""
+    with pytest.raises(InputError, match=f"^{attr} evaluates to error"):
+        service.parse_job_ad(_job_ad(**{attr: expr}))
+
+
 def test_plain_keeps_literals_and_drops_classad_values():
     assert [compat.plain(v) for v in ("x", 3, 2.5, True)] == ["x", 3, 2.5, True]
     assert compat.plain(classad2.Value.Undefined) is None
     assert compat.plain(classad2.Value.Error) is None
+    assert compat.is_error(classad2.Value.Error) and not compat.is_error(classad2.Value.Undefined)
+    assert not compat.is_error(1)
 
 
 def test_ready_is_told_where_set_ready_state_exists(monkeypatch):
