@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from annex_gahp import names
+from annex_gahp import compat, names
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,8 @@ def ad_name(owner: str, annex: str, schedd: str) -> str:
 
 
 def schedd_name() -> str:
-    import htcondor2  # noqa: PLC0415
-
     # The schedd's own default Name is FULL_HOSTNAME; getfqdn() may say "localhost".
-    return (
-        htcondor2.param.get("SCHEDD_NAME")
-        or htcondor2.param.get("FULL_HOSTNAME")
-        or socket.getfqdn()
-    )
+    return compat.param("SCHEDD_NAME") or compat.param("FULL_HOSTNAME") or socket.getfqdn()
 
 
 class Publisher:

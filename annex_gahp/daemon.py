@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from annex_gahp import faults, logsetup
+from annex_gahp import compat, faults, logsetup
 from annex_gahp import settings as settings_mod
 from annex_gahp.errors import AnnexError
 
@@ -202,8 +202,9 @@ class MasterLink:
       hard") when the next one is later than the timeout we gave, then restarts it. The loop
       sends one every third of ANNEX_GAHP_NOT_RESPONDING_TIMEOUT (else NOT_RESPONDING_TIMEOUT,
       default 3600 s), so a wedged reconcile loop is replaced, not left serving stale records.
-    - Ready: `htcondor2.set_ready_state` exists only in newer bindings (not in 23.9); it is
-      called when present. Without it the master simply shows no ready state for ANNEX_GAHP.
+    - Ready: `htcondor2.set_ready_state` exists from 24.1.1 on (not in 23.9); it is called
+      when present (compat.set_ready_state). Without it the master shows no ready state for
+      ANNEX_GAHP.
     """
 
     def __init__(self) -> None:
@@ -213,11 +214,9 @@ class MasterLink:
         self._failing = False
 
     def configure(self) -> None:
-        import htcondor2  # noqa: PLC0415
-
         value = None
         for knob in ("ANNEX_GAHP_NOT_RESPONDING_TIMEOUT", "NOT_RESPONDING_TIMEOUT"):
-            value = htcondor2.param.get(knob)
+            value = compat.param(knob)
             if value is not None:
                 break
         try:
@@ -246,9 +245,7 @@ class MasterLink:
         self._last = now
 
     def ready(self) -> None:
-        import htcondor2  # noqa: PLC0415
-
-        set_ready = getattr(htcondor2, "set_ready_state", None)
+        set_ready = compat.set_ready_state()
         if not self.enabled or set_ready is None:
             return
         try:

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from annex_gahp import names
+from annex_gahp import compat, names
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ class ScheddDemand:
         try:
             for attr, value in attrs.items():
                 schedd.edit(constraint, attr, value)
-        except OSError:
-            pass  # no job matched: it left, or is no longer idle
+        except compat.edit_failed():
+            pass  # no job matched: it left, or is no longer idle (OSError before 23.10)
 
     def _waiting(self, owner: str, annex: str) -> str:
         return (
@@ -147,8 +147,11 @@ class ScheddDemand:
         idle (after a condor_release): the annex they were routed to is gone."""
         try:
             self._schedd().edit(constraint, ROUTED_MARK, "undefined")
-        except OSError:
-            pass  # no job matched: the schedd refuses such an edit
+        except compat.edit_failed():
+            # No job matched: the schedd refuses such an edit (OSError before 23.10, then
+            # HTCondorException). Never raise here: hold() and hold_left_behind() unroute first,
+            # and one empty match must not stop the hold, nor the reroute after it.
+            pass
 
     def hold_job(self, owner: str, cluster: int, proc: int, reason: str) -> None:
         """Hold one job of `owner` with `reason` (provision mode: unusable user data)."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from annex_gahp import durations, faults, lifecycle, names, pilotdata, spec
+from annex_gahp import compat, durations, faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import (
     AnnexError,
     InputError,
@@ -86,16 +86,23 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         "RoutedFromJobId",
         "AnnexLastError",  # what the job already says, so a refusal is written only once
     )
+    annex_attrs = frozenset(names.JOB_ATTRS.values())
     values: dict[str, Any] = {}
-    for attr in (*wanted, *names.JOB_ATTRS.values()):
+    for attr in (*wanted, *annex_attrs):
         if attr not in ad:
             continue
         try:
-            value = ad.eval(attr)
+            raw = ad.eval(attr)
         except Exception as err:  # an expression that does not evaluate is treated as absent
             log.debug("job attribute %s does not evaluate: %s", attr, err)
             continue
-        if isinstance(value, (str, int, float, bool)):
+        # ClassAd `error` in a request attribute is a bad request, never the default: refused,
+        # as the submit transform refuses it (a job edited after submit gets here).
+        if attr in annex_attrs and compat.is_error(raw):
+            raise InputError(f"{attr} evaluates to error: give it a literal value")
+        # `undefined` and `error` (classad2.Value, an IntEnum: not a number) count as absent.
+        value = compat.plain(raw)
+        if value is not None:
             values[attr] = value
     return values
 

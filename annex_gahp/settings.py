@@ -10,7 +10,7 @@ import dataclasses
 import socket
 from collections.abc import Callable
 
-from annex_gahp import durations
+from annex_gahp import compat, durations
 from annex_gahp.errors import SetupError
 
 ParamLookup = Callable[[str], "str | None"]
@@ -64,15 +64,19 @@ def _int(name: str, value: str) -> int:
 
 
 def load(lookup: ParamLookup | None = None) -> Settings:
-    """Read the knobs. `lookup` defaults to htcondor2.param.get (injectable for tests)."""
-    if lookup is None:
-        import htcondor2  # noqa: PLC0415 - heavy import kept out of module load
+    """Read the knobs. `lookup` defaults to compat.param (injectable for tests).
 
-        lookup = htcondor2.param.get
+    A knob set to empty (`KNOB =`) is a knob not set: it takes its default, on every HTCondor
+    version (the 24.0.9+ bindings cannot tell the two apart; compat.py). No knob with a
+    non-empty default has a use for the empty value; the ones that may be empty default to it.
+    """
+    if lookup is None:
+        lookup = compat.param
 
     def get(name: str, default: str = "") -> str:
         value = lookup(name)
-        return default if value is None else str(value).strip()
+        text = "" if value is None else str(value).strip()
+        return text or default
 
     host = socket.getfqdn()
     state_dir = get("ANNEX_STATE_DIR", "/var/lib/condor/annex")
