@@ -30,10 +30,10 @@ TOKEN_MARGIN = 900
 
 class AwsCloud:
     def __init__(
-        self, settings: Settings, *, mint: Callable[[str, int], str] = tokens.mint
+        self, settings: Settings, *, mint: Callable[[str, int], str] | None = None
     ) -> None:
         self.settings = settings
-        self._mint = mint
+        self._mint = mint or self._mint_with_project_key
         self._clients: dict[tuple[str, str], Any] = {}
         # instance id -> its Auto Scaling group, from the last observation: a group member
         # must leave with its group's capacity lowered, or the group replaces it.
@@ -46,6 +46,14 @@ class AwsCloud:
         # mint and store another while that one still outlives the lease. Kept in memory only:
         # after a restart the first attempt stores a fresh token, once.
         self._token_expires: dict[tuple[str, str], int] = {}
+        # ... and that token, for the per-instance copies (_store_instance_tokens).
+        self._tokens: dict[tuple[str, str], str] = {}
+        self._partition_account: tuple[str, str] | None = None
+
+    def _mint_with_project_key(self, identity: str, lifetime: int) -> str:
+        return tokens.mint(
+            identity, lifetime, self.settings.token_key, self.settings.token_key_dir
+        )
 
     def _client(self, service: str, region: str) -> Any:
         key = (service, region)
@@ -118,7 +126,9 @@ class AwsCloud:
             return key[1]
         now = int(time.time())
         lifetime = max(60, annex.lease_expiration - now) + TOKEN_MARGIN
-        token = self._mint(f"condor@{self.settings.uid_domain}", lifetime)
+        # The annex's own identity: the collector takes from it only ads of this annex.
+        who = tokens.identity(annex.name, annex.owner, self.settings.token_domain)
+        token = self._mint(who, lifetime)
         if self._is_stack(annex):
             location = stack.put_token(
                 self._client("s3", annex.region),
@@ -133,7 +143,32 @@ class AwsCloud:
                 self._client("ssm", annex.region), location, token, self._tags(annex)
             )
         self._token_expires[key] = now + lifetime
+        self._tokens[key] = token
         return location
+
+    def _instance_arn(self, region: str, instance_id: str) -> str:
+        if self._partition_account is None:
+            with session.aws_errors("find this AWS account (sts GetCallerIdentity)"):
+                arn = self._client("sts", region).get_caller_identity()["Arn"]
+            parts = arn.split(":")
+            self._partition_account = (parts[1], parts[4])
+        partition, account = self._partition_account
+        return f"arn:{partition}:ec2:{region}:{account}:instance/{instance_id}"
+
+    def _store_instance_tokens(self, annex: Annex, ids: list[str]) -> None:
+        """One copy of the annex's token per instance, tagged with the instance's ARN: the
+        instance role reads a token only when that tag is its own instance (docs/iam.md), so
+        one instance's credentials never reach another annex's token."""
+        if not ids or self._is_stack(annex) or spec_from_record(annex.spec).mode != "pool":
+            return
+        location = self._store_token(annex)
+        token = self._tokens[self._token_key(annex)]
+        ssm = self._client("ssm", annex.region)
+        for instance_id in ids:
+            tags = self._tags(annex) | {
+                secrets.INSTANCE_TAG: self._instance_arn(annex.region, instance_id)
+            }
+            secrets.put_token(ssm, secrets.instance_parameter(location, instance_id), token, tags)
 
     def _user_data(self, annex: Annex, location: str) -> bytes:
         """The boot script; `location` is the token's SSM parameter or `s3://bucket/key`."""
@@ -154,6 +189,7 @@ class AwsCloud:
                 region=annex.region,
                 aws_endpoint_url=self.settings.endpoint_url,
                 expires=annex.lease_expiration,
+                owner_domain=self.settings.uid_domain,
             )
         )
 
@@ -196,6 +232,11 @@ class AwsCloud:
             extra_tags=dict(wanted.tags),
             user_data=user_data,
             client_token=request,
+            # Provision mode runs the user's own code: no role of this pool's, unless the admin
+            # names one (ANNEX_PROVISION_INSTANCE_PROFILE).
+            instance_profile=(
+                self.settings.provision_instance_profile if wanted.mode == "provision" else None
+            ),
         )
 
     def prepare(self, annex: Annex) -> dict[str, str]:
@@ -233,7 +274,15 @@ class AwsCloud:
             self.settings.launch_template,
             annex_template_id=annex.template_id,
         )
-        return LaunchOutcome(instance_ids=list(result.instance_ids), errors=list(result.errors))
+        errors = list(result.errors)
+        try:
+            self._store_instance_tokens(annex, list(result.instance_ids))
+        except CloudError as err:
+            # The instances exist: report them. Their agents wait for a token, then give up;
+            # the idle timeout ends them.
+            log.error("annex %s: instance tokens not stored: %s", annex.key, err)
+            errors.append(str(err))
+        return LaunchOutcome(instance_ids=list(result.instance_ids), errors=errors)
 
     def _launch_stack(self, annex: Annex, count: int, request: str) -> LaunchOutcome:
         """Create the annex's stack, or raise its groups' capacity: the stack is asked for the
@@ -310,6 +359,7 @@ class AwsCloud:
                 )
         if spec_from_record(annex.spec).mode == "pool":
             self._store_token(annex)
+            self._store_instance_tokens(annex, ids)
         log.info(
             "annex %s: lease now ends at %d on %d instance(s)",
             annex.key,
@@ -319,6 +369,7 @@ class AwsCloud:
 
     def release(self, annex: Annex) -> None:
         self._token_expires.pop(self._token_key(annex), None)  # deleted below with its bucket
+        self._tokens.pop(self._token_key(annex), None)
         name = (
             self._stack_name(annex)
             if self._is_stack(annex)
@@ -340,7 +391,8 @@ class AwsCloud:
                 return
         ec2 = self._client("ec2", annex.region)
         fleet.delete_annex_template(ec2, self.settings.pool_id, annex.owner, annex.name)
-        secrets.delete_token(self._client("ssm", annex.region), self._token_parameter(annex))
+        # The annex's token and every instance's copy: a retired annex leaves none to read.
+        secrets.delete_tree(self._client("ssm", annex.region), self._token_parameter(annex))
 
 
 def pilot_variables(annex: Annex) -> dict[str, object]:
