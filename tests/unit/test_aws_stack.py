@@ -394,7 +394,10 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     bucket = stack.bucket_name(settings.central_manager, POOL, "alice", "st")
     assert annex.token_parameter == f"s3://{bucket}/token"
     s3 = raw_client("s3", moto_url)
-    assert s3.get_object(Bucket=bucket, Key="token")["Body"].read() == b"token-for-condor@test"
+    # The annex's own identity (issue 12), no longer the pool-wide condor@UID_DOMAIN.
+    assert s3.get_object(Bucket=bucket, Key="token")["Body"].read() == (
+        b"token-for-annex.st.alice@annex.invalid"
+    )
     # The boot script in the groups' templates fetches the token from that bucket.
     some = next(iter(_live(moto_url)))
     script = userdata.decode_user_data(
