@@ -82,6 +82,22 @@ def advertise_with(token_dir: Path, ad: dict[str, object]) -> None:
     )
 
 
+def remove_fakes(token_dir: Path) -> None:
+    """Take this test's fake ads out of the collector again (tidiness for later tests)."""
+    path = token_dir.parent / "query"
+    path.write_text(
+        'MyType = "Query"\nTargetType = "Machine"\nRequirements = Machine == "rogue.invalid"\n'
+    )
+    env = dict(
+        os.environ,
+        _CONDOR_SEC_TOKEN_DIRECTORY=str(token_dir),
+        _CONDOR_SEC_CLIENT_AUTHENTICATION_METHODS="IDTOKENS",
+    )
+    subprocess.run(
+        ["condor_advertise", "INVALIDATE_STARTD_ADS", str(path)], env=env, check=False, timeout=30
+    )
+
+
 def fake_slot(name: str, annex: object, owner: object) -> dict[str, object]:
     ad: dict[str, object] = {
         "MyType": "Machine",
@@ -217,6 +233,8 @@ def test_helper_has_no_root_and_annex_token_binds_its_ads(tmp_path: Path) -> Non
             assert start.eval(scope=slot, target=job) is expected, (user, str(start))
     finally:
         sandbox.run_as(ALICE, "condor_rm", str(cluster), check=False)
+        if (tmp_path / "tokens" / "annex").exists():
+            remove_fakes(tmp_path / "tokens")
 
     # 5. Retired (job gone, idle timeout): instances and every stored copy are gone.
     sandbox.wait_for(
