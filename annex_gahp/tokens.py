@@ -49,14 +49,15 @@ def identity(annex: str, owner: str, domain: str) -> str:
 
 def requirement(domain: str) -> str:
     """The collector's check (COLLECTOR_REQUIREMENTS) for ads from annex identities: an ad sent
-    with a token of `domain` must carry the AnnexName and AnnexOwner its identity names; any
+    with a token of `domain` must carry the AnnexName and AnnexOwner its identity names (and an
+    AnnexName without '.', so `annex.a.b.c` of owner `b.c` cannot claim annex `a.b` of `c`); any
     other identity is not this check's business. The shipped 10-annex-gahp.conf spells the
     same expression with $(ANNEX_TOKEN_DOMAIN) (tests/unit/test_tokens.py keeps them equal)."""
     suffix = f"@{domain}"
     return (
         f'(substr(TARGET.AuthenticatedIdentity ?: "", -size("{suffix}")) != "{suffix}") || '
-        '(TARGET.AuthenticatedIdentity =?= strcat("annex.", TARGET.AnnexName, ".", '
-        f'TARGET.AnnexOwner, "{suffix}"))'
+        '(!regexp("[.]", TARGET.AnnexName) && TARGET.AuthenticatedIdentity =?= '
+        f'strcat("annex.", TARGET.AnnexName, ".", TARGET.AnnexOwner, "{suffix}"))'
     )
 
 

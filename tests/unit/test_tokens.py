@@ -166,6 +166,8 @@ def _shipped_requirement(domain: str) -> str:
         ("annex.a1.alice@annex.ap", "a1", "bob", False),  # another owner
         ("annex.a1.alice@annex.ap", None, None, False),  # no annex at all
         ("annex.a1.alice@annex.ap", "a1.alice@annex.ap", "", False),  # look-alike
+        ("annex.a.b.c@annex.ap", "a", "b.c", True),  # owner "b.c" (legal) of annex "a"
+        ("annex.a.b.c@annex.ap", "a.b", "c", False),  # ... may not claim "a.b" of "c"
         ("condor@ap", None, None, True),  # the pool's own daemons: not this check's business
         (None, None, None, True),  # unauthenticated: ALLOW lists decide
         ("x@evil.annex.ap", "x", "y", True),  # not our domain (suffix is exact, with '@')
@@ -273,3 +275,24 @@ def test_boot_script_firewalls_the_imds_it_uses(tmp_path: Path) -> None:
     # Where neither tool exists the log says so; the emulation switch skips the rule.
     assert "WARNING: no iptables/nft rule" in script
     assert '"${ANNEX_IMDS_FIREWALL:-}" = skip' in script
+
+
+def test_setup_token_key_verb_needs_no_aws(tmp_path: Path) -> None:
+    """`htcondor-annex setup --token-key`: the key step alone, where the pool's config says."""
+    env = dict(
+        os.environ,
+        _CONDOR_SEC_PASSWORD_DIRECTORY=str(tmp_path / "p"),
+        _CONDOR_ANNEX_TOKEN_KEY_DIR=str(tmp_path / "o"),
+        _CONDOR_ANNEX_AWS_ENDPOINT_URL="http://127.0.0.1:9",  # nothing listens: no AWS call
+    )
+    done = subprocess.run(
+        ["htcondor-annex", "setup", "--token-key"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p" / KEY).read_bytes() == (tmp_path / "o" / KEY).read_bytes()
+    assert "written" in done.stderr
