@@ -15,7 +15,7 @@ from typing import Any
 
 from annex_gahp import names, pilotdata, tokens, userdata
 from annex_gahp.aws import fleet, instances, secrets, session, stack
-from annex_gahp.errors import CloudError, InputError
+from annex_gahp.errors import CloudError, InputError, SetupError
 from annex_gahp.reconcile import LaunchOutcome, Observed
 from annex_gahp.service import spec_from_record
 from annex_gahp.settings import Settings
@@ -49,6 +49,9 @@ class AwsCloud:
         # ... and that token, for the per-instance copies (_store_instance_tokens).
         self._tokens: dict[tuple[str, str], str] = {}
         self._partition_account: tuple[str, str] | None = None
+        # Instances given their own copy of their annex's token (by launch, set_expiry or, for
+        # Auto Scaling members, observe).
+        self._copied: set[str] = set()
 
     def _mint_with_project_key(self, identity: str, lifetime: int) -> str:
         return tokens.mint(
@@ -82,7 +85,41 @@ class AwsCloud:
                     )
                 )
         self._groups = groups
+        for region in regions:
+            self._copy_to_new_group_members(region, seen)
         return seen
+
+    def _copy_to_new_group_members(self, region: str, seen: list[Observed]) -> None:
+        """Stack strategy: Auto Scaling launches the instances after the helper's call, so each
+        gets its own copy of its annex's token when first seen (see _store_instance_tokens).
+        A failure is logged and retried next cycle; the instance's agent waits for it."""
+        fresh: dict[tuple[str, str], list[Observed]] = {}
+        for item in seen:
+            if (
+                item.region == region
+                and item.state in ("pending", "running")
+                and item.tags.get(stack.GROUP_TAG)
+                and item.id not in self._copied
+            ):
+                key = (item.tags.get(names.TAG_OWNER, ""), item.tags.get(names.TAG_NAME, ""))
+                fresh.setdefault(key, []).append(item)
+        for (owner, name), members in fresh.items():
+            try:
+                bucket = stack.bucket_name(
+                    self.settings.central_manager, self.settings.pool_id, owner, name
+                )
+                location = stack.token_location(bucket)
+                token = self._tokens.get((region, location))
+                if token is None:  # e.g. after a restart: a fresh one, to the lease's end
+                    expires = int(members[0].tags.get(names.TAG_EXPIRES, "0") or 0)
+                    lifetime = max(60, expires - int(time.time())) + TOKEN_MARGIN
+                    token = self._mint(
+                        tokens.identity(name, owner, self.settings.token_domain), lifetime
+                    )
+                    self._tokens[(region, location)] = token
+                self._put_copies(region, location, token, [m.id for m in members], members[0].tags)
+            except (CloudError, SetupError, ValueError) as err:
+                log.error("annex %s/%s: instance tokens not stored yet: %s", owner, name, err)
 
     # --- launching -----------------------------------------------------------------------
 
@@ -159,16 +196,38 @@ class AwsCloud:
         """One copy of the annex's token per instance, tagged with the instance's ARN: the
         instance role reads a token only when that tag is its own instance (docs/iam.md), so
         one instance's credentials never reach another annex's token."""
-        if not ids or self._is_stack(annex) or spec_from_record(annex.spec).mode != "pool":
+        if not ids or spec_from_record(annex.spec).mode != "pool":
             return
         location = self._store_token(annex)
-        token = self._tokens[self._token_key(annex)]
-        ssm = self._client("ssm", annex.region)
+        self._put_copies(
+            annex.region, location, self._tokens[self._token_key(annex)], ids, self._tags(annex)
+        )
+
+    def _put_copies(
+        self, region: str, location: str, token: str, ids: list[str], tags: dict[str, str]
+    ) -> None:
+        """`location` is the annex's parameter or `s3://bucket/token`; each copy is
+        `<location>/<instance id>` (the agent asks for its own)."""
+        mine = {k: v for k, v in tags.items() if k.startswith(names.TAG_PREFIX)}
         for instance_id in ids:
-            tags = self._tags(annex) | {
-                secrets.INSTANCE_TAG: self._instance_arn(annex.region, instance_id)
-            }
-            secrets.put_token(ssm, secrets.instance_parameter(location, instance_id), token, tags)
+            tagged = mine | {secrets.INSTANCE_TAG: self._instance_arn(region, instance_id)}
+            if location.startswith("s3://"):
+                bucket, key = stack.parse_location(location)
+                secrets.put_object_copy(
+                    self._client("s3", region),
+                    bucket,
+                    secrets.instance_parameter(key, instance_id),
+                    token,
+                    tagged,
+                )
+            else:
+                secrets.put_token(
+                    self._client("ssm", region),
+                    secrets.instance_parameter(location, instance_id),
+                    token,
+                    tagged,
+                )
+            self._copied.add(instance_id)
 
     def _user_data(self, annex: Annex, location: str) -> bytes:
         """The boot script; `location` is the token's SSM parameter or `s3://bucket/key`."""

@@ -265,6 +265,7 @@ def runtime_policy_document(
                     "s3:ListBucket",
                     "s3:DeleteBucket",
                     "s3:PutObject",
+                    "s3:PutObjectTagging",
                     "s3:DeleteObject",
                 ],
                 "Resource": [token_buckets["buckets"], token_buckets["objects"]],
@@ -284,7 +285,8 @@ def instance_role_policy_document(
     instance's own ARN, `ec2:SourceInstanceARN`, which AWS puts in the request context of
     credentials delivered to an instance through its instance profile. So a job or pilot that
     gets the instance's credentials reads that one instance's token, never another annex's.
-    The stack strategy's S3 objects are per annex, not per instance (docs/iam.md says so)."""
+    S3 (stack strategy): likewise, an object of the pool's token buckets only when its
+    INSTANCE_TAG object tag is the calling instance's ARN."""
     from annex_gahp.aws.secrets import INSTANCE_TAG  # noqa: PLC0415 - keep this module light
 
     statements: list[dict[str, Any]] = [
@@ -301,10 +303,15 @@ def instance_role_policy_document(
     if token_objects is not None:
         statements.append(
             {
-                "Sid": "ReadAnnexTokenObjects",
+                "Sid": "ReadOwnInstanceTokenObject",
                 "Effect": "Allow",
                 "Action": "s3:GetObject",
                 "Resource": token_objects,
+                "Condition": {
+                    "StringEquals": {
+                        f"s3:ExistingObjectTag/{INSTANCE_TAG}": "${ec2:SourceInstanceARN}"
+                    }
+                },
             }
         )
     return {"Version": VERSION, "Statement": statements}

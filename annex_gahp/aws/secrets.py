@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import urllib.parse
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -52,6 +53,20 @@ def instance_parameter(annex_parameter: str, instance_id: str) -> str:
     if not _INSTANCE_ID.match(instance_id):
         raise ValueError(f"not an instance id: {instance_id!r}")
     return f"{annex_parameter}/{instance_id}"
+
+
+def put_object_copy(s3: Any, bucket: str, key: str, token: str, tags: dict[str, str]) -> None:
+    """The stack strategy's per-instance copy: an object in the annex's token bucket, tagged
+    (the instance role's read is conditioned on INSTANCE_TAG)."""
+    with aws_errors(f"store an instance token in s3://{bucket}/{key}"):
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=token.encode(),
+            ServerSideEncryption="AES256",
+            Tagging=urllib.parse.urlencode(tags),
+        )
+    log.info("stored instance token in s3://%s/%s", bucket, key)
 
 
 def delete_tree(ssm: Any, name: str) -> int:

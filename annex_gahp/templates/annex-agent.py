@@ -205,13 +205,12 @@ def fetch_token(cfg, imds, deadline_s=None):
         try:
             creds = imds.credentials()
             region = region_of(cfg, imds)
-            if cfg.get("token_bucket"):
-                return get_s3_object(
-                    cfg["aws_endpoint_url"], region, cfg["token_bucket"], cfg["token_key"], creds
-                )
             # Our own copy: the role reads only the one tagged with this instance (docs/iam.md).
-            name = cfg["token_parameter"] + "/" + imds.get("meta-data/instance-id").strip()
-            return get_parameter(cfg["aws_endpoint_url"], region, name, creds)
+            mine = "/" + imds.get("meta-data/instance-id").strip()
+            url, bucket = cfg["aws_endpoint_url"], cfg.get("token_bucket")
+            if bucket:
+                return get_s3_object(url, region, bucket, cfg["token_key"] + mine, creds)
+            return get_parameter(url, region, cfg["token_parameter"] + mine, creds)
         except (AgentError, OSError, ValueError, KeyError) as err:
             if time.time() + delay > deadline:
                 raise AgentError(f"could not fetch the annex token: {err}") from None

@@ -233,10 +233,16 @@ def test_setup_stack_grants_no_token_read_without_the_instance_condition() -> No
     body = json.loads(setup.render_template(make_settings(), "s"))
     role = body["Resources"]["InstanceRole"]["Properties"]
     (doc,) = [p["PolicyDocument"] for p in role["Policies"]]
-    for statement in doc["Statement"]:
-        if "ssm:" in json.dumps(statement["Action"]):
-            assert statement["Effect"] == "Allow" and statement.get("Condition"), statement
-            assert "${ec2:SourceInstanceARN}" in json.dumps(statement["Condition"])
+    actions = set()
+    for statement in doc["Statement"]:  # every read of a token: only the caller's own copy
+        actions.add(statement["Action"])
+        assert statement["Effect"] == "Allow" and statement.get("Condition"), statement
+        assert "${ec2:SourceInstanceARN}" in json.dumps(statement["Condition"])
+    assert actions == {"ssm:GetParameter", "s3:GetObject"}
+    (s3,) = [s for s in doc["Statement"] if s["Action"] == "s3:GetObject"]
+    assert s3["Condition"] == {
+        "StringEquals": {f"s3:ExistingObjectTag/{secrets.INSTANCE_TAG}": "${ec2:SourceInstanceARN}"}
+    }
 
 
 def test_instance_parameter_names_one_instance() -> None:
