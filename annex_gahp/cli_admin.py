@@ -46,7 +46,26 @@ def _fail(verb: str, err: AnnexError) -> int:
     return 1
 
 
+def _token_key(cfg: Settings) -> str:
+    import htcondor2  # noqa: PLC0415 - the pool's own password directory
+
+    from annex_gahp import tokenkey  # noqa: PLC0415
+
+    password_dir = htcondor2.param.get("SEC_PASSWORD_DIRECTORY") or ""
+    return tokenkey.ensure(str(password_dir), cfg.token_key_dir, cfg.token_key)
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
+    # The signing key is local (no AWS): alone with --token-key, and with --write-config, which
+    # runs on the access point as root anyway.
+    if args.token_key or args.write_config:
+        try:
+            print(f"# {_token_key(_settings(args))}", file=sys.stderr)
+        except (AnnexError, OSError, KeyError) as err:
+            return _fail("setup", SetupError(f"token signing key: {err}"))
+        if args.token_key and not args.write_config:
+            return 0
+
     from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
 
     try:
@@ -128,6 +147,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         help=f"also write the knobs to PATH (default {DEFAULT_CONFIG_PATH})",
     )
     p.add_argument("--vpc-id", default=None, help="VPC for the security group (default VPC)")
+    p.add_argument(
+        "--token-key",
+        action="store_true",
+        help="only create the annex token signing key (ANNEX_TOKEN_KEY, root), no AWS calls",
+    )
     p.set_defaults(func=cmd_setup)
 
     p = subparsers.add_parser(

@@ -15,7 +15,7 @@ from typing import Any
 
 from annex_gahp import names, pilotdata, tokens, userdata
 from annex_gahp.aws import fleet, instances, secrets, session, stack
-from annex_gahp.errors import CloudError, InputError
+from annex_gahp.errors import CloudError, InputError, SetupError
 from annex_gahp.reconcile import LaunchOutcome, Observed
 from annex_gahp.service import spec_from_record
 from annex_gahp.settings import Settings
@@ -30,10 +30,10 @@ TOKEN_MARGIN = 900
 
 class AwsCloud:
     def __init__(
-        self, settings: Settings, *, mint: Callable[[str, int], str] = tokens.mint
+        self, settings: Settings, *, mint: Callable[[str, int], str] | None = None
     ) -> None:
         self.settings = settings
-        self._mint = mint
+        self._mint = mint or self._mint_with_project_key
         self._clients: dict[tuple[str, str], Any] = {}
         # instance id -> its Auto Scaling group, from the last observation: a group member
         # must leave with its group's capacity lowered, or the group replaces it.
@@ -46,6 +46,17 @@ class AwsCloud:
         # mint and store another while that one still outlives the lease. Kept in memory only:
         # after a restart the first attempt stores a fresh token, once.
         self._token_expires: dict[tuple[str, str], int] = {}
+        # ... and that token, for the per-instance copies (_store_instance_tokens).
+        self._tokens: dict[tuple[str, str], str] = {}
+        self._partition_account: tuple[str, str] | None = None
+        # Instances given their own copy of their annex's token (by launch, set_expiry or, for
+        # Auto Scaling members, observe).
+        self._copied: set[str] = set()
+
+    def _mint_with_project_key(self, identity: str, lifetime: int) -> str:
+        return tokens.mint(
+            identity, lifetime, self.settings.token_key, self.settings.token_key_dir
+        )
 
     def _client(self, service: str, region: str) -> Any:
         key = (service, region)
@@ -74,7 +85,41 @@ class AwsCloud:
                     )
                 )
         self._groups = groups
+        for region in regions:
+            self._copy_to_new_group_members(region, seen)
         return seen
+
+    def _copy_to_new_group_members(self, region: str, seen: list[Observed]) -> None:
+        """Stack strategy: Auto Scaling launches the instances after the helper's call, so each
+        gets its own copy of its annex's token when first seen (see _store_instance_tokens).
+        A failure is logged and retried next cycle; the instance's agent waits for it."""
+        fresh: dict[tuple[str, str], list[Observed]] = {}
+        for item in seen:
+            if (
+                item.region == region
+                and item.state in ("pending", "running")
+                and item.tags.get(stack.GROUP_TAG)
+                and item.id not in self._copied
+            ):
+                key = (item.tags.get(names.TAG_OWNER, ""), item.tags.get(names.TAG_NAME, ""))
+                fresh.setdefault(key, []).append(item)
+        for (owner, name), members in fresh.items():
+            try:
+                bucket = stack.bucket_name(
+                    self.settings.central_manager, self.settings.pool_id, owner, name
+                )
+                location = stack.token_location(bucket)
+                token = self._tokens.get((region, location))
+                if token is None:  # e.g. after a restart: a fresh one, to the lease's end
+                    expires = int(members[0].tags.get(names.TAG_EXPIRES, "0") or 0)
+                    lifetime = max(60, expires - int(time.time())) + TOKEN_MARGIN
+                    token = self._mint(
+                        tokens.identity(name, owner, self.settings.token_domain), lifetime
+                    )
+                    self._tokens[(region, location)] = token
+                self._put_copies(region, location, token, [m.id for m in members], members[0].tags)
+            except (CloudError, SetupError, ValueError) as err:
+                log.error("annex %s/%s: instance tokens not stored yet: %s", owner, name, err)
 
     # --- launching -----------------------------------------------------------------------
 
@@ -118,7 +163,9 @@ class AwsCloud:
             return key[1]
         now = int(time.time())
         lifetime = max(60, annex.lease_expiration - now) + TOKEN_MARGIN
-        token = self._mint(f"condor@{self.settings.uid_domain}", lifetime)
+        # The annex's own identity: the collector takes from it only ads of this annex.
+        who = tokens.identity(annex.name, annex.owner, self.settings.token_domain)
+        token = self._mint(who, lifetime)
         if self._is_stack(annex):
             location = stack.put_token(
                 self._client("s3", annex.region),
@@ -133,7 +180,54 @@ class AwsCloud:
                 self._client("ssm", annex.region), location, token, self._tags(annex)
             )
         self._token_expires[key] = now + lifetime
+        self._tokens[key] = token
         return location
+
+    def _instance_arn(self, region: str, instance_id: str) -> str:
+        if self._partition_account is None:
+            with session.aws_errors("find this AWS account (sts GetCallerIdentity)"):
+                arn = self._client("sts", region).get_caller_identity()["Arn"]
+            parts = arn.split(":")
+            self._partition_account = (parts[1], parts[4])
+        partition, account = self._partition_account
+        return f"arn:{partition}:ec2:{region}:{account}:instance/{instance_id}"
+
+    def _store_instance_tokens(self, annex: Annex, ids: list[str]) -> None:
+        """One copy of the annex's token per instance, tagged with the instance's ARN: the
+        instance role reads a token only when that tag is its own instance (docs/iam.md), so
+        one instance's credentials never reach another annex's token."""
+        if not ids or spec_from_record(annex.spec).mode != "pool":
+            return
+        location = self._store_token(annex)
+        self._put_copies(
+            annex.region, location, self._tokens[self._token_key(annex)], ids, self._tags(annex)
+        )
+
+    def _put_copies(
+        self, region: str, location: str, token: str, ids: list[str], tags: dict[str, str]
+    ) -> None:
+        """`location` is the annex's parameter or `s3://bucket/token`; each copy is
+        `<location>/<instance id>` (the agent asks for its own)."""
+        mine = {k: v for k, v in tags.items() if k.startswith(names.TAG_PREFIX)}
+        for instance_id in ids:
+            tagged = mine | {secrets.INSTANCE_TAG: self._instance_arn(region, instance_id)}
+            if location.startswith("s3://"):
+                bucket, key = stack.parse_location(location)
+                secrets.put_object_copy(
+                    self._client("s3", region),
+                    bucket,
+                    secrets.instance_parameter(key, instance_id),
+                    token,
+                    tagged,
+                )
+            else:
+                secrets.put_token(
+                    self._client("ssm", region),
+                    secrets.instance_parameter(location, instance_id),
+                    token,
+                    tagged,
+                )
+            self._copied.add(instance_id)
 
     def _user_data(self, annex: Annex, location: str) -> bytes:
         """The boot script; `location` is the token's SSM parameter or `s3://bucket/key`."""
@@ -154,6 +248,7 @@ class AwsCloud:
                 region=annex.region,
                 aws_endpoint_url=self.settings.endpoint_url,
                 expires=annex.lease_expiration,
+                owner_domain=self.settings.uid_domain,
             )
         )
 
@@ -196,6 +291,11 @@ class AwsCloud:
             extra_tags=dict(wanted.tags),
             user_data=user_data,
             client_token=request,
+            # Provision mode runs the user's own code: no role of this pool's, unless the admin
+            # names one (ANNEX_PROVISION_INSTANCE_PROFILE).
+            instance_profile=(
+                self.settings.provision_instance_profile if wanted.mode == "provision" else None
+            ),
         )
 
     def prepare(self, annex: Annex) -> dict[str, str]:
@@ -233,7 +333,15 @@ class AwsCloud:
             self.settings.launch_template,
             annex_template_id=annex.template_id,
         )
-        return LaunchOutcome(instance_ids=list(result.instance_ids), errors=list(result.errors))
+        errors = list(result.errors)
+        try:
+            self._store_instance_tokens(annex, list(result.instance_ids))
+        except CloudError as err:
+            # The instances exist: report them. Their agents wait for a token, then give up;
+            # the idle timeout ends them.
+            log.error("annex %s: instance tokens not stored: %s", annex.key, err)
+            errors.append(str(err))
+        return LaunchOutcome(instance_ids=list(result.instance_ids), errors=errors)
 
     def _launch_stack(self, annex: Annex, count: int, request: str) -> LaunchOutcome:
         """Create the annex's stack, or raise its groups' capacity: the stack is asked for the
@@ -310,6 +418,7 @@ class AwsCloud:
                 )
         if spec_from_record(annex.spec).mode == "pool":
             self._store_token(annex)
+            self._store_instance_tokens(annex, ids)
         log.info(
             "annex %s: lease now ends at %d on %d instance(s)",
             annex.key,
@@ -319,6 +428,7 @@ class AwsCloud:
 
     def release(self, annex: Annex) -> None:
         self._token_expires.pop(self._token_key(annex), None)  # deleted below with its bucket
+        self._tokens.pop(self._token_key(annex), None)
         name = (
             self._stack_name(annex)
             if self._is_stack(annex)
@@ -340,7 +450,8 @@ class AwsCloud:
                 return
         ec2 = self._client("ec2", annex.region)
         fleet.delete_annex_template(ec2, self.settings.pool_id, annex.owner, annex.name)
-        secrets.delete_token(self._client("ssm", annex.region), self._token_parameter(annex))
+        # The annex's token and every instance's copy: a retired annex leaves none to read.
+        secrets.delete_tree(self._client("ssm", annex.region), self._token_parameter(annex))
 
 
 def pilot_variables(annex: Annex) -> dict[str, object]:

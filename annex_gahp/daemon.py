@@ -34,8 +34,11 @@ def _drop_privileges(user: str = "condor") -> pwd.struct_passwd:
     if os.geteuid() == 0:
         os.setgroups([])
         os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-        # Saved uid stays root: tokens.mint regains it in the child that reads the signing key.
-        os.setresuid(entry.pw_uid, entry.pw_uid, 0)
+        # Real, effective and saved: nothing in the helper can become root again. Tokens are
+        # signed with the project's own key, which the condor user reads (tokens.py).
+        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+        if 0 in os.getresuid() or 0 in os.getresgid():
+            raise SystemExit("annex_gahp: could not give up root")
     os.environ["HOME"] = entry.pw_dir
     os.environ["USER"] = os.environ["LOGNAME"] = user
     return entry

@@ -43,6 +43,10 @@ class Settings:
     allowed_image_ids: tuple[str, ...]
     allowed_regions: tuple[str, ...]
     reaper_grace: int
+    token_key: str = "annex"  # noqa: S105 - the signing key's file name (ANNEX_TOKEN_KEY)
+    token_key_dir: str = "/etc/condor/annex-token-key"  # noqa: S105 - condor's copy, a dir
+    token_domain: str = "annex.invalid"  # noqa: S105 - the domain of annex identities
+    provision_instance_profile: str = ""  # "": provision-mode instances get no profile
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -107,6 +111,10 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         instance_profile=get("ANNEX_INSTANCE_PROFILE"),
         security_group=get("ANNEX_SECURITY_GROUP"),
         token_parameter_prefix=get("ANNEX_TOKEN_PARAMETER_PREFIX", "/htcondor-annex/tokens"),
+        token_key=get("ANNEX_TOKEN_KEY", "annex"),
+        token_key_dir=get("ANNEX_TOKEN_KEY_DIR", "/etc/condor/annex-token-key"),
+        token_domain=get("ANNEX_TOKEN_DOMAIN", f"annex.{get('UID_DOMAIN', host)}"),
+        provision_instance_profile=get("ANNEX_PROVISION_INSTANCE_PROFILE"),
         allowed_instance_types=_list(get("ANNEX_ALLOWED_INSTANCE_TYPES")),
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),

@@ -46,6 +46,8 @@ class BootContext:
     # The stack strategy keeps the token in S3 instead (as in 2016): bucket and object key.
     token_bucket: str = ""
     token_key: str = ""
+    # The access point's UID_DOMAIN: the annex starts only jobs whose User is owner@this.
+    owner_domain: str = ""
 
     def validate(self) -> None:
         if not re.match(names.NAME_PATTERN, self.annex):
@@ -53,6 +55,8 @@ class BootContext:
         if not _OWNER.match(self.owner):
             raise InputError(f"owner {self.owner!r} has characters a boot script cannot carry")
         fields = ("request_id", "pool_id", "central_manager", "token_parameter", "region")
+        if not self.owner_domain or not _PLAIN.match(self.owner_domain):
+            raise InputError(f"owner_domain {self.owner_domain!r} is not a UID_DOMAIN")
         for field in (*fields, "token_bucket", "token_key"):
             value = getattr(self, field)
             pattern = _ADDRESS if field in ("central_manager", "pool_id") else _PLAIN

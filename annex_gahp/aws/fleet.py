@@ -75,6 +75,9 @@ class LaunchPlan:
     extra_tags: dict[str, str] = dataclasses.field(default_factory=dict)
     user_data: str | bytes = ""
     client_token: str = ""  # the caller's intent id, for AWS idempotency (moto ignores it)
+    # None: the base template's (pool mode: reads the annex's token); "": none at all
+    # (provision mode: the user's own code runs there); else an instance profile name or ARN.
+    instance_profile: str | None = None
 
     @property
     def spot(self) -> bool:
@@ -189,6 +192,12 @@ def annex_template_data(base: dict[str, Any], plan: LaunchPlan) -> dict[str, Any
         data["UserData"] = _encode_user_data(plan.user_data)
     if plan.keypair:
         data["KeyName"] = plan.keypair
+    if plan.instance_profile is not None:
+        data.pop("IamInstanceProfile", None)
+        if plan.instance_profile.startswith("arn:"):
+            data["IamInstanceProfile"] = {"Arn": plan.instance_profile}
+        elif plan.instance_profile:
+            data["IamInstanceProfile"] = {"Name": plan.instance_profile}
     if plan.security_groups:
         data["SecurityGroupIds"] = list(plan.security_groups)
         data.pop("SecurityGroups", None)

@@ -146,10 +146,19 @@ def runtime_policy_document(
             "Action": [
                 "ssm:PutParameter",
                 "ssm:GetParameter",
+                "ssm:GetParametersByPath",
                 "ssm:DeleteParameter",
                 "ssm:AddTagsToResource",
             ],
             "Resource": scoped(token_parameters),
+        },
+        {
+            # The account and partition of the instance ARNs the instance tokens are tagged with
+            # (AWS needs no permission for it; the emulator's action-level check does).
+            "Sid": "WhoAmI",
+            "Effect": "Allow",
+            "Action": "sts:GetCallerIdentity",
+            "Resource": "*",
         },
         {
             "Sid": "PassTheInstanceRole",
@@ -256,6 +265,7 @@ def runtime_policy_document(
                     "s3:ListBucket",
                     "s3:DeleteBucket",
                     "s3:PutObject",
+                    "s3:PutObjectTagging",
                     "s3:DeleteObject",
                 ],
                 "Resource": [token_buckets["buckets"], token_buckets["objects"]],
@@ -269,23 +279,39 @@ def runtime_policy_document(
 def instance_role_policy_document(
     token_parameters: Any, token_objects: Any = None
 ) -> dict[str, Any]:
-    """What an annex instance may do: read tokens of its pool (SSM parameters; with the stack
-    strategy, objects in the pool's token buckets), nothing else."""
+    """What an annex instance may do: read its own copy of its annex's token, nothing else.
+
+    SSM (fleet strategy): a token parameter only when its INSTANCE_TAG is the calling
+    instance's own ARN, `ec2:SourceInstanceARN`, which AWS puts in the request context of
+    credentials delivered to an instance through its instance profile. So a job or pilot that
+    gets the instance's credentials reads that one instance's token, never another annex's.
+    S3 (stack strategy): likewise, an object of the pool's token buckets only when its
+    INSTANCE_TAG object tag is the calling instance's ARN."""
+    from annex_gahp.aws.secrets import INSTANCE_TAG  # noqa: PLC0415 - keep this module light
+
     statements: list[dict[str, Any]] = [
         {
-            "Sid": "ReadAnnexTokens",
+            "Sid": "ReadOwnInstanceToken",
             "Effect": "Allow",
             "Action": "ssm:GetParameter",
             "Resource": token_parameters,
+            "Condition": {
+                "StringEquals": {f"ssm:resourceTag/{INSTANCE_TAG}": "${ec2:SourceInstanceARN}"}
+            },
         }
     ]
     if token_objects is not None:
         statements.append(
             {
-                "Sid": "ReadAnnexTokenObjects",
+                "Sid": "ReadOwnInstanceTokenObject",
                 "Effect": "Allow",
                 "Action": "s3:GetObject",
                 "Resource": token_objects,
+                "Condition": {
+                    "StringEquals": {
+                        f"s3:ExistingObjectTag/{INSTANCE_TAG}": "${ec2:SourceInstanceARN}"
+                    }
+                },
             }
         )
     return {"Version": VERSION, "Statement": statements}

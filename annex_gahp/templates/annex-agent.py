@@ -1,17 +1,11 @@
 #!/usr/bin/env python3
-"""htcondor-annex instance agent (stdlib only: python3 comes with the condor package).
+"""htcondor-annex instance agent (stdlib only), written by the boot script with boot.json.
 
-Written to the instance by the annex's boot script, which also writes its settings (no secret)
-to boot.json. `boot`: ask IMDSv2 who we are, fetch the annex's IDTOKEN from SSM Parameter Store
-(or, for the stack strategy, from the annex's S3 bucket: boot.json names `token_bucket`)
-with the instance role's credentials (SigV4 signed here, no boto3 on a bare image), write the
-token and the HTCondor config, start HTCondor. `watch`: follow the lease (the instance's
-htcondor-annex:expires tag via IMDS), power off when it is past, re-fetch the token when it
-moves later. The token is never logged.
-
-Environment: ANNEX_IMDS_URL (default http://169.254.169.254), ANNEX_POWEROFF_CMD (default
-poweroff); for tests: ANNEX_AGENT_ROOT (prefix for every file written), ANNEX_AGENT_CONFIG,
-ANNEX_CONDOR_START_CMD, ANNEX_AGENT_INTERVAL, ANNEX_AGENT_FETCH_TIMEOUT.
+`boot`: IMDSv2 identity; the annex's IDTOKEN from SSM (or the stack strategy's S3 bucket) with
+the instance role (SigV4 here: no boto3); token and HTCondor config; start HTCondor. `watch`:
+follow the lease (expires tag via IMDS), power off past it, re-fetch the token when it moves.
+The token is never logged. Env: ANNEX_IMDS_URL, ANNEX_POWEROFF_CMD; for tests ANNEX_AGENT_ROOT,
+ANNEX_AGENT_CONFIG, ANNEX_CONDOR_START_CMD, ANNEX_AGENT_INTERVAL, ANNEX_AGENT_FETCH_TIMEOUT.
 """
 
 import datetime
@@ -211,11 +205,12 @@ def fetch_token(cfg, imds, deadline_s=None):
         try:
             creds = imds.credentials()
             region = region_of(cfg, imds)
-            if cfg.get("token_bucket"):
-                return get_s3_object(
-                    cfg["aws_endpoint_url"], region, cfg["token_bucket"], cfg["token_key"], creds
-                )
-            return get_parameter(cfg["aws_endpoint_url"], region, cfg["token_parameter"], creds)
+            # Our own copy: the role reads only the one tagged with this instance (docs/iam.md).
+            mine = "/" + imds.get("meta-data/instance-id").strip()
+            url, bucket = cfg["aws_endpoint_url"], cfg.get("token_bucket")
+            if bucket:
+                return get_s3_object(url, region, bucket, cfg["token_key"] + mine, creds)
+            return get_parameter(url, region, cfg["token_parameter"] + mine, creds)
         except (AgentError, OSError, ValueError, KeyError) as err:
             if time.time() + delay > deadline:
                 raise AgentError(f"could not fetch the annex token: {err}") from None

@@ -30,7 +30,7 @@ from aws_fixtures import (  # noqa: F401
 from botocore.exceptions import ClientError
 
 from annex_gahp import names, spec, userdata
-from annex_gahp.aws import fleet, instances, lease_enforcer, policy, stack
+from annex_gahp.aws import fleet, instances, lease_enforcer, policy, secrets, stack
 from annex_gahp.cloud import AwsCloud
 from annex_gahp.errors import CloudError
 from annex_gahp.reconcile import Reconciler
@@ -287,8 +287,11 @@ def test_the_instance_agent_fetches_the_token_from_s3(moto_url: str, tmp_path, m
             return creds
 
         def get(self, path: str) -> str:
-            return REGION
+            return "i-0123456789abcdef0" if path.endswith("instance-id") else REGION
 
+    # The instance fetches its own copy, token/<its id> (issue 12), not the annex's object.
+    stack.put_token(s3, bucket, "not-mine", {names.TAG_POOL: POOL}, REGION)
+    secrets.put_object_copy(s3, bucket, "token/i-0123456789abcdef0", "the-token", {"k": "v"})
     cfg = {
         "aws_endpoint_url": moto_url,
         "region": REGION,
@@ -394,7 +397,10 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     bucket = stack.bucket_name(settings.central_manager, POOL, "alice", "st")
     assert annex.token_parameter == f"s3://{bucket}/token"
     s3 = raw_client("s3", moto_url)
-    assert s3.get_object(Bucket=bucket, Key="token")["Body"].read() == b"token-for-condor@test"
+    # The annex's own identity (issue 12), no longer the pool-wide condor@UID_DOMAIN.
+    assert s3.get_object(Bucket=bucket, Key="token")["Body"].read() == (
+        b"token-for-annex.st.alice@annex.invalid"
+    )
     # The boot script in the groups' templates fetches the token from that bucket.
     some = next(iter(_live(moto_url)))
     script = userdata.decode_user_data(

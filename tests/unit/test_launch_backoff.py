@@ -100,7 +100,13 @@ def test_a_failing_setup_backs_off_and_stores_the_token_once(moto_url, tmp_path,
     assert (annex.state, annex.launch_failures, annex.retry_at) == (names.PROVISIONING, 0, None)
     assert annex.last_error == ""
     assert world.fleet_calls == ["CreateFleet"]
-    assert len(minted) == 1 and len(puts) == 1  # the stored token still outlives the lease
+    # The stored token still outlives the lease: not minted nor stored again; the launched
+    # instances get their own copies of it (issue 12), one put each.
+    annex_puts = [p for p in puts if p["Name"] == world.cloud._token_parameter(annex)]
+    assert len(minted) == 1 and len(annex_puts) == 1
+    copies = {p["Name"].rsplit("/", 1)[1] for p in puts if p not in annex_puts}
+    assert copies and all(c.startswith("i-") for c in copies), copies
+    assert len(puts) == 1 + len(copies)
     view = world.service.describe(annex)
     assert (view["LaunchFailures"], view["NextLaunchAttempt"]) == (0, None)  # not in the ad
 

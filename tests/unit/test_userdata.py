@@ -26,6 +26,8 @@ from annex_gahp.errors import InputError
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.annex-token-for-test.sig"  # noqa: S105 - a fake token
 PARAM = "/htcondor-annex/tokens/cm.test_9618-abcd/alice/a1"
+# The instance's own copy (issue 12): the agent asks for PARAM/<its instance id>.
+MINE = PARAM + "/i-0123456789abcdef0"
 AGENT = Path(userdata.__file__).parent / "templates" / "annex-agent.py"
 
 
@@ -40,6 +42,7 @@ def context(**changes: Any) -> userdata.BootContext:
         region=REGION,
         aws_endpoint_url="http://127.0.0.1:5000",
         expires=2_000_000_000,
+        owner_domain="ap.test",
     )
     return dataclasses.replace(base, **changes)
 
@@ -78,7 +81,13 @@ def test_condor_config_contents() -> None:
     assert lines["IsAnnex"] == "True"
     assert lines["AnnexOwner"] == '"alice"'
     assert "AnnexName IsAnnex AnnexOwner AnnexRequest" in lines["STARTD_ATTRS"]
-    assert lines["START"] == '(TARGET.TargetAnnexName =?= "a1") && (TARGET.Owner =?= "alice")'
+    # By User (owner@the access point's UID_DOMAIN), not Owner: a same-named owner of another
+    # schedd or a flocked pool does not match.
+    assert lines["START"] == (
+        '(TARGET.TargetAnnexName =?= "a1") && (TARGET.User =?= "alice@ap.test")'
+    )
+    assert "Owner" not in lines["START"]
+    assert "AnnexName AnnexOwner" in lines["MASTER_ATTRS"]
     assert lines["SEC_TOKEN_DIRECTORY"] == "/etc/condor/tokens.d"  # noqa: S105 - a path
     assert lines["CCB_ADDRESS"] == "$(COLLECTOR_HOST)"
     assert "CCB_ADDRESS" not in userdata.render_condor_config(context(ccb=False))
@@ -263,7 +272,10 @@ def _write_boot_json(root: Path, ctx: userdata.BootContext) -> None:
 
 
 def test_agent_fetches_token_from_moto(tmp_path: Path, imds: FakeImds, moto_url: str) -> None:  # noqa: F811
-    raw_client("ssm", moto_url).put_parameter(Name=PARAM, Value=TOKEN, Type="SecureString")
+    ssm = raw_client("ssm", moto_url)
+    ssm.put_parameter(Name=MINE, Value=TOKEN, Type="SecureString")
+    for other in (PARAM, PARAM + "/i-0fedcba9876543210"):  # not this instance's
+        ssm.put_parameter(Name=other, Value="not-mine", Type="SecureString")
     _write_boot_json(tmp_path / "root", context(aws_endpoint_url=moto_url))
     done = subprocess.run(
         [sys.executable, str(AGENT), "fetch-token"],
@@ -311,7 +323,7 @@ def test_whole_script_boots_extends_and_powers_off(
 ) -> None:
     """Run the rendered script as user data would be run: token, config, start, lease."""
     ssm = raw_client("ssm", moto_url)
-    ssm.put_parameter(Name=PARAM, Value=TOKEN, Type="SecureString")
+    ssm.put_parameter(Name=MINE, Value=TOKEN, Type="SecureString")
     now = int(time.time())
     imds.tags["htcondor-annex:expires"] = str(now + 3)
     ctx = context(aws_endpoint_url=moto_url, expires=now + 3)
@@ -338,7 +350,7 @@ def test_whole_script_boots_extends_and_powers_off(
     assert os.access(root / "usr/local/libexec/htcondor-annex-agent", os.X_OK)
 
     # The helper extends the lease: new token in SSM, later expiry tag; the agent re-fetches.
-    ssm.put_parameter(Name=PARAM, Value=TOKEN + "-extended", Type="SecureString", Overwrite=True)
+    ssm.put_parameter(Name=MINE, Value=TOKEN + "-extended", Type="SecureString", Overwrite=True)
     imds.tags["htcondor-annex:expires"] = str(now + 6)
     token_file = root / "etc/condor/tokens.d/annex"
     _wait_for(lambda: "extended" in token_file.read_text(), 10, "the token refresh")
