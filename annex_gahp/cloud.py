@@ -190,6 +190,7 @@ class AwsCloud:
             instance_types=tuple(wanted.instance_types) or self.settings.default_instance_types,
             image_ids=image_ids,
             subnets=tuple(wanted.subnets),
+            vpc=wanted.vpc,
             spot_prices=tuple(wanted.spot_prices),
             keypair=wanted.keypair,
             security_groups=tuple(wanted.security_groups),

@@ -445,6 +445,11 @@ def from_keywords(
             f"annex_stack_name = '{stack_name}' is not a valid stack name:"
             " use a letter, then letters, digits or '-', at most 128 characters"
         )
+    if strategy == "stack" and "vpc" in values:
+        raise InputError(
+            "annex_vpc is not supported with annex_strategy = stack: give annex_subnets in that"
+            " VPC instead, or use annex_strategy = fleet"
+        )
 
     types = _split(str(values.get("instance_types", "")))
     images = _split(str(values.get("image_ids", "")))
