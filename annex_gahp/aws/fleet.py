@@ -71,6 +71,7 @@ class LaunchPlan:
     subnets: tuple[str, ...] = ()
     spot_prices: tuple[str, ...] = ()  # () = on-demand; one, or one per type
     vpc: str = ""  # subnets must be in it; none given: its subnets, one per zone
+    token_bucket: str = ""  # stack strategy: tagged on the groups, found again from the tags
     keypair: str = ""
     security_groups: tuple[str, ...] = ()
     extra_tags: dict[str, str] = dataclasses.field(default_factory=dict)
