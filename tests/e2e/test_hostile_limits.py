@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import subprocess
 import time
@@ -148,7 +147,7 @@ def test_one_users_connection_flood_does_not_block_others(sandbox):
     finally:
         out, err = flood.communicate(timeout=90)
         if cluster is not None:
-            subprocess.run(["condor_rm", str(cluster)], capture_output=True)
+            subprocess.run(["condor_rm", str(cluster)], capture_output=True, check=False)
         annex("bob", "delete", "--name", name)
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["refused"] > 0, (summary, err)
@@ -240,5 +239,5 @@ def test_burst_and_burst_are_two_annexes(sandbox):
         assert job(lower).get("AnnexState") not in ("retired", "failed", "retiring"), job(lower)
     finally:
         for name, cluster in clusters.items():
-            subprocess.run(["condor_rm", str(cluster)], capture_output=True)
+            subprocess.run(["condor_rm", str(cluster)], capture_output=True, check=False)
             annex("alice", "delete", "--name", name)

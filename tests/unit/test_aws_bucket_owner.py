@@ -77,9 +77,9 @@ def test_every_bucket_call_names_our_account(moto_url: str) -> None:  # noqa: F8
     assert stack.delete_bucket(s3, bucket, account) is True
     ops = {op for op, _ in seen}
     assert {"ListObjectsV2", "PutBucketTagging", "PutObject", "DeleteObject", "DeleteBucket"} <= ops
-    for op, owner in seen:
+    for op, raw in seen:
         if op != "CreateBucket":  # the one S3 call without the parameter
-            owner = owner.decode() if isinstance(owner, bytes) else owner
+            owner = raw.decode() if isinstance(raw, bytes) else raw
             assert owner == account, (op, owner)
 
 
