@@ -8,6 +8,7 @@ groups), so the loop's decisions stay the same for both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +42,9 @@ class AwsCloud:
         # (owner, annex) -> stack name, from the instances' htcondor-annex:stack tag: an annex
         # rebuilt from tags (lost state file) still gets its stack deleted when it retires.
         self._stacks: dict[tuple[str, str], str] = {}
+        # (owner, annex) -> the token bucket name chosen for an annex whose record has none
+        # yet (its random suffix; the record keeps it from prepare on, in token_parameter).
+        self._new_buckets: dict[tuple[str, str], str] = {}
         # (region, token location) -> when the token this helper last stored there expires:
         # a launch attempt retried after a failure, or a re-tag with the same lease, does not
         # mint and store another while that one still outlives the lease. Kept in memory only:
@@ -75,6 +79,9 @@ class AwsCloud:
                     groups[view.id] = view.tags[stack.GROUP_TAG]
                 if view.tags.get(stack.STACK_TAG):
                     self._stacks[(view.owner, view.annex)] = view.tags[stack.STACK_TAG]
+                bucket = view.tags.get(stack.BUCKET_TAG, "")
+                if bucket.startswith(stack.bucket_prefix(self.settings.central_manager)):
+                    self._new_buckets.setdefault((view.owner, view.annex), bucket)
                 seen.append(
                     Observed(
                         id=view.id,
@@ -140,9 +147,18 @@ class AwsCloud:
         return stack.stack_name(self.settings.pool_id, annex.owner, annex.name, wanted)
 
     def _bucket(self, annex: Annex) -> str:
-        return stack.bucket_name(
-            self.settings.central_manager, self.settings.pool_id, annex.owner, annex.name
-        )
+        """The annex's token bucket: the one its record names, else a new random name."""
+        if annex.token_parameter.startswith("s3://"):
+            return stack.parse_location(annex.token_parameter)[0]
+        key = (annex.owner, annex.name)
+        if key not in self._new_buckets:
+            self._new_buckets[key] = stack.new_bucket_name(
+                self.settings.central_manager, annex.name
+            )
+        return self._new_buckets[key]
+
+    def _account(self, region: str) -> str:
+        return stack.account_id(self._client("sts", region))
 
     def _token_parameter(self, annex: Annex) -> str:
         return secrets.parameter_name(
@@ -173,6 +189,7 @@ class AwsCloud:
                 token,
                 self._tags(annex),
                 annex.region,
+                account=self._account(annex.region),
             )
         else:
             location = self._token_parameter(annex)
@@ -285,6 +302,7 @@ class AwsCloud:
             instance_types=tuple(wanted.instance_types) or self.settings.default_instance_types,
             image_ids=image_ids,
             subnets=tuple(wanted.subnets),
+            vpc=wanted.vpc,
             spot_prices=tuple(wanted.spot_prices),
             keypair=wanted.keypair,
             security_groups=tuple(wanted.security_groups),
@@ -348,8 +366,11 @@ class AwsCloud:
         annex's whole size (`annex.requested`), so asking again is no change, and `count` (what
         the loop does not see yet) only shows in the log. Instances the groups have not
         launched yet come later: the outcome is `accepted` even with no id."""
-        location = stack.token_location(self._bucket(annex))
-        plan = self._plan(annex, count, request, self._user_data(annex, location))
+        bucket = self._bucket(annex)
+        plan = dataclasses.replace(
+            self._plan(annex, count, request, self._user_data(annex, stack.token_location(bucket))),
+            token_bucket=bucket,
+        )
         name = self._stack_name(annex)
         result = stack.ensure(
             self._client("cloudformation", annex.region),
@@ -444,7 +465,15 @@ class AwsCloud:
             if status:
                 # Retried by the next cycle; the annex stays retiring until the stack is gone.
                 raise CloudError(f"waiting for stack {name} to be deleted ({status})")
-            stack.delete_bucket(self._client("s3", annex.region), self._bucket(annex))
+            if annex.token_parameter.startswith("s3://") or (
+                (annex.owner, annex.name) in self._new_buckets
+            ):
+                stack.delete_bucket(
+                    self._client("s3", annex.region),
+                    self._bucket(annex),
+                    self._account(annex.region),
+                )
+            self._new_buckets.pop((annex.owner, annex.name), None)
             self._stacks.pop((annex.owner, annex.name), None)
             if self._is_stack(annex):
                 return

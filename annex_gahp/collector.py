@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{1,32}$")
 
 
+def _quote(value: str) -> str:
+    """A ClassAd string literal of `value`."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def ad_name(owner: str, annex: str, schedd: str) -> str:
     # Owner first: alice's burst and bob's burst are different annexes.
     return f"{owner}/{annex}@{schedd}"
@@ -62,7 +67,8 @@ class Publisher:
         ad["MyType"] = "Query"
         ad["TargetType"] = names.ANNEX_MYTYPE
         ad["Name"] = name
-        ad["Requirements"] = classad2.ExprTree(f'Name == "{name}"')
+        # =?=: ClassAd == ignores case, and alice's "Burst" and "burst" are two annexes.
+        ad["Requirements"] = classad2.ExprTree(f"Name =?= {_quote(name)}")
         htcondor2.Collector().advertise([ad], "INVALIDATE_ADS_GENERIC")
         log.info("invalidated the Annex ad %s", name)
 
@@ -82,7 +88,7 @@ class AnnexSlots:
     def slots(self, pool_id: str) -> list[dict[str, Any]]:
         import htcondor2  # noqa: PLC0415
 
-        pool = '"' + pool_id.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        pool = _quote(pool_id)
         ads = htcondor2.Collector().query(
             htcondor2.AdType.Startd,
             constraint=f"IsAnnex =?= true && AnnexPool =?= {pool}",

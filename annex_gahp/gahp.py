@@ -155,6 +155,12 @@ class Session:
     def banner(self) -> str:
         return self.dispatcher.banner
 
+    @property
+    def pending(self) -> int:
+        """Requests accepted whose results RESULTS has not handed out yet."""
+        with self._lock:
+            return len(self._pending)
+
     def close(self) -> None:
         """Stop delivering: later results are dropped, nothing more is emitted."""
         with self._lock:

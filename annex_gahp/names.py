@@ -91,3 +91,25 @@ SOCKET_ATTR = "AnnexGahpSocket"
 # Annex names: what an EC2 tag, a ClassAd string and a CloudFormation stack name all accept.
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9-]{0,62}$"
 NAME_MAX = 63
+
+# ---- limits on what a user may ask for (spec.py and 20-annex-submit.conf enforce them) ----
+# AWS's own tag limits (EC2, Auto Scaling, CloudFormation): 50 tags per resource, keys of at
+# most 128 and values of at most 256 characters, and only letters, digits, spaces and
+# _ . : / = + - @ everywhere (EC2 alone is laxer). Ours (name, owner, request, expires, pool,
+# the launch template's digest) go on the same resources: a few are kept for them.
+TAG_LIMIT = 50
+TAGS_KEPT_FOR_US = 8
+USER_TAGS_MAX = TAG_LIMIT - TAGS_KEPT_FOR_US
+TAG_KEY_MAX = 128
+TAG_VALUE_MAX = 256
+TAG_KEY_CHARS = r"[A-Za-z0-9 _.:/+@-]"
+TAG_VALUE_CHARS = r"[A-Za-z0-9 _.:/=+@-]"
+# Free text (bytes, UTF-8): a name, id or host name (AWS's key pair and security group names
+# stop at 255), a comma list of them, a path.
+TEXT_MAX = 255
+LIST_TEXT_MAX = 2048
+PATH_TEXT_MAX = 4096
+TAGS_TEXT_MAX = 16384
+# Whole numbers as text: at most this many digits (int64 holds 18 for certain; Python's
+# int() refuses more than 4300, with a message of its own).
+NUMBER_DIGITS_MAX = 18

@@ -33,7 +33,7 @@ class Demand:
 
 
 def _one_job(owner: str, cluster: int, proc: int) -> str:
-    return f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner == {quote(owner)}"
+    return f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner =?= {quote(owner)}"
 
 
 def quote(value: str) -> str:
@@ -116,7 +116,7 @@ class ScheddDemand:
         jobs too (provision mode: the job that stands for the annex runs while it lives)."""
         status = f"(JobStatus == {IDLE} || JobStatus == {RUNNING})" if running else None
         constraint = (
-            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
+            f"Owner =?= {quote(owner)} && {names.JOB_TARGET} =?= {quote(annex)}"
             f" && {status or f'JobStatus == {IDLE}'}"
         )
         schedd = self._schedd()
@@ -138,7 +138,7 @@ class ScheddDemand:
 
     def _waiting(self, owner: str, annex: str) -> str:
         return (
-            f"Owner == {quote(owner)} && {names.JOB_TARGET} == {quote(annex)}"
+            f"Owner =?= {quote(owner)} && {names.JOB_TARGET} =?= {quote(annex)}"
             f" && RoutedFromJobId =?= undefined"
         )
 

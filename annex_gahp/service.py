@@ -210,10 +210,11 @@ class AnnexService:
     def _find_id(self, caller: Caller, args: Mapping[str, str]) -> Annex:
         """By record id (what a provision-mode job was given as AnnexId), retired ones too:
         the job asks how its annex ended."""
-        try:
-            annex = self.store.get(int(args["id"]))
-        except ValueError:
-            raise InputError("id= must be a whole number") from None
+        text = str(args["id"]).strip()
+        # Bounded before int(): past 18 digits SQLite (and int() past 4300) fail otherwise.
+        if not (text.isascii() and text.isdigit() and len(text) <= names.NUMBER_DIGITS_MAX):
+            raise InputError("id= must be a whole number")
+        annex = self.store.get(int(text))
         owner = self._owner_for(caller, args)
         anyone = caller.is_admin and not args.get("owner")
         if annex is None or (annex.owner != owner and not anyone):

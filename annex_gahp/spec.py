@@ -39,8 +39,9 @@ EXPIRY_RULE = "use 'YYYY-MM-DD HH:MM' (UTC) or ISO 8601 such as 2030-04-06T17:00
 
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
-_DIGITS_RE = re.compile(r"^[0-9]+$")
-_DURATION_RE = re.compile(r"^([0-9]+[smhd])+$")
+_DIGITS_RE = re.compile(f"^[0-9]{{1,{names.NUMBER_DIGITS_MAX}}}$")
+# At most 16 parts of at most 9 digits: no sum of them leaves int64.
+_DURATION_RE = re.compile(r"^([0-9]{1,9}[smhd]){1,16}$")
 _DURATION_PART = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
@@ -48,10 +49,21 @@ _EXPIRY_RE = re.compile(
     r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
     r"((?::[0-9]{2}(?:\.[0-9]{1,6})?)?)((?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)$"
 )
-_PRICE_RE = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)$")
+_PRICE_RE = re.compile(r"^([0-9]{1,6}(\.[0-9]{0,8})?|\.[0-9]{1,8})$")
 _ZERO_PRICE_RE = re.compile(r"^[0.]+$")
 _TAGS_RE = re.compile(r"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$")
 _RESERVED_TAG_RE = re.compile(r"(^|,)(aws:|htcondor-annex:)", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_TAG_KEY_LONG_RE = re.compile(f"(^|,)[^=,]{{{names.TAG_KEY_MAX + 1},}}=")
+_TAG_VALUE_LONG_RE = re.compile(f"=[^,]{{{names.TAG_VALUE_MAX + 1},}}")
+_TAG_PAIR = f"{names.TAG_KEY_CHARS}+={names.TAG_VALUE_CHARS}*"
+_TAG_CHARS_RE = re.compile(f"^{_TAG_PAIR}(,{_TAG_PAIR})*$")
+# The longest free text each keyword takes (bytes of UTF-8, as ClassAd's size() counts).
+TEXT_LIMITS = {
+    **{k: names.LIST_TEXT_MAX for k in _ID_LIST_KEYS},
+    "user_data_file": names.PATH_TEXT_MAX,
+    "tags": names.TAGS_TEXT_MAX,
+}
 
 
 class _Bad:
@@ -160,9 +172,14 @@ def _shown(value: object) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _in_range(value: int) -> bool:
+    """What a ClassAd integer (int64) holds with room to add to it."""
+    return -(10**names.NUMBER_DIGITS_MAX) < value < 10**names.NUMBER_DIGITS_MAX
+
+
 def _to_int(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str) and _DIGITS_RE.match(_trim(value)):
         return int(_trim(value))
     return _Bad(_shown(value))
@@ -179,7 +196,7 @@ def _duration_seconds(text: str) -> int | None:
 
 def _to_duration(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
         seconds = _duration_seconds(_trim(value).lower())
         if seconds is not None:
@@ -234,7 +251,7 @@ def parse_expiry(text: str) -> int | None:
 
 def _to_expiry(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
         epoch = parse_expiry(value)
         if epoch is not None:
@@ -352,6 +369,8 @@ def from_keywords(
         if not iwd:
             raise InputError("annex_user_data_file must be an absolute path")
         values["user_data_file"] = f"{iwd.rstrip('/')}/{values['user_data_file']}"
+    for key in _TEXT_KEYS:
+        _check_text(key, values.get(key))
 
     instances = values["instances"]
     if isinstance(instances, _Bad) or instances < 1:
@@ -426,6 +445,11 @@ def from_keywords(
             f"annex_stack_name = '{stack_name}' is not a valid stack name:"
             " use a letter, then letters, digits or '-', at most 128 characters"
         )
+    if strategy == "stack" and "vpc" in values:
+        raise InputError(
+            "annex_vpc is not supported with annex_strategy = stack: give annex_subnets in that"
+            " VPC instead, or use annex_strategy = fleet"
+        )
 
     types = _split(str(values.get("instance_types", "")))
     images = _split(str(values.get("image_ids", "")))
@@ -459,6 +483,7 @@ def from_keywords(
             f"annex_tags = '{tags_text}' is not allowed: give key=value pairs separated by"
             " commas, keys not starting with aws: or htcondor-annex:"
         )
+    _check_tags(tags_text)
     tags = tuple(tuple(item.split("=", 1)) for item in _split(tags_text))
 
     return AnnexSpec(
@@ -484,6 +509,42 @@ def from_keywords(
         strategy=str(strategy),
         stack_name=stack_name,
     )
+
+
+def _check_text(key: str, value: object) -> None:
+    """Free text: no control characters (NUL, newline, escape...), and not too long."""
+    if not isinstance(value, str):
+        return
+    if _CONTROL_RE.search(value):
+        raise InputError(
+            f"annex_{key} contains a control character (such as NUL, tab or newline): remove it"
+        )
+    limit = TEXT_LIMITS.get(key, names.TEXT_MAX)
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise InputError(f"annex_{key} is longer than {limit} characters: shorten it")
+
+
+def _check_tags(text: str) -> None:
+    """AWS's tag limits (names.TAG_*), after the format and reserved-prefix rule."""
+    if not text:
+        return
+    count = len(_split(text))
+    if count > names.USER_TAGS_MAX:
+        raise InputError(
+            f"annex_tags has {count} tags: give at most {names.USER_TAGS_MAX}"
+            f" (AWS allows {names.TAG_LIMIT} per resource, {names.TAGS_KEPT_FOR_US}"
+            " are kept for htcondor-annex)"
+        )
+    if _TAG_KEY_LONG_RE.search(text) or _TAG_VALUE_LONG_RE.search(text):
+        raise InputError(
+            f"annex_tags has a key longer than {names.TAG_KEY_MAX} or a value longer than"
+            f" {names.TAG_VALUE_MAX} characters: shorten it"
+        )
+    if not _TAG_CHARS_RE.match(text):
+        raise InputError(
+            "annex_tags may only hold letters, digits, spaces and _ . : / = + - @"
+            " (AWS's tag characters)"
+        )
 
 
 def _check_duration(key: str, value: object) -> None:

@@ -29,10 +29,21 @@ _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; 
 _RECV_BYTES = 65536
 
 MAX_CONNECTIONS = 64
-# A GAHP client (the gridmanager) may sit quietly between commands; hooks take milliseconds.
-IDLE_TIMEOUT = 600.0
-# Once a line has started it must finish: a client trickling bytes must not hold a slot.
-LINE_TIMEOUT = 30.0
+# One local user's connections: well below MAX_CONNECTIONS, so that however many connections
+# one user opens (and leaves idle), other users' hooks and commands still get in.
+MAX_CONNECTIONS_PER_UID = 8
+# Slots only root and the admin uids (condor) may take: the helper's own tools and the
+# daemons' calls get in even when every user is at their cap.
+RESERVED_CONNECTIONS = 8
+# Our clients (hooks, the CLI) send their requests at once and then only wait for results;
+# a connection with no request outstanding and nothing sent for this long is idle: closed.
+IDLE_TIMEOUT = 5.0
+# ... and one waiting for results it asked for gets this long between reads (our slowest
+# request takes seconds; the clients give up after DEFAULT_TIMEOUT anyway).
+PENDING_TIMEOUT = 120.0
+# Once a line has started it must finish: a client trickling bytes (one a second, say) must
+# not hold a slot. A whole line crosses a Unix socket in microseconds.
+LINE_TIMEOUT = 5.0
 # A client that stops reading must not hold a thread (or a worker emitting its R) forever.
 WRITE_TIMEOUT = 30.0
 # How often blocked reads/accepts wake to check deadlines and shutdown.
@@ -167,8 +178,10 @@ def serve_stdio(
 class _Connection:
     """One accepted client: its socket, a write lock shared by replies and the async R."""
 
-    def __init__(self, conn: socket.socket, write_timeout: float) -> None:
+    def __init__(self, conn: socket.socket, write_timeout: float, uid: int = -1, pid: int = 0):
         self.sock = conn
+        self.uid = uid
+        self.pid = pid
         self.write_timeout = write_timeout
         self._lock = threading.Lock()
         self.dead = False
@@ -220,6 +233,8 @@ class SocketServer:
         admin_uids: Collection[int] = (),
         *,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_uid: int = MAX_CONNECTIONS_PER_UID,
+        reserved: int = RESERVED_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
         line_timeout: float = LINE_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
@@ -232,6 +247,9 @@ class SocketServer:
         self.dispatcher = dispatcher
         self.admin_uids = frozenset(admin_uids)
         self.max_connections = max_connections
+        self.max_per_uid = max_per_uid
+        # What the unprivileged may fill; never nothing, even with a tiny max_connections.
+        self.unprivileged_max = max(1, max_connections - reserved)
         self.idle_timeout = idle_timeout
         self.line_timeout = line_timeout
         self.write_timeout = write_timeout
@@ -244,6 +262,8 @@ class SocketServer:
         self._stopped.set()  # not serving yet
         self._lock = threading.Lock()
         self._active: set[_Connection] = set()
+        self._per_uid: dict[int, int] = {}  # open connections by peer uid
+        self._cap_logged: dict[int, float] = {}  # uid -> when its hitting the cap was logged
         # Admitted connections for the waiting threads; None tells a thread to end.
         self._queue: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
         self._workers: set[threading.Thread] = set()
@@ -341,19 +361,37 @@ class SocketServer:
         finally:
             self._stopped.set()
 
+    def _privileged(self, uid: int) -> bool:
+        return uid == 0 or uid in self.admin_uids
+
     def _admit(self, conn: socket.socket) -> None:
         conn.settimeout(self.poll_interval)
-        client = _Connection(conn, self.write_timeout)
+        try:
+            # The uid is the kernel's, read on every connection (only its name is cached).
+            pid, uid, _gid = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        client = _Connection(conn, self.write_timeout, uid, pid)
+        why = ""
         with self._lock:
-            full = len(self._active) >= self.max_connections
-            if not full:
+            mine = self._per_uid.get(uid, 0)
+            if len(self._active) >= self.max_connections:
+                why = "all"
+            elif not self._privileged(uid):
+                if mine >= self.max_per_uid:
+                    why = "uid"
+                elif len(self._active) >= self.unprivileged_max:
+                    why = "all"
+            if not why:
                 self._active.add(client)
+                self._per_uid[uid] = mine + 1
                 if self._idle > 0:
                     self._idle -= 1
                     self._queue.put(client)
                     return
-        if full:
-            self._refuse(client)
+        if why:
+            self._refuse(client, why)
             return
         thread = threading.Thread(
             target=self._work, args=(client,), name="annex-gahp-conn", daemon=True
@@ -366,21 +404,47 @@ class SocketServer:
             log.warning("cannot start a thread for a new connection; refusing it")
             with self._lock:
                 self._workers.discard(thread)
-                self._active.discard(client)
+                self._forget(client)
             conn.close()
 
-    def _refuse(self, client: _Connection) -> None:
-        self._refused += 1
+    def _forget(self, client: _Connection) -> None:
+        """Drop `client` from the counts; call with _lock held."""
+        if client in self._active:
+            self._active.discard(client)
+            left = self._per_uid.get(client.uid, 1) - 1
+            if left > 0:
+                self._per_uid[client.uid] = left
+            else:
+                self._per_uid.pop(client.uid, None)
+
+    def _refuse(self, client: _Connection, why: str) -> None:
         now = time.monotonic()
-        # Once a minute at most: a local user opening connections in a loop must not be able
-        # to fill the log.
-        if now - self._refused_logged >= 60.0:
-            log.warning(
-                "refused %d connection(s): %d already open", self._refused, self.max_connections
+        user = self._user_names(client.uid)
+        if why == "uid":
+            message = (
+                f"too many connections from {user} (uid {client.uid}) to annex_gahp:"
+                f" at most {self.max_per_uid} per user; close idle ones and try again"
             )
-            self._refused, self._refused_logged = 0, now
+            # Once a minute per uid at most: a user connecting in a loop must not fill the log.
+            if now - self._cap_logged.get(client.uid, -60.0) >= 60.0:
+                if len(self._cap_logged) >= _UserNames.MAX_ENTRIES:
+                    self._cap_logged.clear()
+                self._cap_logged[client.uid] = now
+                log.warning(
+                    "refused a connection from uid %d (%s, pid %d): it has %d open, the per-user"
+                    " limit", client.uid, user, client.pid, self.max_per_uid,
+                )
+        else:
+            message = "too many connections to annex_gahp; try again later"
+            self._refused += 1
+            if now - self._refused_logged >= 60.0:
+                log.warning(
+                    "refused %d connection(s) (the last from uid %d, %s): %d already open",
+                    self._refused, client.uid, user, self.connections,
+                )
+                self._refused, self._refused_logged = 0, now
         try:
-            client.write([_error_line("too many connections to annex_gahp; try again later")])
+            client.write([_error_line(message)])
         except OSError:
             pass
         client.sock.close()
@@ -418,8 +482,7 @@ class SocketServer:
         conn = client.sock
         session: Session | None = None
         try:
-            # The uid is the kernel's, read on every connection; only its name is cached.
-            pid, uid, _gid = peer_credentials(conn)
+            pid, uid = client.pid, client.uid
             caller = Caller(
                 uid=uid, user=self._user_names(uid), is_admin=uid == 0 or uid in self.admin_uids
             )
@@ -441,7 +504,7 @@ class SocketServer:
             except OSError:
                 pass
             with self._lock:
-                self._active.discard(client)
+                self._forget(client)
 
     def _read_loop(self, client: _Connection, session: Session) -> None:
         conn = client.sock
@@ -459,7 +522,9 @@ class SocketServer:
                         session.caller.uid,
                     )
                     return
-                if line_started is None and now - last_data > self.idle_timeout:
+                # Waiting for its own results is not idleness; waiting for nothing is.
+                limit = PENDING_TIMEOUT if session.pending else self.idle_timeout
+                if line_started is None and now - last_data > max(limit, self.idle_timeout):
                     log.debug("closing idle connection of uid %d", session.caller.uid)
                     return
                 continue

@@ -70,6 +70,8 @@ class LaunchPlan:
     image_ids: tuple[str, ...] = ()  # one, one per type, or () = the base template's image
     subnets: tuple[str, ...] = ()
     spot_prices: tuple[str, ...] = ()  # () = on-demand; one, or one per type
+    vpc: str = ""  # subnets must be in it; none given: its subnets, one per zone
+    token_bucket: str = ""  # stack strategy: tagged on the groups, found again from the tags
     keypair: str = ""
     security_groups: tuple[str, ...] = ()
     extra_tags: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -366,6 +368,58 @@ def _matches(candidate: _Override, reported: dict[str, Any]) -> bool:
     )
 
 
+def _vpc_exists(ec2: Any, vpc: str) -> bool:
+    try:
+        return bool(ec2.describe_vpcs(VpcIds=[vpc]).get("Vpcs"))
+    except ClientError as err:
+        if "NotFound" in error_code(err) or "Malformed" in error_code(err):
+            return False
+        raise cloud_error(err, f"look up annex_vpc = {vpc}") from None
+
+
+def resolve_vpc(ec2: Any, plan: LaunchPlan) -> LaunchPlan:
+    """Honour annex_vpc: the VPC must exist in the annex's region; subnets given must be in it
+    (else refused naming both); none given, the VPC's subnets are used, one per zone."""
+    if not plan.vpc:
+        return plan
+    region = ec2.meta.region_name
+    if not _vpc_exists(ec2, plan.vpc):
+        raise InputError(f"annex_vpc = {plan.vpc} does not exist in region {region}")
+    if plan.subnets:
+        try:
+            found = ec2.describe_subnets(SubnetIds=list(plan.subnets))["Subnets"]
+        except ClientError as err:
+            if "NotFound" in error_code(err) or "Malformed" in error_code(err):
+                raise InputError(
+                    f"annex_subnets = {','.join(plan.subnets)}: not every subnet exists"
+                    f" in region {region}"
+                ) from None
+            raise cloud_error(err, f"look up annex_subnets = {','.join(plan.subnets)}") from None
+        vpc_of = {s["SubnetId"]: s.get("VpcId", "") for s in found}
+        for subnet in plan.subnets:
+            if subnet not in vpc_of:
+                raise InputError(f"annex_subnets: {subnet} does not exist in region {region}")
+            if vpc_of[subnet] != plan.vpc:
+                raise InputError(
+                    f"annex_subnets: {subnet} is in {vpc_of[subnet] or 'no VPC'},"
+                    f" not in annex_vpc = {plan.vpc}"
+                )
+        return plan
+    try:
+        found = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [plan.vpc]}])
+    except ClientError as err:
+        raise cloud_error(err, f"list the subnets of annex_vpc = {plan.vpc}") from None
+    by_zone: dict[str, str] = {}
+    for subnet in sorted(found.get("Subnets", []), key=lambda s: s["SubnetId"]):
+        if subnet.get("VpcId") == plan.vpc:
+            by_zone.setdefault(subnet.get("AvailabilityZone", ""), subnet["SubnetId"])
+    if not by_zone:
+        raise InputError(f"annex_vpc = {plan.vpc} has no subnets: give annex_subnets")
+    chosen = tuple(by_zone[zone] for zone in sorted(by_zone))
+    log.info("annex %s: subnets %s of %s", plan.annex, ",".join(chosen), plan.vpc)
+    return dataclasses.replace(plan, subnets=chosen)
+
+
 def launch(
     ec2: Any, plan: LaunchPlan, base_launch_template: str, *, annex_template_id: str = ""
 ) -> LaunchResult:
@@ -378,6 +432,7 @@ def launch(
     which case that template is launched as it is."""
     if plan.count <= 0:
         return LaunchResult([], [])
+    plan = resolve_vpc(ec2, plan)
     candidates = overrides(plan)
     if annex_template_id:
         template_id = annex_template_id

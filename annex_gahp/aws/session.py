@@ -216,6 +216,8 @@ OPERATIONS: dict[str, frozenset[str]] = {
             "DescribeLaunchTemplateVersions",
             "DescribeLaunchTemplates",
             "DescribeSecurityGroups",
+            "DescribeSubnets",
+            "DescribeVpcs",
             "ModifyLaunchTemplate",
             "TerminateInstances",
         }

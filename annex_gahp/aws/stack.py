@@ -30,6 +30,8 @@ import hashlib
 import json
 import logging
 import re
+import secrets
+import threading
 from typing import Any
 
 import jinja2
@@ -48,6 +50,9 @@ RESOURCE_TYPES = ("AWS::AutoScaling::AutoScalingGroup", "AWS::EC2::LaunchTemplat
 GROUP_TAG = "aws:autoscaling:groupName"
 # On the groups and (propagated) their instances: the stack they belong to.
 STACK_TAG = "htcondor-annex:stack"
+# The token bucket's name (random: new_bucket_name), on the groups and so on the instances:
+# an annex rebuilt from its instances' tags (state file lost) still gets its bucket deleted.
+BUCKET_TAG = "htcondor-annex:token-bucket"
 TOKEN_KEY = "token"  # noqa: S105 - the object's key, not a secret
 BUCKET_PREFIX = "htcondor-annex-"
 MAX_BUCKET = 63
@@ -97,6 +102,42 @@ def bucket_name(central_manager: str, pool_id: str, owner: str, annex: str) -> s
     return f"{prefix}{middle}{suffix}"
 
 
+def new_bucket_name(central_manager: str, annex: str) -> str:
+    """`htcondor-annex-<cm>-<annex>-<16 random hex digits>`, S3's rules, for a new annex.
+
+    Bucket names are global across AWS accounts: a predictable name (bucket_name) can be made
+    first by someone else, with a policy that lets us write our token into it. A random suffix
+    cannot; the name is kept in the annex's record (its token location)."""
+    prefix = bucket_prefix(central_manager)
+    suffix = "-" + secrets.token_hex(8)
+    room = MAX_BUCKET - len(prefix) - len(suffix)
+    middle = _bucket_safe(annex)[:room].strip("-") or "annex"
+    return f"{prefix}{middle}{suffix}"
+
+
+_ACCOUNTS: dict[str, str] = {}
+_ACCOUNTS_LOCK = threading.Lock()
+
+
+def account_id(sts: Any) -> str:
+    """Our AWS account (STS GetCallerIdentity), asked once per process and endpoint: every S3
+    call on a token bucket names it as ExpectedBucketOwner, so a bucket of another account
+    is refused by S3 itself, never written to."""
+    key = sts.meta.endpoint_url
+    with _ACCOUNTS_LOCK:
+        if key in _ACCOUNTS:
+            return _ACCOUNTS[key]
+    with aws_errors("find this helper's AWS account (sts:GetCallerIdentity)"):
+        account = str(sts.get_caller_identity()["Account"])
+    with _ACCOUNTS_LOCK:
+        _ACCOUNTS[key] = account
+    return account
+
+
+def _owner(account: str) -> dict[str, str]:
+    return {"ExpectedBucketOwner": account} if account else {}
+
+
 def token_location(bucket: str) -> str:
     return f"s3://{bucket}/{TOKEN_KEY}"
 
@@ -112,8 +153,13 @@ def parse_location(location: str) -> tuple[str, str]:
 # --- the token bucket -----------------------------------------------------------------------
 
 
-def put_token(s3: Any, bucket: str, token: str, tags: dict[str, str], region: str) -> str:
+def put_token(
+    s3: Any, bucket: str, token: str, tags: dict[str, str], region: str, *, account: str = ""
+) -> str:
     """Create the annex's bucket (or reuse it when it is already ours) and store the token.
+
+    `account`: ours (account_id); every call on the bucket then carries ExpectedBucketOwner,
+    so a bucket of the same name in another account is refused (403), never reused.
 
     A bucket created by this call is deleted again when any later step fails, so a failed
     upload leaves nothing behind. Returns the `s3://bucket/key` location."""
@@ -122,7 +168,7 @@ def put_token(s3: Any, bucket: str, token: str, tags: dict[str, str], region: st
     # both need s3:ListBucket on AWS, but moto checks HeadBucket as an action of its own.
     created = False
     try:
-        s3.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        s3.list_objects_v2(Bucket=bucket, MaxKeys=1, **_owner(account))
     except ClientError as err:
         if error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
             failed = cloud_error(err, f"look for token bucket {bucket}")
@@ -144,10 +190,12 @@ def put_token(s3: Any, bucket: str, token: str, tags: dict[str, str], region: st
         with aws_errors(f"store the instance token in s3://{bucket}/{TOKEN_KEY}"):
             s3.put_bucket_tagging(
                 Bucket=bucket,
+                **_owner(account),
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
             s3.put_object(
                 Bucket=bucket,
+                **_owner(account),
                 Key=TOKEN_KEY,
                 Body=token.encode(),
                 ServerSideEncryption="AES256",
@@ -155,20 +203,21 @@ def put_token(s3: Any, bucket: str, token: str, tags: dict[str, str], region: st
             )
     except CloudError:
         if created:
-            delete_bucket(s3, bucket)
+            delete_bucket(s3, bucket, account)
             log.warning("token upload to %s failed: bucket deleted again", bucket)
         raise
     log.info("stored instance token in s3://%s/%s", bucket, TOKEN_KEY)
     return token_location(bucket)
 
 
-def delete_bucket(s3: Any, bucket: str) -> bool:
-    """Empty and delete the bucket; False if it was already gone."""
+def delete_bucket(s3: Any, bucket: str, account: str = "") -> bool:
+    """Empty and delete the bucket (ours only, with `account`); False if it was already gone."""
+    owner = _owner(account)
     try:
-        listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        listed = s3.list_objects_v2(Bucket=bucket, **owner).get("Contents", [])
         for item in listed:
-            s3.delete_object(Bucket=bucket, Key=item["Key"])
-        s3.delete_bucket(Bucket=bucket)
+            s3.delete_object(Bucket=bucket, Key=item["Key"], **owner)
+        s3.delete_bucket(Bucket=bucket, **owner)
     except ClientError as err:
         if error_code(err) in ("NoSuchBucket", "404"):
             return False
@@ -285,7 +334,11 @@ def render_template(
             template_tags=[{"Key": k, "Value": v} for k, v in stack_tags(plan).items()],
             group_tags=[
                 {"Key": k, "Value": v, "PropagateAtLaunch": True}
-                for k, v in (plan.tags() | {STACK_TAG: name}).items()
+                for k, v in (
+                    plan.tags()
+                    | {STACK_TAG: name}
+                    | ({BUCKET_TAG: plan.token_bucket} if plan.token_bucket else {})
+                ).items()
             ],
         )
     )

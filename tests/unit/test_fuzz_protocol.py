@@ -255,3 +255,47 @@ def test_same_connection_recovers_after_junk(server: SocketServer, junk: list[st
             for line in splitter.feed(data):
                 if line.startswith(b"S ASYNC_MODE_OFF"):
                     return
+
+
+# -- the request limits (issue #12): any value is refused naming its field, or is bounded ------
+
+from annex_gahp import names as _names  # noqa: E402
+from annex_gahp import settings as _settings  # noqa: E402
+from annex_gahp import spec as _spec  # noqa: E402
+from annex_gahp.errors import LimitExceeded  # noqa: E402
+
+_S = _settings.load(lookup={}.get)
+_hostile = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=3000),
+    st.from_regex(r"[0-9]{1,6000}", fullmatch=True),
+    st.from_regex(r"([0-9]{1,12}[smhdSMHD]){1,20}", fullmatch=True),
+    st.lists(st.from_regex(r"[ -~\x00\t]{0,140}=[ -~\x00\t]{0,270}", fullmatch=True),
+             max_size=60).map(",".join),
+    st.integers(min_value=-(10**40), max_value=10**40),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(_spec.KEYWORDS[1:]), _hostile, max_size=4))
+def test_any_request_is_refused_by_field_or_bounded(values: dict[str, object]) -> None:
+    try:
+        got = _spec.from_keywords({"name": "burst", **values}, "alice", _S, now=1_800_000_000)
+    except (InputError, LimitExceeded) as exc:
+        message = str(exc)
+        assert message.startswith(("annex_", "+Annex")), message  # names the field
+        assert "\n" not in message and "\x00" not in message.split("'", 1)[0]
+        return
+    for key in _spec.KEYWORDS[1:]:
+        value = getattr(got, key, None)
+        texts = value if isinstance(value, tuple) else (value,)
+        for text in texts:
+            flat = "=".join(text) if isinstance(text, tuple) else text
+            if isinstance(flat, str):
+                assert not any(ord(c) < 32 or ord(c) == 127 for c in flat), (key, flat)
+    assert len(got.tags) <= _names.USER_TAGS_MAX
+    for key, value in got.tags:
+        assert len(key) <= _names.TAG_KEY_MAX and len(value) <= _names.TAG_VALUE_MAX
+        assert not key.lower().startswith(("aws:", "htcondor-annex:"))
+    for number in (got.instances, got.lease_seconds, got.expiry, got.idle_timeout):
+        assert number is None or 0 < number < 10**18

@@ -244,7 +244,7 @@ def test_holding_jobs_still_works_after_a_demand_query(queue):
     demand.counts()
     demand.hold("alice", "burst", "the lease ends")
     demand.hold_left_behind("alice", "burst", "it was deleted", NOW)
-    assert sum(q.startswith("Hold where Owner == \"alice\"") for q in schedd.queries) == 2
+    assert sum(q.startswith("Hold where Owner =?= \"alice\"") for q in schedd.queries) == 2
 
 
 # --- a refused request says why in the job ---------------------------------------------------
@@ -272,7 +272,7 @@ def test_a_request_refused_by_the_per_user_cap_is_written_into_the_job_once(tmp_
     assert "ANNEX_MAX_INSTANCES_PER_USER (1)" in why
     edits = [q for q in schedd.queries if q.startswith("edit ")]
     assert edits == [
-        'edit AnnexLastError where ClusterId == 8 && ProcId == 0 && Owner == "alice"'
+        'edit AnnexLastError where ClusterId == 8 && ProcId == 0 && Owner =?= "alice"'
         " && JobStatus == 1"
     ]
     assert service.store.live("alice", "other") is None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from annex_gahp import names, settings, spec
+from annex_gahp import durations, names, settings, spec
 from annex_gahp.errors import InputError, LimitExceeded
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "submit-examples"
@@ -466,3 +466,97 @@ def test_merge_accepts_repeats_and_unresolved_region():
     assert spec.merge(kw(), kw(region="eu-west-1"), S, now=NOW).region == "eu-west-1"
     with pytest.raises(InputError, match="is not annex"):
         spec.merge(kw(), spec.from_keywords({"name": "b"}, "alice", S), S)
+
+
+# ---- limits (issue #12): every value bounded, no control characters, AWS's tag limits -------
+
+
+def _refusal(**kw: object) -> str:
+    with pytest.raises((InputError, LimitExceeded)) as err:
+        spec.from_keywords({"name": "burst", **kw}, "alice", S, now=NOW)  # type: ignore[arg-type]
+    return str(err.value)
+
+
+@pytest.mark.parametrize("key", ["instances", "lease", "idle_timeout", "expiry"])
+def test_numbers_with_thousands_of_digits_are_refused_naming_the_field(key):
+    # Python's int() gives up at 4300 digits with a ValueError of its own: that was INTERNAL.
+    for digits in (19, 4301, 5000, 100_000):
+        message = _refusal(**{key: "9" * digits})
+        assert message.startswith(f"annex_{key} = '"), message
+    with pytest.raises(InputError, match="annex_instances"):
+        spec.from_job_attrs({"TargetAnnexName": "b", "AnnexInstances": 10**30}, "alice", S)
+
+
+def test_eighteen_digit_numbers_still_reach_the_limits():
+    assert "ANNEX_MAX_INSTANCES" in _refusal(instances="9" * 18)
+    assert "ANNEX_MAX_LEASE" in _refusal(lease="9" * 18)
+
+
+@pytest.mark.parametrize(
+    "key", ["instance_types", "image_ids", "region", "vpc", "subnets", "keypair",
+            "security_groups", "central_manager", "tags", "stack_name", "spot_prices"],
+)  # fmt: skip
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x7f"])
+def test_control_characters_are_refused_naming_the_field(key, char):
+    value = f"x{char}y=z" if key == "tags" else f"x{char}y"
+    kw = {key: value}
+    if key == "stack_name":
+        kw["strategy"] = "stack"
+    assert _refusal(**kw) == (
+        f"annex_{key} contains a control character (such as NUL, tab or newline): remove it"
+    )
+
+
+def test_control_characters_in_mode_and_names():
+    assert "annex_mode contains a control character" in _refusal(mode="pool\x00")
+    assert "annex_name" in _refusal(name="burst\x00")  # the name's own pattern refuses it
+
+
+@pytest.mark.parametrize(
+    ("key", "limit"),
+    [("keypair", 255), ("vpc", 255), ("central_manager", 255), ("region", 255),
+     ("subnets", 2048), ("security_groups", 2048), ("instance_types", 2048)],
+)  # fmt: skip
+def test_free_text_is_bounded(key, limit):
+    assert _refusal(**{key: "a" * (limit + 1)}) == (
+        f"annex_{key} is longer than {limit} characters: shorten it"
+    )
+
+
+def test_tag_limits_are_aws_limits():
+    ours = 42
+    spec.from_keywords(
+        {"name": "b", "tags": ",".join(f"k{i}=v" for i in range(ours))}, "alice", S, now=NOW
+    )
+    assert _refusal(tags=",".join(f"k{i}=v" for i in range(ours + 1))).startswith(
+        "annex_tags has 43 tags: give at most 42"
+    )
+    spec.from_keywords({"name": "b", "tags": f"{'k' * 128}={'v' * 256}"}, "alice", S, now=NOW)
+    assert "key longer than 128" in _refusal(tags=f"{'k' * 129}=v")
+    assert "value longer than 256" in _refusal(tags=f"k={'v' * 257}")
+    assert "AWS's tag characters" in _refusal(tags="k=a;b")
+    assert "AWS's tag characters" in _refusal(tags="k$(x)=a")
+
+
+@pytest.mark.parametrize(
+    "tags", ["aws:createdBy=x", "AWS:x=y", "a=b,aws:x=y", "htcondor-annex:owner=bob",
+             "HTCondor-Annex:Owner=bob", "x=y,htcondor-annex:name=other"],
+)  # fmt: skip
+def test_reserved_tag_prefixes_are_refused(tags):
+    assert _refusal(tags=tags).startswith("annex_tags = '")
+    assert "keys not starting with aws: or htcondor-annex:" in _refusal(tags=tags)
+
+
+def test_spot_prices_are_bounded():
+    spec.from_keywords({"name": "b", "spot_prices": "123456.12345678"}, "alice", S, now=NOW)
+    assert "positive decimal prices" in _refusal(spot_prices="1234567")
+    assert "positive decimal prices" in _refusal(spot_prices="0.123456789")
+
+
+def test_durations_module_bounds_numbers():
+    for text in ("9" * 5000, "9" * 19, "1s" * 17, "9999999999d"):
+        with pytest.raises(ValueError, match=r"is not a duration|too long") as err:
+            durations.parse_duration(text)
+        assert len(str(err.value)) < 200
+    with pytest.raises(ValueError, match="is not a time"):
+        durations.parse_expiry("9" * 5000)

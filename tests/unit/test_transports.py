@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pwd
+import select
 import shutil
 import socket
 import subprocess
@@ -598,3 +599,217 @@ def test_client_imports_only_stdlib_and_light_modules() -> None:
     assert ours == {"annex_gahp", "annex_gahp.client", "annex_gahp.names", "annex_gahp.protocol"}
     for heavy in ("annex_gahp.gahp", "dataclasses", "logging", "json", "boto3", "htcondor2"):
         assert heavy not in out
+
+
+# -- per-user limits (issue #12: one user's idle connections must not lock everyone out) ------
+
+
+def _other_user() -> int:
+    """A second unprivileged uid besides nobody."""
+    for name in ("bob", "alice", "daemon", "bin"):
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue
+    pytest.skip("no second unprivileged account")
+
+
+def _fork_as(uid: int, body: object) -> tuple[int, int, int]:
+    """Fork a child that becomes `uid` and runs body(wfd, go_rfd); (pid, read end, go end).
+
+    The child writes its report (JSON, one line) to wfd and then waits until the parent closes
+    the `go` pipe, so whatever it holds (connections) stays open that long."""
+    rfd, wfd = os.pipe()
+    go_r, go_w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            os.close(go_w)
+            os.setgroups([])
+            os.setgid(pwd.getpwuid(uid).pw_gid if uid else 0)
+            os.setuid(uid)
+            body(wfd, go_r)  # type: ignore[operator]
+            code = 0
+        except BaseException as exc:
+            os.write(wfd, (json.dumps({"error": repr(exc)}) + "\n").encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    os.close(go_r)
+    return pid, rfd, go_w
+
+
+def _read_report(rfd: int, timeout: float = 20.0) -> dict[str, object]:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([rfd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, "child did not report in time"
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+def _hold_idle(path: str, count: int) -> object:
+    """A child body: open `count` connections, read each first line, report, hold them."""
+
+    def body(wfd: int, go_r: int) -> None:
+        socks, firsts = [], []
+        for _ in range(count):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            try:
+                s.connect(path)
+                line = s.recv(4096).split(b"\n")[0]
+                first = " ".join(split_args(decode_line(line)))
+            except OSError as exc:
+                first = f"error {exc}"
+            firsts.append(first)
+            socks.append(s)
+        os.write(wfd, (json.dumps({"firsts": firsts}) + "\n").encode())
+        os.read(go_r, 1)  # until the parent closes it
+
+    return body
+
+
+def _call_as(path: str, command: str = "WHOAMI") -> object:
+    def body(wfd: int, go_r: int) -> None:
+        start = time.monotonic()
+        try:
+            got: dict[str, object] = dict(client.call(command, path=path, timeout=5))
+        except client.ClientError as exc:
+            got = {"client_error": exc.code, "message": str(exc)}
+        got["seconds"] = time.monotonic() - start
+        os.write(wfd, (json.dumps(got) + "\n").encode())
+
+    return body
+
+
+def _run_as(uid: int, body: object) -> dict[str, object]:
+    pid, rfd, go_w = _fork_as(uid, body)
+    try:
+        return _read_report(rfd)
+    finally:
+        os.close(go_w)
+        os.close(rfd)
+        os.waitpid(pid, 0)
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to become other users")
+
+
+@needs_root
+def test_one_users_idle_connections_do_not_lock_out_others(sockdir: Path, caplog) -> None:
+    # Long idle timeout on purpose: the cap alone must keep the others in.
+    srv = make_server(sockdir, max_connections=16, max_per_uid=4, reserved=4,
+                      idle_timeout=60, poll_interval=0.1)
+    pid, rfd, go_w = _fork_as(NOBODY, _hold_idle(srv.path, 40))
+    try:
+        firsts = _read_report(rfd)["firsts"]
+        admitted = [f for f in firsts if f.startswith("$GahpVersion")]  # type: ignore[union-attr]
+        refused = [f for f in firsts if f not in admitted]  # type: ignore[union-attr]
+        assert len(admitted) == 4
+        assert refused and all("too many connections from nobody" in f for f in refused)
+        assert all(f"uid {NOBODY}" in f for f in refused)
+        # nobody's own call is refused with a message the client shows ...
+        mine = _run_as(NOBODY, _call_as(srv.path))
+        assert mine["client_error"] == client.BUSY
+        assert "at most 4 per user" in str(mine["message"])
+        # ... while another user and root are served at once.
+        other = _run_as(_other_user(), _call_as(srv.path))
+        assert other["uid"] == str(_other_user()) and float(other["seconds"]) < 2  # type: ignore[arg-type]
+        assert client.call("WHOAMI", path=srv.path, timeout=5)["uid"] == "0"
+        assert any(f"uid {NOBODY}" in r.getMessage() and "per-user" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        os.close(go_w)
+        os.close(rfd)
+        os.waitpid(pid, 0)
+        srv.shutdown()
+
+
+@needs_root
+def test_reserve_keeps_root_in_when_users_fill_the_rest(sockdir: Path) -> None:
+    srv = make_server(sockdir, max_connections=6, max_per_uid=2, reserved=2,
+                      idle_timeout=60, poll_interval=0.1)
+    holders = []
+    try:
+        for uid in (NOBODY, _other_user()):
+            pid, rfd, go_w = _fork_as(uid, _hold_idle(srv.path, 2))
+            holders.append((pid, rfd, go_w))
+            assert all(f.startswith("$Gahp") for f in _read_report(rfd)["firsts"])  # type: ignore[union-attr]
+        assert wait_for(lambda: srv.connections == 4)
+        # 4 of 6 taken: the last 2 are root's and condor's. A third user gets none of them.
+        third = pwd.getpwnam("daemon").pw_uid
+        got = _run_as(third, _call_as(srv.path))
+        assert got["client_error"] == client.BUSY
+        assert "too many connections" in str(got["message"])
+        assert client.call("WHOAMI", path=srv.path, timeout=5)["uid"] == "0"
+    finally:
+        # Every go pipe first: a later child holds copies of the earlier children's ends.
+        for _, rfd, go_w in holders:
+            os.close(go_w)
+            os.close(rfd)
+        for pid, _, _ in holders:
+            os.waitpid(pid, 0)
+        srv.shutdown()
+
+
+def test_default_limits_leave_room_for_others() -> None:
+    assert transports.MAX_CONNECTIONS_PER_UID * 4 <= transports.MAX_CONNECTIONS
+    assert transports.RESERVED_CONNECTIONS >= 2
+    assert transports.IDLE_TIMEOUT <= 10 and transports.LINE_TIMEOUT <= 10
+
+
+def test_slow_loris_is_cut_off(sockdir: Path) -> None:
+    # The default line timeout: a client sending one byte a second never completes a line.
+    srv = make_server(sockdir, poll_interval=0.1)
+    try:
+        raw = Raw(srv.path, timeout=20)
+        raw.line()
+        start = time.monotonic()
+        closed = False
+        for byte in b"WHOAMI 1 aaaaaaaaaaaaaaaaaaaaaaaa":
+            try:
+                raw.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(1.0)
+        assert closed or raw.closed_by_peer()
+        assert time.monotonic() - start < transports.LINE_TIMEOUT + 3
+    finally:
+        srv.shutdown()
+
+
+def test_idle_before_the_first_line_is_closed_fast(sockdir: Path) -> None:
+    srv = make_server(sockdir, poll_interval=0.1)  # default idle timeout
+    try:
+        raw = Raw(srv.path, timeout=30)
+        raw.line()
+        start = time.monotonic()
+        assert raw.closed_by_peer()
+        assert time.monotonic() - start < transports.IDLE_TIMEOUT + 2
+    finally:
+        srv.shutdown()
+
+
+def test_waiting_for_results_is_not_idle(sockdir: Path) -> None:
+    def slow(caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        time.sleep(1.5)
+        return {"done": "yes"}
+
+    pool = ThreadPoolExecutor(2)
+    dispatcher = Dispatcher({"SLOW": slow}, executor=pool)
+    srv = make_server(sockdir, dispatcher=dispatcher, idle_timeout=0.5, poll_interval=0.1)
+    try:
+        assert client.call("SLOW", path=srv.path, timeout=10)["done"] == "yes"
+    finally:
+        srv.shutdown()
+        pool.shutdown()
