@@ -55,9 +55,12 @@ def instance_parameter(annex_parameter: str, instance_id: str) -> str:
     return f"{annex_parameter}/{instance_id}"
 
 
-def put_object_copy(s3: Any, bucket: str, key: str, token: str, tags: dict[str, str]) -> None:
+def put_object_copy(
+    s3: Any, bucket: str, key: str, token: str, tags: dict[str, str], account: str
+) -> None:
     """The stack strategy's per-instance copy: an object in the annex's token bucket, tagged
-    (the instance role's read is conditioned on INSTANCE_TAG)."""
+    (the instance role's read is conditioned on INSTANCE_TAG). `account` is the bucket's
+    expected owner: a bucket someone else holds by the same name gets no token."""
     with aws_errors(f"store an instance token in s3://{bucket}/{key}"):
         s3.put_object(
             Bucket=bucket,
@@ -65,6 +68,7 @@ def put_object_copy(s3: Any, bucket: str, key: str, token: str, tags: dict[str, 
             Body=token.encode(),
             ServerSideEncryption="AES256",
             Tagging=urllib.parse.urlencode(tags),
+            **({"ExpectedBucketOwner": account} if account else {}),
         )
     log.info("stored instance token in s3://%s/%s", bucket, key)
 

@@ -15,7 +15,7 @@ from aws_fixtures import REGION, moto_server_url, moto_url, raw_client  # noqa: 
 from botocore.awsrequest import AWSResponse
 
 from annex_gahp import names
-from annex_gahp.aws import stack
+from annex_gahp.aws import secrets, stack
 from annex_gahp.errors import CloudError
 
 POOL = "cm.bucket:9618"
@@ -74,6 +74,8 @@ def test_every_bucket_call_names_our_account(moto_url: str) -> None:  # noqa: F8
     bucket = stack.new_bucket_name(POOL, "a1")
     seen = _seen(s3)
     stack.put_token(s3, bucket, "tok", {names.TAG_POOL: POOL}, REGION, account=account)
+    # The per-instance copy (issue 12: each instance reads only its own) goes there too.
+    secrets.put_object_copy(s3, bucket, "token/i-0123456789abcdef0", "tok", {}, account)
     assert stack.delete_bucket(s3, bucket, account) is True
     ops = {op for op, _ in seen}
     assert {"ListObjectsV2", "PutBucketTagging", "PutObject", "DeleteObject", "DeleteBucket"} <= ops
