@@ -38,6 +38,7 @@ class AwsCloud:
         # instance id -> its Auto Scaling group, from the last observation: a group member
         # must leave with its group's capacity lowered, or the group replaces it.
         self._groups: dict[str, str] = {}
+        self._region_groups: dict[str, dict[str, str]] = {}
         # (owner, annex) -> stack name, from the instances' htcondor-annex:stack tag: an annex
         # rebuilt from tags (lost state file) still gets its stack deleted when it retires.
         self._stacks: dict[tuple[str, str], str] = {}
@@ -56,9 +57,12 @@ class AwsCloud:
     # --- observation ---------------------------------------------------------------------
 
     def observe(self, regions: Iterable[str]) -> list[Observed]:
+        """This pool's live instances in `regions`. The reconcile loop asks one region at a
+        time (a region that fails must not hide the others), so what each region showed is
+        kept apart: observing one does not forget another's Auto Scaling group members."""
         seen: list[Observed] = []
-        groups: dict[str, str] = {}
         for region in regions:
+            groups: dict[str, str] = {}
             for view in instances.describe_pool(self._client("ec2", region), self.settings.pool_id):
                 if view.tags.get(stack.GROUP_TAG):
                     groups[view.id] = view.tags[stack.GROUP_TAG]
@@ -73,7 +77,8 @@ class AwsCloud:
                         tags=view.tags,
                     )
                 )
-        self._groups = groups
+            self._region_groups[region] = groups
+        self._groups = {i: g for each in self._region_groups.values() for i, g in each.items()}
         return seen
 
     # --- launching -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from annex_gahp import faults, lifecycle, names, pilotdata
+from annex_gahp import faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import AnnexError
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService, spec_from_record
@@ -24,6 +24,8 @@ from annex_gahp.store import Annex, Op, Store
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("pending", "running")
+# How an annex's LastError starts while its region cannot be observed.
+_UNSEEN = "could not look at region"
 # An instance we launched may not show in describe at once (eventual consistency).
 SEEN_GRACE = 60
 
@@ -124,16 +126,40 @@ class Reconciler:
         self.slots = slots
         # instance id -> when a slot of it was last seen claimed (or first seen at all).
         self._busy_at: dict[str, int] = {}
+        # region -> why the last observation could not look at it.
+        self._unreachable: dict[str, str] = {}
+        # Regions whose tags the start-up (fresh state file) could not read yet.
+        self._adopt_pending: set[str] = set()
 
     # --- start-up ------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: settle calls that were in flight, adopt what only tags remember."""
-        observed = self._observe(self.store.annexes())
+        """After a restart: settle calls that were in flight, adopt what only tags remember.
+
+        Every region that may hold this pool's instances is looked at (those of the records,
+        the allow-list, the default): a lost state file must not lose the instances of a
+        region the first annex did not use. A region that cannot be looked at now is retried
+        by the cycles (its open calls stay open; adoption from its tags waits)."""
+        annexes = self.store.annexes()
+        observed, failed = self._observe(annexes, self._recovery_regions(annexes))
+        regions = {a.id: a.region for a in annexes}
         for op in self.store.open_ops():
+            region = str(op.intent.get("region") or regions.get(op.annex_id, ""))
+            if region in failed:
+                log.warning("launch %s left open: region %s not observed", op.request, region)
+                continue
             self._settle(op, observed)
         if self.store.fresh:
+            self._adopt_pending = set(failed)
             self._adopt_untracked(observed)
+
+    def _recovery_regions(self, annexes: list[Annex]) -> set[str]:
+        regions = {a.region for a in annexes} | set(self.settings.allowed_regions)
+        try:
+            regions.add(self.service._resolve_region("", self.settings))
+        except Exception as err:  # a default that cannot be resolved only narrows the scan
+            log.warning("no default region to look at: %s", err)
+        return regions
 
     def _settle(self, op: Op, observed: list[Observed]) -> None:
         found = [o for o in observed if o.request == op.request]
@@ -198,8 +224,18 @@ class Reconciler:
     # --- one cycle -----------------------------------------------------------------------
 
     def run_once(self) -> None:
+        """One cycle. Every step is isolated per region and per annex: a region that cannot be
+        observed, or one annex whose step fails (with any exception), leaves every other
+        annex created, deleted, retired and extended as usual."""
         annexes = self.store.annexes()
-        observed = self._observe(annexes)
+        regions = {a.region for a in annexes} | self._adopt_pending
+        observed, failed = self._observe(annexes, regions)
+        now_seen = self._adopt_pending - set(failed)
+        if now_seen:
+            # Regions the start-up could not look at: adopt from their tags now.
+            self._adopt_untracked([o for o in observed if o.region in now_seen])
+            self._adopt_pending -= now_seen
+            annexes = self.store.annexes()
         try:
             demand: dict[tuple[str, str], Demand] | None = self.demand.counts()
         except Exception as err:  # the schedd restarting must not retire annexes as idle
@@ -213,21 +249,85 @@ class Reconciler:
         for annex in annexes:
             key = (annex.owner, annex.name)
             try:
-                after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
-            except AnnexError as err:
-                log.error("annex %s: %s", annex.key, err)
-                after = self.store.update_annex(annex.id, last_error=str(err))
+                if annex.region in failed:
+                    after = self._unobserved(annex, failed[annex.region])
+                else:
+                    after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
+            except Exception as err:  # one annex's failure, of whatever kind, is its own
+                after = self._failed_step(annex, err)
             changed.append(after)
         self._reap(observed)
         self._publish(changed)
         if demand:
             self._left_behind(demand)
 
-    def _observe(self, annexes: list[Annex]) -> list[Observed]:
-        regions = {a.region for a in annexes}
+    def _failed_step(self, annex: Annex, err: Exception) -> Annex:
+        """Keep the error with the annex (its LastError), logged once while it repeats."""
+        if isinstance(err, AnnexError):
+            message = str(err)
+        else:
+            message = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
+        if message != annex.last_error:
+            log.error("annex %s: %s", annex.key, message, exc_info=not isinstance(err, AnnexError))
+        try:
+            return self.store.update_annex(annex.id, last_error=message[:1000])
+        except Exception as store_err:
+            log.error("annex %s: could not record its error: %s", annex.key, store_err)
+            return annex
+
+    def _observe(
+        self, annexes: list[Annex], regions: set[str] | None = None
+    ) -> tuple[list[Observed], dict[str, str]]:
+        """One describe per region, each on its own: (what was seen, region -> why it could
+        not be seen). A region not seen is not a region without instances: its annexes are
+        left alone this cycle (no relaunch, no retirement, no reaping)."""
+        if regions is None:
+            regions = {a.region for a in annexes}
         if not regions:
             regions = {self.service._resolve_region("", self.settings)}
-        return self.cloud.observe(sorted(regions))
+        observed: list[Observed] = []
+        failed: dict[str, str] = {}
+        for region in sorted(regions):
+            try:
+                spec.check_region(region)
+            except AnnexError as err:
+                # A record from a version that did not check regions: nothing of it can exist
+                # in AWS, and no call is made for it.
+                failed[region] = str(err)
+                continue
+            try:
+                observed += self.cloud.observe([region])
+            except Exception as err:  # AWS error, endpoint down, throttled past the retries
+                failed[region] = f"{_UNSEEN} {region} ({err})"
+                if self._unreachable.get(region) != failed[region]:
+                    log.warning("%s; its annexes wait for the next cycle", failed[region])
+        self._unreachable = failed
+        return observed, failed
+
+    def _unobserved(self, annex: Annex, why: str) -> Annex:
+        """An annex whose region was not observed this cycle: no cloud call for it. Its lease
+        end and a delete are still recorded; an annex whose region AWS does not have (a record
+        from an older version) has nothing in the cloud, so it retires without a call."""
+        now = int(self.clock())
+        if annex.state in lifecycle.ACTIVE and now >= annex.lease_expiration:
+            annex = self.service.retire(annex, "lease", now=now)
+        changes: dict[str, Any] = {}
+        try:
+            spec.check_region(annex.region)
+        except AnnexError:
+            if annex.state == names.RETIRING:
+                pilotdata.remove(self.settings.state_dir, annex.id)
+                annex = self.store.update_annex(
+                    annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
+                )
+                self._forget(annex)
+                log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
+                return annex
+            if annex.state in (names.REQUESTED, names.PROVISIONING):
+                changes["state"] = lifecycle.next_state(annex.state, "launch_failed")
+        if annex.last_error != why:
+            changes["last_error"] = why
+        return self.store.update_annex(annex.id, **changes) if changes else annex
 
     def _step(
         self,
@@ -237,6 +337,8 @@ class Reconciler:
         unclaimed: dict[str, int] | None = None,
     ) -> Annex:
         now = int(self.clock())
+        if annex.last_error.startswith(_UNSEEN):  # its region answers again
+            annex = self.store.update_annex(annex.id, last_error="")
         self._record(annex.id, seen, now)
         live = [o for o in seen if o.state in LIVE_STATES]
         if annex.state in lifecycle.ACTIVE:
@@ -267,7 +369,7 @@ class Reconciler:
         if not provision and now >= annex.lease_expiration - ahead:
             self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
         if now >= annex.lease_expiration:
-            return self.service.retire(annex, "lease")
+            return self.service.retire(annex, "lease", now=now)
         if demand is None:
             return annex
         wanted = demand.get((annex.owner, annex.name), Demand())
@@ -285,7 +387,7 @@ class Reconciler:
             annex = self.store.update_annex(annex.id, **changes)
         timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
         if annex.idle_since is not None and now - annex.idle_since >= timeout:
-            return self.service.retire(annex, "idle")
+            return self.service.retire(annex, "idle", now=now)
         return annex
 
     def _terminate(self, region: str, ids: list[str]) -> None:
@@ -399,14 +501,14 @@ class Reconciler:
         if hold_left is None or reroute is None:
             return
         for (owner, name), wanted in demand.items():
-            if not wanted.idle or self.store.live(owner, name) is not None:
-                continue
-            last = self.store.last_retired(owner, name)
-            if last is None or last.retired_at is None:
-                continue  # never had an annex: the route's hook creates (or refuses) it
-            if spec_from_record(last.spec).mode != "pool":
-                continue  # provision mode: its job stands for the annex and ends with it
             try:
+                if not wanted.idle or self.store.live(owner, name) is not None:
+                    continue
+                last = self.store.last_retired(owner, name)
+                if last is None or last.retired_at is None:
+                    continue  # never had an annex: the route's hook creates (or refuses) it
+                if spec_from_record(last.spec).mode != "pool":
+                    continue  # provision mode: its job stands for the annex and ends with it
                 if last.retire_reason in ENDINGS:
                     hold_left(owner, name, ended_message(last, last.retire_reason), last.retired_at)
                     reroute(owner, name, last.retired_at)
@@ -587,17 +689,21 @@ class Reconciler:
         annex = self.store.update_annex(
             annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
         )
-        try:
-            self.publisher.invalidate(annex.owner, annex.name)
-        except Exception as err:
-            log.warning("could not invalidate the ad of %s: %s", annex.key, err)
-        self._published.pop(annex.id, None)
+        self._forget(annex)
         if spec_from_record(annex.spec).mode == "provision" and annex.demand_idle:
             # A provision job that has not started yet starts on a state other than
             # requested/provisioning: tell it this one, or it would wait for good.
             self._annotate_jobs(annex, self.service.describe(annex))
         log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
         return annex
+
+    def _forget(self, annex: Annex) -> None:
+        """A retired annex's ad leaves the collector."""
+        try:
+            self.publisher.invalidate(annex.owner, annex.name)
+        except Exception as err:
+            log.warning("could not invalidate the ad of %s: %s", annex.key, err)
+        self._published.pop(annex.id, None)
 
     def _reap(self, observed: list[Observed]) -> None:
         """Terminate pool instances no live record owns, once they outlive the grace period."""
@@ -606,23 +712,36 @@ class Reconciler:
         for o in observed:
             if o.state not in LIVE_STATES:
                 continue
-            owner_id = self.store.instance_owner(o.id)
-            owner = self.store.get(owner_id) if owner_id is not None else None
-            if owner is not None and owner.state != names.RETIRED:
-                self._orphans_seen.pop(o.id, None)
-                continue
-            live = self.store.live(*o.key)
-            if live is not None:
-                continue  # recorded on the next cycle of that annex
-            first = self._orphans_seen.setdefault(o.id, now)
-            retired = owner is not None  # its annex is gone: no reason to wait
-            if retired or now - first >= self.settings.reaper_grace:
-                orphans[o.region].append(o.id)
-                log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
+            try:
+                if self._is_orphan(o, now):
+                    orphans[o.region].append(o.id)
+            except Exception as err:
+                log.warning("could not decide whether %s is an orphan: %s", o.id, err)
         for region, ids in orphans.items():
-            self._terminate(region, ids)
+            try:
+                self._terminate(region, ids)
+            except Exception as err:  # one region's failure leaves the others reaped
+                log.warning("could not reap %s in %s: %s", " ".join(ids), region, err)
+                continue
             for instance_id in ids:
                 self._orphans_seen.pop(instance_id, None)
+
+    def _is_orphan(self, o: Observed, now: int) -> bool:
+        """A live instance of this pool no live record owns, past the grace period."""
+        owner_id = self.store.instance_owner(o.id)
+        owner = self.store.get(owner_id) if owner_id is not None else None
+        if owner is not None and owner.state != names.RETIRED:
+            self._orphans_seen.pop(o.id, None)
+            return False
+        live = self.store.live(*o.key)
+        if live is not None:
+            return False  # recorded on the next cycle of that annex
+        first = self._orphans_seen.setdefault(o.id, now)
+        retired = owner is not None  # its annex is gone: no reason to wait
+        if retired or now - first >= self.settings.reaper_grace:
+            log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
+            return True
+        return False
 
     def _publish(self, annexes: list[Annex]) -> None:
         now = self.clock()
@@ -631,11 +750,14 @@ class Reconciler:
         for annex in annexes:
             if annex.state == names.RETIRED:
                 continue
-            view = self.service.describe(annex)
-            if due or self._published.get(annex.id) != view:
-                views.append(view)
-                self._annotate_jobs(annex, view)
-                self._published[annex.id] = view
+            try:
+                view = self.service.describe(annex)
+                if due or self._published.get(annex.id) != view:
+                    self._annotate_jobs(annex, view)
+                    views.append(view)
+                    self._published[annex.id] = view
+            except Exception as err:  # one annex's ad or jobs; the others are published
+                log.warning("could not publish annex %s: %s", annex.key, err)
         if not views:
             return
         try:
