@@ -623,6 +623,14 @@ class Reconciler:
         except AnnexError as err:
             self.store.finish_op(op.id, error=str(err))
             return self._launch_failed(annex, str(err), now)
+        except Exception as err:
+            # Not an AWS answer (a bug, an SDK that breaks): the attempt counts as failed and
+            # waits out the back-off like one. Anything it did launch carries the request tag
+            # and the annex's tags, so the next cycle's observation records it.
+            log.exception("annex %s: the launch call failed", annex.key)
+            what = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
+            self.store.finish_op(op.id, error=what)
+            return self._launch_failed(annex, what, now)
         faults.checkpoint("create.launched")
         self.store.finish_op(
             op.id,
