@@ -126,8 +126,8 @@ class Reconciler:
         self.slots = slots
         # instance id -> when a slot of it was last seen claimed (or first seen at all).
         self._busy_at: dict[str, int] = {}
-        # region -> why the last observation could not look at it.
-        self._unreachable: dict[str, str] = {}
+        # region -> (failed looks in a row, when to look again, why) while it cannot be seen.
+        self._unreachable: dict[str, tuple[int, int, str]] = {}
         # Regions whose tags the start-up (fresh state file) could not read yet.
         self._adopt_pending: set[str] = set()
 
@@ -285,6 +285,7 @@ class Reconciler:
             regions = {a.region for a in annexes}
         if not regions:
             regions = {self.service._resolve_region("", self.settings)}
+        now = int(self.clock())
         observed: list[Observed] = []
         failed: dict[str, str] = {}
         for region in sorted(regions):
@@ -295,13 +296,25 @@ class Reconciler:
                 # in AWS, and no call is made for it.
                 failed[region] = str(err)
                 continue
+            failures, retry_at, why = self._unreachable.get(region, (0, 0, ""))
+            if now < retry_at:
+                # Looked at again after a back-off (lifecycle.retry_delay): an endpoint that
+                # does not answer costs botocore's retries, and the other regions' annexes
+                # must not wait them out every cycle.
+                failed[region] = why
+                continue
             try:
                 observed += self.cloud.observe([region])
             except Exception as err:  # AWS error, endpoint down, throttled past the retries
-                failed[region] = f"{_UNSEEN} {region} ({err})"
-                if self._unreachable.get(region) != failed[region]:
-                    log.warning("%s; its annexes wait for the next cycle", failed[region])
-        self._unreachable = failed
+                failures += 1
+                retry_at = now + lifecycle.retry_delay(failures, self.settings.reconcile_interval)
+                when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
+                failed[region] = f"{_UNSEEN} {region} ({err}); next look at {when}"
+                self._unreachable[region] = (failures, retry_at, failed[region])
+                log.warning("%s; its annexes wait", failed[region])
+                continue
+            if self._unreachable.pop(region, None):
+                log.info("region %s answers again", region)
         return observed, failed
 
     def _unobserved(self, annex: Annex, why: str) -> Annex:

@@ -19,7 +19,7 @@ import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from annex_gahp import names, spec
+from annex_gahp import lifecycle, names, spec
 from annex_gahp.cloud import AwsCloud
 from annex_gahp.errors import InputError, LimitExceeded
 from annex_gahp.gahp import Caller
@@ -171,8 +171,12 @@ def test_a_region_that_cannot_be_observed_stops_no_other_region(moto_url, tmp_pa
     assert far.state == names.REQUESTED
     assert far.launch_failures == 0 and not world.store.ops(far.id)
     assert f"could not look at region {FAR}" in far.last_error
+    asked = len(calls)
+    world.loop.run_once()  # within the back-off: the region is not asked again
+    assert len(calls) == asked
     # The region answers again: bob's annex is served, and its LastError cleared.
     world.cloud._clients.pop(("ec2", FAR))
+    world.clock.now += 20  # looked at again after the back-off: one interval doubled
     world.loop.run_once()
     far = world.store.get(far.id)
     assert not far.last_error.startswith("could not look at region"), far.last_error
@@ -195,6 +199,7 @@ def test_an_unobserved_region_is_not_reaped_nor_relaunched(moto_url, tmp_path): 
         world.clock.now += 30
         world.loop.run_once()
     world.cloud._clients.pop(("ec2", FAR))
+    world.clock.now += lifecycle.BACKOFF_MAX
     world.loop.run_once()
     assert world.live("far", FAR) == [instance]  # neither reaped nor doubled
     assert world.store.get(far.id).requested == 1
@@ -365,6 +370,7 @@ def test_a_region_unreachable_at_recovery_is_adopted_once_it_answers(moto_url, t
     world.loop.run_once()
     assert world.store.live("bob", "far") is None
     world.cloud._clients.pop(("ec2", FAR))
+    world.clock.now += lifecycle.BACKOFF_MAX
     world.loop.run_once()
     adopted = world.store.live("bob", "far")
     assert adopted is not None and adopted.region == FAR
