@@ -9,6 +9,7 @@ real Store (a temp SQLite file) from threads.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -280,6 +281,19 @@ def test_a_region_aws_does_not_have_is_refused_naming_annex_region(moto_url, tmp
     assert "is not an AWS region" in message
     assert len(message) < 200 and message.isprintable()
     assert region[:10].encode("unicode_escape").decode() in message
+    assert world.store.annexes(include_retired=True) == []
+
+
+@pytest.mark.parametrize("region", ["xx-nowhere-9", "us-east-1; DROP"])
+def test_a_job_naming_a_region_aws_does_not_have_records_nothing(moto_url, tmp_path, region):  # noqa: F811
+    """The submit path: the translate hook forwards the job ad (no schedd here: jobs=None)."""
+    world = World(moto_url, tmp_path)
+    job = (
+        f'Owner = "bob"\nClusterId = 7\nProcId = 0\nQDate = 1\nJobStatus = 1\n'
+        f'TargetAnnexName = "far"\nAnnexRegion = "{region}"\n'
+    )
+    with pytest.raises(InputError, match=f"annex_region = '{re.escape(region)}' is not an AWS"):
+        world.service.job_routed(BOB, {"ad": job})
     assert world.store.annexes(include_retired=True) == []
 
 
