@@ -380,7 +380,11 @@ class Reconciler:
         # until then. (Provision mode: the job that stands for the annex ends by itself, exit 2.)
         ahead = 2 * self.settings.reconcile_interval
         if not provision and now >= annex.lease_expiration - ahead:
-            self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+            # The cycle's snapshot may predate an extend: holding jobs is not undone, so ask
+            # the record as it is now.
+            annex = self.store.get(annex.id) or annex
+            if now >= annex.lease_expiration - ahead:
+                self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
         if now >= annex.lease_expiration:
             return self.service.retire(annex, "lease", now=now)
         if demand is None:
@@ -474,10 +478,24 @@ class Reconciler:
         if not ids:
             return annex, live
         have = len(live) + len(self._recent(annex, live, now))
-        requested = max(0, min(annex.requested, have) - len(ids))
         self._terminate(annex.region, ids)
         # Recorded at once, so the launch-grace count in _converge does not see them as live.
         self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
+        changes: dict[str, Any] = {}
+        if annex.demand_idle:
+            changes["last_error"] = (
+                f"{len(ids)} instance(s) retired after {timeout} s unclaimed while jobs waited: "
+                "the waiting jobs do not match them (check request_memory, request_cpus, "
+                "requirements)"
+            )
+        with self.store.transaction():
+            # The count is lowered from the record as it is at the write: an extend that
+            # raised it since the cycle's snapshot keeps what it was acknowledged.
+            current = self.store.get(annex.id) or annex
+            requested = max(0, min(annex.requested, have) - len(ids))
+            if current.requested != annex.requested:
+                requested = current.requested
+            annex = self.store.update_annex(annex.id, requested=requested, **changes)
         log.info(
             "annex %s: %d instance(s) unclaimed for %d s, terminated: %s; now wants %d",
             annex.key,
@@ -486,14 +504,6 @@ class Reconciler:
             " ".join(ids),
             requested,
         )
-        changes: dict[str, Any] = {"requested": requested}
-        if annex.demand_idle:
-            changes["last_error"] = (
-                f"{len(ids)} instance(s) retired after {timeout} s unclaimed while jobs waited: "
-                "the waiting jobs do not match them (check request_memory, request_cpus, "
-                "requirements)"
-            )
-        annex = self.store.update_annex(annex.id, **changes)
         for instance in ids:
             self._busy_at.pop(instance, None)
         return annex, [o for o in live if o.id not in ids]

@@ -50,13 +50,14 @@ class Schedd:
     def __init__(self) -> None:
         self.jobs: dict[tuple[str, str], Demand] = {}
         self.during_counts = lambda: None
+        self.held: list[tuple[str, str]] = []
 
     def counts(self) -> dict[tuple[str, str], Demand]:
         self.during_counts()
         return dict(self.jobs)
 
     def hold(self, owner: str, annex: str, reason: str) -> None:
-        pass
+        self.held.append((owner, annex))
 
     def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
         pass
@@ -475,6 +476,18 @@ def test_an_extend_landing_after_the_snapshot_keeps_the_annex(moto_url, tmp_path
     assert after.lease_expiration == int(world.clock.now) + 3600
     world.loop.run_once()
     assert world.live("keep") == [instance]
+
+
+def test_an_extend_landing_after_the_snapshot_holds_no_job(moto_url, tmp_path):  # noqa: F811
+    world = World(moto_url, tmp_path)
+    annex = world.want("alice", "keep", lease="10m")
+    world.loop.run_once()
+    world.clock.now = annex.lease_expiration - 5  # within the two cycles before the end
+    world.schedd.during_counts = lambda: world.service.extend(
+        ALICE, {"name": "keep", "lease": "1h"}
+    )
+    world.loop.run_once()
+    assert world.schedd.held == []
 
 
 def test_an_extend_landing_after_the_snapshot_stops_an_idle_retirement(moto_url, tmp_path):  # noqa: F811
