@@ -236,9 +236,11 @@ class AnnexService:
             checked = True
         # The per-user cap is read and the request written in one IMMEDIATE transaction: two
         # requests racing (two hooks, a hook and an extend) cannot both pass it.
-        with self._lock, self.store.transaction():
-            live = self.store.live(wanted.owner, wanted.name)
-            if live is None:
+        with self._lock:
+            with self.store.transaction():
+                live = self.store.live(wanted.owner, wanted.name)
+                if live is not None:
+                    return self._fold(live, wanted, user_data)
                 self._refuse_expired_recreation(wanted, qdate)
                 if job is not None and not checked:
                     self._require_waiting(job)  # the live annex ended between the two looks
@@ -258,45 +260,48 @@ class AnnexService:
                     annex = self.store.update_annex(annex.id, binding_limit=limit)
                 if user_data is not None:
                     pilotdata.save(self.settings.state_dir, annex.id, user_data)
-                faults.checkpoint("create.recorded")
-                log.info(
-                    "annex %s requested: %d instance(s) in %s, lease until %d%s",
-                    annex.key,
-                    requested,
-                    region,
-                    annex.lease_expiration,
-                    f" ({limit} binds)" if limit else "",
-                )
-                self.wake()
-                return annex
-            if live.state not in lifecycle.ACTIVE:
-                # Retiring: the new request will find a fresh annex once this one is gone.
-                raise InputError(
-                    f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
-                    "it is gone, or use another annex_name"
-                )
-            merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
-            if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
-                pilotdata.save(self.settings.state_dir, live.id, user_data)
-                self.wake()
-            requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
-            requested = max(requested, live.requested)
-            lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
-            changes: dict[str, Any] = {}
-            if merged != spec_from_record(live.spec):
-                changes["spec"] = spec_to_record(merged)
-            if requested != live.requested:
-                changes["requested"] = requested
-            if lease != live.lease_expiration:
-                changes["lease_expiration"] = lease
-            if limit != live.binding_limit:
-                changes["binding_limit"] = limit
-            if not changes:
-                return live
-            annex = self.store.update_annex(live.id, **changes)
-            log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
+            faults.checkpoint("create.recorded")  # committed: the record exists
+            log.info(
+                "annex %s requested: %d instance(s) in %s, lease until %d%s",
+                annex.key,
+                requested,
+                region,
+                annex.lease_expiration,
+                f" ({limit} binds)" if limit else "",
+            )
             self.wake()
             return annex
+
+    def _fold(self, live: Annex, wanted: spec.AnnexSpec, user_data: bytes | None) -> Annex:
+        """A request for a live annex: folded into it (inside ensure's transaction)."""
+        if live.state not in lifecycle.ACTIVE:
+            # Retiring: the new request will find a fresh annex once this one is gone.
+            raise InputError(
+                f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
+                "it is gone, or use another annex_name"
+            )
+        merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+        if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
+            pilotdata.save(self.settings.state_dir, live.id, user_data)
+            self.wake()
+        requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
+        requested = max(requested, live.requested)
+        lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
+        changes: dict[str, Any] = {}
+        if merged != spec_from_record(live.spec):
+            changes["spec"] = spec_to_record(merged)
+        if requested != live.requested:
+            changes["requested"] = requested
+        if lease != live.lease_expiration:
+            changes["lease_expiration"] = lease
+        if limit != live.binding_limit:
+            changes["binding_limit"] = limit
+        if not changes:
+            return live
+        annex = self.store.update_annex(live.id, **changes)
+        log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
+        self.wake()
+        return annex
 
     def _require_waiting(self, job: JobRef) -> None:
         """Before a job's request creates an annex: the schedd still has the job, it is the
