@@ -207,6 +207,33 @@ def test_an_unobserved_region_is_not_reaped_nor_relaunched(moto_url, tmp_path): 
     assert world.store.get(far.id).requested == 1
 
 
+def test_reaping_that_fails_in_one_region_still_reaps_the_others(moto_url, tmp_path):  # noqa: F811
+    world = World(moto_url, tmp_path, reaper_grace=0)
+    now = int(world.clock())
+    for region in (REGION, FAR):  # records in both regions, so both are observed
+        world.store.insert_annex(
+            owner="carol",
+            name=f"held-{region}",
+            state=names.RUNNING,
+            spec={"name": f"held-{region}", "owner": "carol", "instances": 0},
+            region=region,
+            requested=0,
+            lease_expiration=now + 3600,
+            now=now,
+        )
+    near = launch_tagged(moto_url, REGION, "mallory", "ghost", world.settings.pool_id)
+    launch_tagged(moto_url, FAR, "mallory", "ghost", world.settings.pool_id)
+    world.cloud._client("ec2", REGION).meta.events.register(
+        "before-send.ec2.TerminateInstances",
+        lambda **_: (_ for _ in ()).throw(THROTTLED),
+    )
+    world.loop.run_once()
+    world.clock.now += 1
+    world.loop.run_once()
+    assert world.live("ghost", FAR) == []  # reaped
+    assert world.live("ghost", REGION) == [near]  # its region refused; tried again later
+
+
 # --- one annex failing -------------------------------------------------------------------
 
 
