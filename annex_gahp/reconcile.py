@@ -264,13 +264,13 @@ class Reconciler:
     def _failed_step(self, annex: Annex, err: Exception) -> Annex:
         """Keep the error with the annex (its LastError), logged once while it repeats."""
         if isinstance(err, AnnexError):
-            message = str(err)
+            message = _one_line(err)
         else:
-            message = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
+            message = f"internal error ({type(err).__name__}: {_one_line(err)}); see ANNEX_GAHP_LOG"
         if message != annex.last_error:
             log.error("annex %s: %s", annex.key, message, exc_info=not isinstance(err, AnnexError))
         try:
-            return self.store.update_annex(annex.id, last_error=message[:1000])
+            return self.store.update_annex(annex.id, last_error=message)
         except Exception as store_err:
             log.error("annex %s: could not record its error: %s", annex.key, store_err)
             return annex
@@ -309,7 +309,7 @@ class Reconciler:
                 failures += 1
                 retry_at = now + lifecycle.retry_delay(failures, self.settings.reconcile_interval)
                 when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
-                failed[region] = f"{_UNSEEN} {region} ({err}); next look at {when}"
+                failed[region] = f"{_UNSEEN} {region} ({_one_line(err)}); next look at {when}"
                 self._unreachable[region] = (failures, retry_at, failed[region])
                 log.warning("%s; its annexes wait", failed[region])
                 continue
@@ -819,6 +819,13 @@ class Reconciler:
                 self._start_local_jobs()  # their Requirements may have just become true
         except Exception as err:
             log.warning("could not update the jobs of %s: %s", annex.key, err)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's text as one bounded line: SDK errors can carry a whole HTML page (an
+    endpoint's 500), which would break the log's one-record-per-line shape and LastError."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # What the job ads show; a change in any of these is written into the waiting jobs.

@@ -83,6 +83,7 @@ def test_an_unreachable_region_does_not_stop_another_users_annex(sandbox):
         assert "could not look at region" in view["LastError"], view
         assert view["AnnexState"] == "requested", view
         assert UNREACHABLE in view["LastError"], view
+        assert "\n" not in view["LastError"] and len(view["LastError"]) < 500, view
     finally:
         annex("bob", "delete", "--name", far)
         annex("alice", "delete", "--name", mine)
