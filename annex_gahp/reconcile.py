@@ -384,7 +384,10 @@ class Reconciler:
             # the record as it is now.
             annex = self.store.get(annex.id) or annex
             if now >= annex.lease_expiration - ahead:
-                self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+                try:
+                    self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+                except Exception as err:  # the schedd's failure must not keep the lease alive
+                    log.warning("could not hold the jobs of %s: %s", annex.key, _one_line(err))
         if now >= annex.lease_expiration:
             return self.service.retire(annex, "lease", now=now)
         if demand is None:

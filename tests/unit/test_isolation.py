@@ -284,6 +284,22 @@ def test_a_launch_that_raises_a_plain_exception_backs_off(moto_url, tmp_path):  
     assert not world.store.open_ops(annex.id)  # the intent is settled, not left open
 
 
+def test_a_schedd_that_fails_to_hold_does_not_keep_a_lease_alive(moto_url, tmp_path):  # noqa: F811
+    world = World(moto_url, tmp_path)
+    annex = world.want("alice", "keep", lease="10m")
+    world.loop.run_once()
+
+    def refuse(owner: str, name: str, reason: str) -> None:
+        raise OSError("the schedd did not answer")  # whatever the bindings raise
+
+    world.schedd.hold = refuse
+    world.clock.now = annex.lease_expiration
+    world.loop.run_once()
+    world.loop.run_once()
+    assert world.store.get(annex.id).retire_reason == "lease"
+    assert world.live("keep") == []
+
+
 # --- regions refused before anything is recorded -----------------------------------------
 
 
