@@ -39,6 +39,7 @@ class AwsCloud:
         # instance id -> its Auto Scaling group, from the last observation: a group member
         # must leave with its group's capacity lowered, or the group replaces it.
         self._groups: dict[str, str] = {}
+        self._region_groups: dict[str, dict[str, str]] = {}
         # (owner, annex) -> stack name, from the instances' htcondor-annex:stack tag: an annex
         # rebuilt from tags (lost state file) still gets its stack deleted when it retires.
         self._stacks: dict[tuple[str, str], str] = {}
@@ -71,9 +72,12 @@ class AwsCloud:
     # --- observation ---------------------------------------------------------------------
 
     def observe(self, regions: Iterable[str]) -> list[Observed]:
+        """This pool's live instances in `regions`. The reconcile loop asks one region at a
+        time (a region that fails must not hide the others), so what each region showed is
+        kept apart: observing one does not forget another's Auto Scaling group members."""
         seen: list[Observed] = []
-        groups: dict[str, str] = {}
         for region in regions:
+            groups: dict[str, str] = {}
             for view in instances.describe_pool(self._client("ec2", region), self.settings.pool_id):
                 if view.tags.get(stack.GROUP_TAG):
                     groups[view.id] = view.tags[stack.GROUP_TAG]
@@ -91,9 +95,9 @@ class AwsCloud:
                         tags=view.tags,
                     )
                 )
-        self._groups = groups
-        for region in regions:
+            self._region_groups[region] = groups
             self._copy_to_new_group_members(region, seen)
+        self._groups = {i: g for each in self._region_groups.values() for i, g in each.items()}
         return seen
 
     def _copy_to_new_group_members(self, region: str, seen: list[Observed]) -> None:
@@ -112,7 +116,9 @@ class AwsCloud:
                 fresh.setdefault(key, []).append(item)
         for (owner, name), members in fresh.items():
             try:
-                bucket = stack.bucket_name(
+                # The group's tag names the bucket (random since issue 12; checked in observe);
+                # an annex of an older version has the name derived from the pool.
+                bucket = self._new_buckets.get((owner, name)) or stack.bucket_name(
                     self.settings.central_manager, self.settings.pool_id, owner, name
                 )
                 location = stack.token_location(bucket)

@@ -22,7 +22,12 @@ not one per cycle.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from annex_gahp.names import FAILED, PROVISIONING, REQUESTED, RETIRED, RETIRING, RUNNING
+
+if TYPE_CHECKING:
+    from annex_gahp.store import Annex
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (REQUESTED, "launch"): PROVISIONING,
@@ -68,3 +73,27 @@ def retry_delay(failures: int, interval: int) -> int:
     if failures <= 0:
         return 0
     return min(BACKOFF_MAX, max(1, interval) * 2 ** min(failures, 16))
+
+
+# Retirements the reconcile loop decides from the view it took at the start of its cycle.
+POLICY_RETIREMENTS = ("lease", "idle")
+
+
+def retire_still_due(reason: str, decided_on: Annex, current: Annex, now: int) -> bool:
+    """Whether a retirement decided on `decided_on` still holds for the record as it is now.
+
+    A user's request (delete) always holds. A policy decision (lease end, idle timeout) was
+    made from an older view: it holds only if the record still says what it was decided on.
+    So an extend acknowledged to the user between the loop's snapshot and its write wins:
+    a new lease end, a new instance count, or a job that reset the idle clock.
+    """
+    if reason not in POLICY_RETIREMENTS or current.state == RETIRING:
+        return True
+    if reason == "lease":
+        return now >= current.lease_expiration
+    return (
+        current.idle_since is not None
+        and current.idle_since == decided_on.idle_since
+        and current.lease_expiration == decided_on.lease_expiration
+        and current.requested == decided_on.requested
+    )

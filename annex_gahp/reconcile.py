@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from annex_gahp import faults, lifecycle, names, pilotdata
+from annex_gahp import faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import AnnexError
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService, spec_from_record
@@ -24,6 +24,8 @@ from annex_gahp.store import Annex, Op, Store
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("pending", "running")
+# How an annex's LastError starts while its region cannot be observed.
+_UNSEEN = "could not look at region"
 # An instance we launched may not show in describe at once (eventual consistency).
 SEEN_GRACE = 60
 
@@ -124,16 +126,40 @@ class Reconciler:
         self.slots = slots
         # instance id -> when a slot of it was last seen claimed (or first seen at all).
         self._busy_at: dict[str, int] = {}
+        # region -> (failed looks in a row, when to look again, why) while it cannot be seen.
+        self._unreachable: dict[str, tuple[int, int, str]] = {}
+        # Regions whose tags the start-up (fresh state file) could not read yet.
+        self._adopt_pending: set[str] = set()
 
     # --- start-up ------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a restart: settle calls that were in flight, adopt what only tags remember."""
-        observed = self._observe(self.store.annexes())
+        """After a restart: settle calls that were in flight, adopt what only tags remember.
+
+        Every region that may hold this pool's instances is looked at (those of the records,
+        the allow-list, the default): a lost state file must not lose the instances of a
+        region the first annex did not use. A region that cannot be looked at now is retried
+        by the cycles (its open calls stay open; adoption from its tags waits)."""
+        annexes = self.store.annexes()
+        observed, failed = self._observe(annexes, self._recovery_regions(annexes))
+        regions = {a.id: a.region for a in annexes}
         for op in self.store.open_ops():
+            region = str(op.intent.get("region") or regions.get(op.annex_id, ""))
+            if region in failed:
+                log.warning("launch %s left open: region %s not observed", op.request, region)
+                continue
             self._settle(op, observed)
         if self.store.fresh:
+            self._adopt_pending = set(failed)
             self._adopt_untracked(observed)
+
+    def _recovery_regions(self, annexes: list[Annex]) -> set[str]:
+        regions = {a.region for a in annexes} | set(self.settings.allowed_regions)
+        try:
+            regions.add(self.service._resolve_region("", self.settings))
+        except Exception as err:  # a default that cannot be resolved only narrows the scan
+            log.warning("no default region to look at: %s", err)
+        return regions
 
     def _settle(self, op: Op, observed: list[Observed]) -> None:
         found = [o for o in observed if o.request == op.request]
@@ -198,8 +224,18 @@ class Reconciler:
     # --- one cycle -----------------------------------------------------------------------
 
     def run_once(self) -> None:
+        """One cycle. Every step is isolated per region and per annex: a region that cannot be
+        observed, or one annex whose step fails (with any exception), leaves every other
+        annex created, deleted, retired and extended as usual."""
         annexes = self.store.annexes()
-        observed = self._observe(annexes)
+        regions = {a.region for a in annexes} | self._adopt_pending
+        observed, failed = self._observe(annexes, regions)
+        now_seen = self._adopt_pending - set(failed)
+        if now_seen:
+            # Regions the start-up could not look at: adopt from their tags now.
+            self._adopt_untracked([o for o in observed if o.region in now_seen])
+            self._adopt_pending -= now_seen
+            annexes = self.store.annexes()
         try:
             demand: dict[tuple[str, str], Demand] | None = self.demand.counts()
         except Exception as err:  # the schedd restarting must not retire annexes as idle
@@ -213,21 +249,98 @@ class Reconciler:
         for annex in annexes:
             key = (annex.owner, annex.name)
             try:
-                after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
-            except AnnexError as err:
-                log.error("annex %s: %s", annex.key, err)
-                after = self.store.update_annex(annex.id, last_error=str(err))
+                if annex.region in failed:
+                    after = self._unobserved(annex, failed[annex.region])
+                else:
+                    after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
+            except Exception as err:  # one annex's failure, of whatever kind, is its own
+                after = self._failed_step(annex, err)
             changed.append(after)
         self._reap(observed)
         self._publish(changed)
         if demand:
             self._left_behind(demand)
 
-    def _observe(self, annexes: list[Annex]) -> list[Observed]:
-        regions = {a.region for a in annexes}
+    def _failed_step(self, annex: Annex, err: Exception) -> Annex:
+        """Keep the error with the annex (its LastError), logged once while it repeats."""
+        if isinstance(err, AnnexError):
+            message = _one_line(err)
+        else:
+            message = f"internal error ({type(err).__name__}: {_one_line(err)}); see ANNEX_GAHP_LOG"
+        if message != annex.last_error:
+            log.error("annex %s: %s", annex.key, message, exc_info=not isinstance(err, AnnexError))
+        try:
+            return self.store.update_annex(annex.id, last_error=message)
+        except Exception as store_err:
+            log.error("annex %s: could not record its error: %s", annex.key, store_err)
+            return annex
+
+    def _observe(
+        self, annexes: list[Annex], regions: set[str] | None = None
+    ) -> tuple[list[Observed], dict[str, str]]:
+        """One describe per region, each on its own: (what was seen, region -> why it could
+        not be seen). A region not seen is not a region without instances: its annexes are
+        left alone this cycle (no relaunch, no retirement, no reaping)."""
+        if regions is None:
+            regions = {a.region for a in annexes}
         if not regions:
             regions = {self.service._resolve_region("", self.settings)}
-        return self.cloud.observe(sorted(regions))
+        now = int(self.clock())
+        observed: list[Observed] = []
+        failed: dict[str, str] = {}
+        for region in sorted(regions):
+            try:
+                spec.check_region(region)
+            except AnnexError as err:
+                # A record from a version that did not check regions: nothing of it can exist
+                # in AWS, and no call is made for it.
+                failed[region] = str(err)
+                continue
+            failures, retry_at, why = self._unreachable.get(region, (0, 0, ""))
+            if now < retry_at:
+                # Looked at again after a back-off (lifecycle.retry_delay): an endpoint that
+                # does not answer costs botocore's retries, and the other regions' annexes
+                # must not wait them out every cycle.
+                failed[region] = why
+                continue
+            try:
+                observed += self.cloud.observe([region])
+            except Exception as err:  # AWS error, endpoint down, throttled past the retries
+                failures += 1
+                retry_at = now + lifecycle.retry_delay(failures, self.settings.reconcile_interval)
+                when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
+                failed[region] = f"{_UNSEEN} {region} ({_one_line(err)}); next look at {when}"
+                self._unreachable[region] = (failures, retry_at, failed[region])
+                log.warning("%s; its annexes wait", failed[region])
+                continue
+            if self._unreachable.pop(region, None):
+                log.info("region %s answers again", region)
+        return observed, failed
+
+    def _unobserved(self, annex: Annex, why: str) -> Annex:
+        """An annex whose region was not observed this cycle: no cloud call for it. Its lease
+        end and a delete are still recorded; an annex whose region AWS does not have (a record
+        from an older version) has nothing in the cloud, so it retires without a call."""
+        now = int(self.clock())
+        if annex.state in lifecycle.ACTIVE and now >= annex.lease_expiration:
+            annex = self.service.retire(annex, "lease", now=now)
+        changes: dict[str, Any] = {}
+        try:
+            spec.check_region(annex.region)
+        except AnnexError:
+            if annex.state == names.RETIRING:
+                pilotdata.remove(self.settings.state_dir, annex.id)
+                annex = self.store.update_annex(
+                    annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
+                )
+                self._forget(annex)
+                log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
+                return annex
+            if annex.state in (names.REQUESTED, names.PROVISIONING):
+                changes["state"] = lifecycle.next_state(annex.state, "launch_failed")
+        if annex.last_error != why:
+            changes["last_error"] = why
+        return self.store.update_annex(annex.id, **changes) if changes else annex
 
     def _step(
         self,
@@ -237,6 +350,8 @@ class Reconciler:
         unclaimed: dict[str, int] | None = None,
     ) -> Annex:
         now = int(self.clock())
+        if annex.last_error.startswith(_UNSEEN):  # its region answers again
+            annex = self.store.update_annex(annex.id, last_error="")
         self._record(annex.id, seen, now)
         live = [o for o in seen if o.state in LIVE_STATES]
         if annex.state in lifecycle.ACTIVE:
@@ -265,9 +380,16 @@ class Reconciler:
         # until then. (Provision mode: the job that stands for the annex ends by itself, exit 2.)
         ahead = 2 * self.settings.reconcile_interval
         if not provision and now >= annex.lease_expiration - ahead:
-            self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+            # The cycle's snapshot may predate an extend: holding jobs is not undone, so ask
+            # the record as it is now.
+            annex = self.store.get(annex.id) or annex
+            if now >= annex.lease_expiration - ahead:
+                try:
+                    self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+                except Exception as err:  # the schedd's failure must not keep the lease alive
+                    log.warning("could not hold the jobs of %s: %s", annex.key, _one_line(err))
         if now >= annex.lease_expiration:
-            return self.service.retire(annex, "lease")
+            return self.service.retire(annex, "lease", now=now)
         if demand is None:
             return annex
         wanted = demand.get((annex.owner, annex.name), Demand())
@@ -285,7 +407,7 @@ class Reconciler:
             annex = self.store.update_annex(annex.id, **changes)
         timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
         if annex.idle_since is not None and now - annex.idle_since >= timeout:
-            return self.service.retire(annex, "idle")
+            return self.service.retire(annex, "idle", now=now)
         return annex
 
     def _terminate(self, region: str, ids: list[str]) -> None:
@@ -359,10 +481,24 @@ class Reconciler:
         if not ids:
             return annex, live
         have = len(live) + len(self._recent(annex, live, now))
-        requested = max(0, min(annex.requested, have) - len(ids))
         self._terminate(annex.region, ids)
         # Recorded at once, so the launch-grace count in _converge does not see them as live.
         self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
+        changes: dict[str, Any] = {}
+        if annex.demand_idle:
+            changes["last_error"] = (
+                f"{len(ids)} instance(s) retired after {timeout} s unclaimed while jobs waited: "
+                "the waiting jobs do not match them (check request_memory, request_cpus, "
+                "requirements)"
+            )
+        with self.store.transaction():
+            # The count is lowered from the record as it is at the write: an extend that
+            # raised it since the cycle's snapshot keeps what it was acknowledged.
+            current = self.store.get(annex.id) or annex
+            requested = max(0, min(annex.requested, have) - len(ids))
+            if current.requested != annex.requested:
+                requested = current.requested
+            annex = self.store.update_annex(annex.id, requested=requested, **changes)
         log.info(
             "annex %s: %d instance(s) unclaimed for %d s, terminated: %s; now wants %d",
             annex.key,
@@ -371,14 +507,6 @@ class Reconciler:
             " ".join(ids),
             requested,
         )
-        changes: dict[str, Any] = {"requested": requested}
-        if annex.demand_idle:
-            changes["last_error"] = (
-                f"{len(ids)} instance(s) retired after {timeout} s unclaimed while jobs waited: "
-                "the waiting jobs do not match them (check request_memory, request_cpus, "
-                "requirements)"
-            )
-        annex = self.store.update_annex(annex.id, **changes)
         for instance in ids:
             self._busy_at.pop(instance, None)
         return annex, [o for o in live if o.id not in ids]
@@ -399,14 +527,14 @@ class Reconciler:
         if hold_left is None or reroute is None:
             return
         for (owner, name), wanted in demand.items():
-            if not wanted.idle or self.store.live(owner, name) is not None:
-                continue
-            last = self.store.last_retired(owner, name)
-            if last is None or last.retired_at is None:
-                continue  # never had an annex: the route's hook creates (or refuses) it
-            if spec_from_record(last.spec).mode != "pool":
-                continue  # provision mode: its job stands for the annex and ends with it
             try:
+                if not wanted.idle or self.store.live(owner, name) is not None:
+                    continue
+                last = self.store.last_retired(owner, name)
+                if last is None or last.retired_at is None:
+                    continue  # never had an annex: the route's hook creates (or refuses) it
+                if spec_from_record(last.spec).mode != "pool":
+                    continue  # provision mode: its job stands for the annex and ends with it
                 if last.retire_reason in ENDINGS:
                     hold_left(owner, name, ended_message(last, last.retire_reason), last.retired_at)
                     reroute(owner, name, last.retired_at)
@@ -521,6 +649,14 @@ class Reconciler:
         except AnnexError as err:
             self.store.finish_op(op.id, error=str(err))
             return self._launch_failed(annex, str(err), now)
+        except Exception as err:
+            # Not an AWS answer (a bug, an SDK that breaks): the attempt counts as failed and
+            # waits out the back-off like one. Anything it did launch carries the request tag
+            # and the annex's tags, so the next cycle's observation records it.
+            log.exception("annex %s: the launch call failed", annex.key)
+            what = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
+            self.store.finish_op(op.id, error=what)
+            return self._launch_failed(annex, what, now)
         faults.checkpoint("create.launched")
         self.store.finish_op(
             op.id,
@@ -587,17 +723,21 @@ class Reconciler:
         annex = self.store.update_annex(
             annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
         )
-        try:
-            self.publisher.invalidate(annex.owner, annex.name)
-        except Exception as err:
-            log.warning("could not invalidate the ad of %s: %s", annex.key, err)
-        self._published.pop(annex.id, None)
+        self._forget(annex)
         if spec_from_record(annex.spec).mode == "provision" and annex.demand_idle:
             # A provision job that has not started yet starts on a state other than
             # requested/provisioning: tell it this one, or it would wait for good.
             self._annotate_jobs(annex, self.service.describe(annex))
         log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
         return annex
+
+    def _forget(self, annex: Annex) -> None:
+        """A retired annex's ad leaves the collector."""
+        try:
+            self.publisher.invalidate(annex.owner, annex.name)
+        except Exception as err:
+            log.warning("could not invalidate the ad of %s: %s", annex.key, err)
+        self._published.pop(annex.id, None)
 
     def _reap(self, observed: list[Observed]) -> None:
         """Terminate pool instances no live record owns, once they outlive the grace period."""
@@ -606,23 +746,36 @@ class Reconciler:
         for o in observed:
             if o.state not in LIVE_STATES:
                 continue
-            owner_id = self.store.instance_owner(o.id)
-            owner = self.store.get(owner_id) if owner_id is not None else None
-            if owner is not None and owner.state != names.RETIRED:
-                self._orphans_seen.pop(o.id, None)
-                continue
-            live = self.store.live(*o.key)
-            if live is not None:
-                continue  # recorded on the next cycle of that annex
-            first = self._orphans_seen.setdefault(o.id, now)
-            retired = owner is not None  # its annex is gone: no reason to wait
-            if retired or now - first >= self.settings.reaper_grace:
-                orphans[o.region].append(o.id)
-                log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
+            try:
+                if self._is_orphan(o, now):
+                    orphans[o.region].append(o.id)
+            except Exception as err:
+                log.warning("could not decide whether %s is an orphan: %s", o.id, err)
         for region, ids in orphans.items():
-            self._terminate(region, ids)
+            try:
+                self._terminate(region, ids)
+            except Exception as err:  # one region's failure leaves the others reaped
+                log.warning("could not reap %s in %s: %s", " ".join(ids), region, err)
+                continue
             for instance_id in ids:
                 self._orphans_seen.pop(instance_id, None)
+
+    def _is_orphan(self, o: Observed, now: int) -> bool:
+        """A live instance of this pool no live record owns, past the grace period."""
+        owner_id = self.store.instance_owner(o.id)
+        owner = self.store.get(owner_id) if owner_id is not None else None
+        if owner is not None and owner.state != names.RETIRED:
+            self._orphans_seen.pop(o.id, None)
+            return False
+        live = self.store.live(*o.key)
+        if live is not None:
+            return False  # recorded on the next cycle of that annex
+        first = self._orphans_seen.setdefault(o.id, now)
+        retired = owner is not None  # its annex is gone: no reason to wait
+        if retired or now - first >= self.settings.reaper_grace:
+            log.warning("reaping %s (%s/%s): no live annex owns it", o.id, *o.key)
+            return True
+        return False
 
     def _publish(self, annexes: list[Annex]) -> None:
         now = self.clock()
@@ -631,11 +784,14 @@ class Reconciler:
         for annex in annexes:
             if annex.state == names.RETIRED:
                 continue
-            view = self.service.describe(annex)
-            if due or self._published.get(annex.id) != view:
-                views.append(view)
-                self._annotate_jobs(annex, view)
-                self._published[annex.id] = view
+            try:
+                view = self.service.describe(annex)
+                if due or self._published.get(annex.id) != view:
+                    self._annotate_jobs(annex, view)
+                    views.append(view)
+                    self._published[annex.id] = view
+            except Exception as err:  # one annex's ad or jobs; the others are published
+                log.warning("could not publish annex %s: %s", annex.key, err)
         if not views:
             return
         try:
@@ -666,6 +822,13 @@ class Reconciler:
                 self._start_local_jobs()  # their Requirements may have just become true
         except Exception as err:
             log.warning("could not update the jobs of %s: %s", annex.key, err)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's text as one bounded line: SDK errors can carry a whole HTML page (an
+    endpoint's 500), which would break the log's one-record-per-line shape and LastError."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # What the job ads show; a change in any of these is written into the waiting jobs.

@@ -242,14 +242,18 @@ class AnnexService:
             self._refuse_expired_recreation(wanted, qdate)  # no need to ask the schedd then
             self._require_waiting(job)
             checked = True
+        # The per-user cap is read and the request written in one IMMEDIATE transaction: two
+        # requests racing (two hooks, a hook and an extend) cannot both pass it.
         with self._lock:
-            live = self.store.live(wanted.owner, wanted.name)
-            if live is None:
+            with self.store.transaction():
+                live = self.store.live(wanted.owner, wanted.name)
+                if live is not None:
+                    return self._fold(live, wanted, user_data)
                 self._refuse_expired_recreation(wanted, qdate)
                 if job is not None and not checked:
                     self._require_waiting(job)  # the live annex ended between the two looks
+                region = self._checked_region(wanted.region)
                 requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
-                region = self._resolve_region(wanted.region, self.settings)
                 annex = self.store.insert_annex(
                     owner=wanted.owner,
                     name=wanted.name,
@@ -264,45 +268,48 @@ class AnnexService:
                     annex = self.store.update_annex(annex.id, binding_limit=limit)
                 if user_data is not None:
                     pilotdata.save(self.settings.state_dir, annex.id, user_data)
-                faults.checkpoint("create.recorded")
-                log.info(
-                    "annex %s requested: %d instance(s) in %s, lease until %d%s",
-                    annex.key,
-                    requested,
-                    region,
-                    annex.lease_expiration,
-                    f" ({limit} binds)" if limit else "",
-                )
-                self.wake()
-                return annex
-            if live.state not in lifecycle.ACTIVE:
-                # Retiring: the new request will find a fresh annex once this one is gone.
-                raise InputError(
-                    f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
-                    "it is gone, or use another annex_name"
-                )
-            merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
-            if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
-                pilotdata.save(self.settings.state_dir, live.id, user_data)
-                self.wake()
-            requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
-            requested = max(requested, live.requested)
-            lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
-            changes: dict[str, Any] = {}
-            if merged != spec_from_record(live.spec):
-                changes["spec"] = spec_to_record(merged)
-            if requested != live.requested:
-                changes["requested"] = requested
-            if lease != live.lease_expiration:
-                changes["lease_expiration"] = lease
-            if limit != live.binding_limit:
-                changes["binding_limit"] = limit
-            if not changes:
-                return live
-            annex = self.store.update_annex(live.id, **changes)
-            log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
+            faults.checkpoint("create.recorded")  # committed: the record exists
+            log.info(
+                "annex %s requested: %d instance(s) in %s, lease until %d%s",
+                annex.key,
+                requested,
+                region,
+                annex.lease_expiration,
+                f" ({limit} binds)" if limit else "",
+            )
             self.wake()
             return annex
+
+    def _fold(self, live: Annex, wanted: spec.AnnexSpec, user_data: bytes | None) -> Annex:
+        """A request for a live annex: folded into it (inside ensure's transaction)."""
+        if live.state not in lifecycle.ACTIVE:
+            # Retiring: the new request will find a fresh annex once this one is gone.
+            raise InputError(
+                f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
+                "it is gone, or use another annex_name"
+            )
+        merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+        if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
+            pilotdata.save(self.settings.state_dir, live.id, user_data)
+            self.wake()
+        requested, limit = self._capped(live.owner, merged.instances, exclude=live.id)
+        requested = max(requested, live.requested)
+        lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
+        changes: dict[str, Any] = {}
+        if merged != spec_from_record(live.spec):
+            changes["spec"] = spec_to_record(merged)
+        if requested != live.requested:
+            changes["requested"] = requested
+        if lease != live.lease_expiration:
+            changes["lease_expiration"] = lease
+        if limit != live.binding_limit:
+            changes["binding_limit"] = limit
+        if not changes:
+            return live
+        annex = self.store.update_annex(live.id, **changes)
+        log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
+        self.wake()
+        return annex
 
     def _require_waiting(self, job: JobRef) -> None:
         """Before a job's request creates an annex: the schedd still has the job, it is the
@@ -367,8 +374,17 @@ class AnnexService:
             "back: they are held, and condor_release starts a new annex for them"
         )
 
+    def _checked_region(self, job_region: str) -> str:
+        """The region a new annex runs in, refused before anything is recorded unless AWS has
+        it and ANNEX_ALLOWED_REGIONS (if set) lists it. A region not given by the request comes
+        from ANNEX_AWS_REGION (or the helper's AWS config): the refusal names that knob."""
+        region = self._resolve_region(job_region, self.settings)
+        knob = "annex_region" if job_region else "ANNEX_AWS_REGION"
+        return spec.check_region(region, self.settings.allowed_regions, knob)
+
     def _capped(self, owner: str, wanted: int, exclude: int | None) -> tuple[int, str]:
-        """Instances we may ask for, and which knob binds (empty if none)."""
+        """Instances we may ask for, and which knob binds (empty if none). Call it inside the
+        store transaction that writes the count, or a racing request passes it too."""
         limit = ""
         count = wanted
         if count > self.settings.max_instances:
@@ -447,12 +463,22 @@ class AnnexService:
                 raise InputError("instances= must be a whole number") from None
             if wanted < 1:
                 raise InputError("instances= must be at least 1 (delete retires an annex)")
-            changes["requested"], changes["binding_limit"] = self._capped(
-                annex.owner, wanted, exclude=annex.id
-            )
-        if not changes:
+        elif not changes:
             raise InputError("nothing to extend: give lease=, expiry= or instances=")
-        annex = self.store.update_annex(annex.id, **changes)
+        with self.store.transaction():
+            # Read again inside the write: the annex may have retired since it was found, and
+            # the owner's other annexes may have grown (the cap is checked where it is written).
+            current = self.store.get(annex.id)
+            if current is None or current.state not in lifecycle.ACTIVE:
+                state = current.state if current else names.RETIRED
+                raise InputError(
+                    f"annex {annex.name} is {state}; only a live annex can be extended"
+                )
+            if args.get("instances"):
+                changes["requested"], changes["binding_limit"] = self._capped(
+                    annex.owner, wanted, exclude=annex.id
+                )
+            annex = self.store.update_annex(annex.id, **changes)
         log.info("annex %s extended: %s", annex.key, changes)
         self.wake()
         return {
@@ -468,13 +494,29 @@ class AnnexService:
             annex = self.retire(annex, "deleted")
         return {"name": annex.name, "state": annex.state}
 
-    def retire(self, annex: Annex, reason: str) -> Annex:
-        state = lifecycle.next_state(annex.state, "retire")
-        if annex.state != state or not annex.retire_reason:
+    def retire(self, annex: Annex, reason: str, *, now: int | None = None) -> Annex:
+        """Retire the annex. `annex` is the view the decision was made on: a policy decision
+        (lease, idle) is checked again against the record inside the write, and does not hold
+        if the record changed since (lifecycle.retire_still_due: an acknowledged extend wins)."""
+        now = int(self._clock()) if now is None else now
+        with self.store.transaction():
+            current = self.store.get(annex.id) or annex
+            if current.state == names.RETIRED:
+                return current
+            if not lifecycle.retire_still_due(reason, annex, current, now):
+                log.info(
+                    "annex %s: %s retirement dropped, the record changed since it was decided",
+                    annex.key,
+                    reason,
+                )
+                return current
+            state = lifecycle.next_state(current.state, "retire")
+            if current.state == state and current.retire_reason:
+                return current
             annex = self.store.update_annex(annex.id, state=state, retire_reason=reason)
-            log.info("annex %s retiring: %s", annex.key, reason)
-            faults.checkpoint("retire.recorded")
-            self.wake()
+        log.info("annex %s retiring: %s", annex.key, reason)
+        faults.checkpoint("retire.recorded")
+        self.wake()
         return annex
 
     def status(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:

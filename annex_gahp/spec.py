@@ -11,6 +11,7 @@ Stdlib only (plus this package's stdlib-only modules).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -467,6 +468,8 @@ def from_keywords(
             " give positive decimal prices such as 0.05"
         )
     region = str(values.get("region", ""))
+    if region:
+        check_region(region, settings.allowed_regions)
     for key, items, allowed, knob in (
         ("instance_types", types, settings.allowed_instance_types, "ANNEX_ALLOWED_INSTANCE_TYPES"),
         ("image_ids", images, settings.allowed_image_ids, "ANNEX_ALLOWED_IMAGE_IDS"),
@@ -670,3 +673,54 @@ def _conflict(existing: AnnexSpec, key: str, mine: str, theirs: str) -> str:
         f" this job asks for '{theirs}':"
         f" leave annex_{key} out, repeat it, or use another annex_name"
     )
+
+
+# ---- regions -------------------------------------------------------------------------------
+
+# Every AWS region name is short lowercase ASCII: checked before any pattern of botocore's
+# (whose `\w` would let other scripts' letters and `_` through).
+_REGION_SHAPE_RE = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
+@functools.cache
+def _aws_regions() -> tuple[frozenset[str], tuple[re.Pattern[str], ...]]:
+    """The regions botocore's own endpoint data knows (every partition), and each partition's
+    region pattern (for regions newer than the installed botocore). Read from files shipped
+    with botocore: no AWS call."""
+    import botocore.loaders  # noqa: PLC0415 - only the helper checks regions; boto is heavy
+
+    data = botocore.loaders.create_loader().load_data("endpoints")
+    known: set[str] = set()
+    patterns = []
+    for partition in data.get("partitions", []):
+        known.update(partition.get("regions", {}))
+        if partition.get("regionRegex"):
+            patterns.append(re.compile(partition["regionRegex"], re.ASCII))
+    return frozenset(known), tuple(patterns)
+
+
+def _region_shown(value: str) -> str:
+    """A hostile value bounded and printable, for a one-line refusal."""
+    shown = value.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= 40 else f"{shown[:40]}... ({len(value)} characters)"
+
+
+def check_region(region: str, allowed: tuple[str, ...] = (), knob: str = "annex_region") -> str:
+    """Refuse, before anything is recorded, a region AWS does not have or the admin's
+    ANNEX_ALLOWED_REGIONS leaves out. `knob` is what the refusal names: the submit keyword, or
+    the config knob the region came from."""
+    known, patterns = _aws_regions()
+    if not (
+        _REGION_SHAPE_RE.match(region)
+        and (region in known or any(p.match(region) for p in patterns))
+    ):
+        raise InputError(
+            f"{knob} = '{_region_shown(region)}' is not an AWS region: give one such as"
+            " us-east-1 or eu-west-1"
+        )
+    if allowed and region not in allowed:
+        raise LimitExceeded(
+            f"{knob} = '{region}' is not allowed here: choose from {','.join(allowed)}"
+            " (ANNEX_ALLOWED_REGIONS)"
+        )
+    return region

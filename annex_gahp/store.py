@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from annex_gahp.errors import AnnexError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # Columns added since version 1, as (name, definition): a version 1 file gets them when it is
@@ -167,6 +170,7 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open on the connection (the first, then savepoints)
         fresh = not os.path.exists(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -221,14 +225,54 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction (the write lock is taken at BEGIN, so a check made inside
+        holds until COMMIT), held by this thread. A transaction opened inside another is a
+        savepoint of it: a caller can read, decide and write in one piece while the store's
+        own methods keep their own transactions."""
         with self._lock:
+            if self._depth:
+                yield from self._savepoint()
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as err:
+                # A COMMIT that fails (a deferred constraint, a full disk, a lock) can leave the
+                # transaction open: every later BEGIN would then fail and the helper stop.
+                self._rollback()
+                raise StoreError(
+                    f"could not commit to the state file {self.path} ({err}); the change was "
+                    "rolled back"
+                ) from None
+
+    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+        name = f"nested{self._depth}"
+        self._db.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute(f"ROLLBACK TO {name}")
+            raise
+        finally:
+            self._depth -= 1
+            self._db.execute(f"RELEASE {name}")
+
+    def _rollback(self) -> None:
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as err:  # the original error says more; this one is logged
+            log.error("could not roll back the state file %s: %s", self.path, err)
 
     # --- annexes -------------------------------------------------------------------------
 
