@@ -638,14 +638,18 @@ class AnnexService:
         # Since when the job waits: a job released after its annex ended may start a new one.
         since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
         since = since if isinstance(since, int) else None
-        wanted = spec.from_job_attrs(attrs, owner, self.settings)  # bad input says so first
         job = _job_ref(attrs, since)
+        try:
+            wanted = spec.from_job_attrs(attrs, owner, self.settings)  # bad input says so first
+        except InputError as err:
+            self._tell_refused(job, attrs, str(err))
+            raise
         if job is not None:
             self._check_still_waiting(job)
         user_data = self._pilot_data(attrs, args, wanted) if wanted.mode == "provision" else None
         try:
             annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
-        except LimitExceeded as err:
+        except (InputError, LimitExceeded) as err:  # a name in use, retiring, a region...
             self._tell_refused(job, attrs, str(err))
             raise
         out = self.job_status_attrs(annex, owner, wanted.name)
@@ -653,8 +657,9 @@ class AnnexService:
         return {"json": json.dumps(out, sort_keys=True)}
 
     def _tell_refused(self, job: JobRef | None, attrs: Mapping[str, Any], why: str) -> None:
-        """A refused request leaves the job unrouted, and the router asks again each polling
-        period; without this its owner would see an idle job and nothing else. Written only
+        """A refused request (bad input, a conflict, a cap) leaves the job unrouted, and the
+        router asks again each polling period; without this its owner would see an idle job
+        and nothing else. Written only
         when it changes: the router's copy of the ad says what the job already carries."""
         if job is None or self.jobs is None or attrs.get("AnnexLastError") == why:
             return

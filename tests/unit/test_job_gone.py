@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aws_fixtures import REGION, make_settings
 
-from annex_gahp.errors import AnnexError, JobGone, LimitExceeded, PermissionDenied
+from annex_gahp.errors import AnnexError, InputError, JobGone, LimitExceeded, PermissionDenied
 from annex_gahp.gahp import Caller
 from annex_gahp.schedd import COMPLETED, HELD, IDLE, REMOVED, RUNNING, ScheddDemand
 from annex_gahp.service import AnnexService
@@ -281,3 +281,26 @@ def test_a_request_refused_by_the_per_user_cap_is_written_into_the_job_once(tmp_
     with pytest.raises(LimitExceeded):  # the job already says so: nothing written again
         routed(service, cluster=8, name="other", extra=f'AnnexLastError = "{why}"\n')
     assert [q for q in schedd.queries if q.startswith("edit ")] == []
+
+
+def test_every_refusal_of_a_routed_request_is_written_into_the_job(service, queue):
+    """Not only the caps: a value the helper refuses (here a region AWS does not have, which
+    condor_submit cannot know) and a conflict with a live annex reach the job's AnnexLastError,
+    so its owner sees why it stays idle."""
+    _, schedd = queue
+    schedd.add(7)
+    schedd.add(8)
+    with pytest.raises(InputError) as bad:
+        routed(service, cluster=7, extra='AnnexRegion = "xx-nowhere-9"\n')
+    assert "annex_region" in str(bad.value)
+    routed(service, cluster=8)  # burst, 1 instance
+    schedd.add(9)
+    with pytest.raises(InputError) as conflict:
+        routed(service, cluster=9, instances=1, extra='AnnexInstanceTypes = "c5.large"\n')
+    edits = [q for q in schedd.queries if q.startswith("edit ")]
+    assert edits == [
+        f'edit AnnexLastError where ClusterId == {c} && ProcId == 0 && Owner =?= "alice"'
+        " && JobStatus == 1"
+        for c in (7, 9)
+    ], (str(bad.value), str(conflict.value))
+    assert service.store.live("alice", "burst").requested == 1
