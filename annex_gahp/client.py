@@ -175,6 +175,16 @@ def _stringify(kwargs: dict[str, object]) -> dict[str, str]:
     return out
 
 
+class _TurnedAway(ClientError):
+    """The helper closed the connection at once with a reason: too many connections."""
+
+
+# How long a call waits for a connection the helper turned away: each user has a few at most
+# (transports.MAX_CONNECTIONS_PER_UID), and the job router may run many of one user's hooks at
+# once, each holding one for milliseconds.
+TURNED_AWAY_PATIENCE = 3.0
+
+
 def call(
     command: str,
     timeout: float = DEFAULT_TIMEOUT,
@@ -188,6 +198,21 @@ def call(
     args = format_kv(_stringify(kwargs))
     cmd = command.upper()
     deadline = time.monotonic() + timeout
+    give_up = min(deadline, time.monotonic() + TURNED_AWAY_PATIENCE)
+    delay = 0.02
+    while True:
+        try:
+            return _call_once(cmd, args, path, deadline, timeout)
+        except _TurnedAway:
+            if time.monotonic() + delay >= give_up:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _call_once(
+    cmd: str, args: list[str], path: str, deadline: float, timeout: float
+) -> dict[str, str]:
     # One call per connection, so a fixed id would do; the pid helps reading the helper's log.
     reqid = str(os.getpid())
     sock = _connect(path, timeout)
@@ -206,7 +231,7 @@ def call(
             if not banner.startswith("$GahpVersion"):
                 parts = split_args(banner)
                 detail = " ".join(parts[1:]) if parts and parts[0] == "E" else banner
-                raise ClientError(BUSY, f"annex_gahp at {path} did not accept us: {detail}")
+                raise _TurnedAway(BUSY, f"annex_gahp at {path} did not accept us: {detail}")
             if send_error is not None:
                 raise send_error
             for request in requests:

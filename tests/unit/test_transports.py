@@ -8,6 +8,7 @@ import os
 import pwd
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -727,6 +728,34 @@ def test_one_users_idle_connections_do_not_lock_out_others(sockdir: Path, caplog
         assert client.call("WHOAMI", path=srv.path, timeout=5)["uid"] == "0"
         assert any(f"uid {NOBODY}" in r.getMessage() and "per-user" in r.getMessage()
                    for r in caplog.records)
+    finally:
+        os.close(go_w)
+        os.close(rfd)
+        os.waitpid(pid, 0)
+        srv.shutdown()
+
+
+@needs_root
+def test_a_users_call_waits_briefly_for_one_of_its_own_connections(sockdir: Path) -> None:
+    """The job router runs many of one user's hooks at once: a call turned away by the
+    per-user cap tries again for a few seconds (client.TURNED_AWAY_PATIENCE) instead of
+    failing, and is served as soon as one of that user's connections is free."""
+    srv = make_server(sockdir, max_connections=16, max_per_uid=2, reserved=4,
+                      idle_timeout=60, poll_interval=0.1)
+    pid, rfd, go_w = _fork_as(NOBODY, _hold_idle(srv.path, 2))
+    try:
+        assert all(f.startswith("$Gahp") for f in _read_report(rfd)["firsts"])  # type: ignore[union-attr]
+        caller, crfd, cgo = _fork_as(NOBODY, _call_as(srv.path))
+        time.sleep(0.8)
+        # The holder lets its connections go. Killed, not told through its pipe: the caller,
+        # forked after it, holds a copy of that pipe's end too.
+        os.kill(pid, signal.SIGKILL)
+        got = _read_report(crfd)
+        os.close(cgo)
+        os.close(crfd)
+        os.waitpid(caller, 0)
+        assert got.get("uid") == str(NOBODY), got
+        assert 0.7 < float(got["seconds"]) < client.TURNED_AWAY_PATIENCE  # type: ignore[arg-type]
     finally:
         os.close(go_w)
         os.close(rfd)
