@@ -242,7 +242,7 @@ class AwsCloud:
                     secrets.instance_parameter(key, instance_id),
                     token,
                     tagged,
-                    self._account(region),
+                    account=self._account(region),
                 )
             else:
                 secrets.put_token(

@@ -56,7 +56,7 @@ def instance_parameter(annex_parameter: str, instance_id: str) -> str:
 
 
 def put_object_copy(
-    s3: Any, bucket: str, key: str, token: str, tags: dict[str, str], account: str
+    s3: Any, bucket: str, key: str, token: str, tags: dict[str, str], *, account: str
 ) -> None:
     """The stack strategy's per-instance copy: an object in the annex's token bucket, tagged
     (the instance role's read is conditioned on INSTANCE_TAG). `account` is the bucket's

@@ -75,7 +75,7 @@ def test_every_bucket_call_names_our_account(moto_url: str) -> None:  # noqa: F8
     seen = _seen(s3)
     stack.put_token(s3, bucket, "tok", {names.TAG_POOL: POOL}, REGION, account=account)
     # The per-instance copy (issue 12: each instance reads only its own) goes there too.
-    secrets.put_object_copy(s3, bucket, "token/i-0123456789abcdef0", "tok", {}, account)
+    secrets.put_object_copy(s3, bucket, "token/i-0123456789abcdef0", "tok", {}, account=account)
     assert stack.delete_bucket(s3, bucket, account) is True
     ops = {op for op, _ in seen}
     assert {"ListObjectsV2", "PutBucketTagging", "PutObject", "DeleteObject", "DeleteBucket"} <= ops
