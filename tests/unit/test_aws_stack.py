@@ -291,7 +291,9 @@ def test_the_instance_agent_fetches_the_token_from_s3(moto_url: str, tmp_path, m
 
     # The instance fetches its own copy, token/<its id> (issue 12), not the annex's object.
     stack.put_token(s3, bucket, "not-mine", {names.TAG_POOL: POOL}, REGION)
-    secrets.put_object_copy(s3, bucket, "token/i-0123456789abcdef0", "the-token", {"k": "v"}, account="")
+    secrets.put_object_copy(
+        s3, bucket, "token/i-0123456789abcdef0", "the-token", {"k": "v"}, account=""
+    )
     cfg = {
         "aws_endpoint_url": moto_url,
         "region": REGION,
