@@ -1,7 +1,8 @@
 """`annex_gahp`: the helper. Under condor_master it is a daemon; on a terminal or pipe it is a GAHP.
 
-Under condor_master (CONDOR_INHERIT set, started as root): become the condor user (keeping
-root only as the saved uid, for minting tokens), open the state store, serve the Unix socket
+Under condor_master (CONDOR_INHERIT set, started as root): prepare its paths without following
+any symlink, become the condor user for good (no root left, not even as the saved uid: tokens
+are signed with the project's own key, see tokens.py), open the state store, serve the Unix socket
 the hooks and CLI use, and run the reconcile loop. On stdin/stdout: relay to the running
 daemon's socket, so a GAHP client gets the same records and the kernel's word on who it is.
 """

@@ -8,9 +8,9 @@ the rendered text (or the template's own one-line error) as JSON on stdout.
 
 The child, before it reads a byte of the template (`confine()`):
 - sets its own wall-clock alarm (SIGALRM's default action ends it, whatever it is doing);
-- holds no root: started by the helper (the condor user, root as its saved uid), execve has
-  already set the saved uid to the effective one, so it is the condor user through and
-  through; started by root (any uid/gid 0), it becomes `nobody` for good (real, effective and
+- holds no root: started by the helper, it is the condor user through and through (the
+  helper keeps no root; and even a saved uid of 0 would not survive execve, which sets the
+  saved uid to the effective one); started by root (any uid/gid 0), it becomes `nobody` for good (real, effective and
   saved uid and gid, no supplementary groups). Either way it checks root cannot be had back;
 - sets no_new_privs (prctl), so no setuid program can give privilege back, and dies with
   the helper (PR_SET_PDEATHSIG);
