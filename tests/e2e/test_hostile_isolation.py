@@ -47,13 +47,17 @@ def tagged(owner: str, name: str) -> list[dict]:
 
 def test_a_region_aws_does_not_have_is_refused_and_nothing_is_recorded(sandbox):
     name = f"bad-{uuid.uuid4().hex[:6]}"
-    for region in ("xx-nowhere-9", "us-east-1;DROP", "us-" + "e" * 300 + "-1"):
+    for region in ("xx-nowhere-9", "us-east-1;DROP"):
         res = annex("bob", "create", "--name", name, "--region", region)
         assert res.returncode != 0, res.stdout
-        shown = region[:20]
-        assert f"annex_region = '{shown}" in res.stderr, res.stderr
+        assert f"annex_region = '{region}" in res.stderr, res.stderr
         assert "is not an AWS region" in res.stderr, res.stderr
-        assert len(res.stderr) < 400, res.stderr
+    # A 300-character one is refused by the length bound every free-text value has, before the
+    # region check: still naming the field, in one short line.
+    res = annex("bob", "create", "--name", name, "--region", "us-" + "e" * 300 + "-1")
+    assert res.returncode != 0, res.stdout
+    assert "annex_region is longer than 255 characters" in res.stderr, res.stderr
+    assert len(res.stderr) < 400, res.stderr
     assert name not in listed("bob")
 
 
