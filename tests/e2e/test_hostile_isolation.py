@@ -1,7 +1,7 @@
 """Issue 12, hostile: one user's bad region stops nobody else (real HTCondor, moto, booter).
 
 bob names a region AWS does not have: refused, naming annex_region and the value, nothing
-recorded. bob then names a well-formed region (it matches the AWS partition's pattern, so the
+recorded. carol (a user of this test's own) then names a well-formed region (it matches the AWS partition's pattern, so the
 helper accepts it) that the endpoint refuses - moto answers a region it does not serve with an
 HTTP 500, as a real endpoint that is down or unknown fails - so every look at that region fails.
 Meanwhile alice's annex in the default region is created, runs, and is deleted with its
@@ -61,10 +61,20 @@ def test_a_region_aws_does_not_have_is_refused_and_nothing_is_recorded(sandbox):
     assert name not in listed("bob")
 
 
-def test_an_unreachable_region_does_not_stop_another_users_annex(sandbox):
+@pytest.fixture(scope="module")
+def carol() -> str:
+    """A user of this test's own: an annex deleted in a region that never answers stays
+    retiring (instances might exist there) and keeps counting against its owner's
+    ANNEX_MAX_INSTANCES_PER_USER, which must not leak into other tests' caps for bob."""
+    if subprocess.run(["id", "carol"], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", "carol"], check=True)
+    return "carol"
+
+
+def test_an_unreachable_region_does_not_stop_another_users_annex(sandbox, carol):
     far = f"far-{uuid.uuid4().hex[:6]}"
     mine = f"near-{uuid.uuid4().hex[:6]}"
-    annex("bob", "create", "--name", far, "--region", UNREACHABLE, check=True)
+    annex(carol, "create", "--name", far, "--region", UNREACHABLE, check=True)
     try:
         annex("alice", "create", "--name", mine, "--idle-timeout", "30m", check=True)
         (instance,) = sb.wait_for(
@@ -82,12 +92,12 @@ def test_an_unreachable_region_does_not_stop_another_users_annex(sandbox):
             what="alice's instance to be terminated",
         )
         sb.wait_for(lambda: mine not in listed("alice"), timeout=30, what="alice's annex to retire")
-        # bob's annex was left alone all along: never launched, never retired, and says why.
-        view = listed("bob")[far]
+        # carol's annex was left alone all along: never launched, never retired, and says why.
+        view = listed(carol)[far]
         assert "could not look at region" in view["LastError"], view
         assert view["AnnexState"] == "requested", view
         assert UNREACHABLE in view["LastError"], view
         assert "\n" not in view["LastError"] and len(view["LastError"]) < 500, view
     finally:
-        annex("bob", "delete", "--name", far)
+        annex(carol, "delete", "--name", far)
         annex("alice", "delete", "--name", mine)

@@ -321,10 +321,13 @@ def test_a_region_aws_does_not_have_is_refused_naming_annex_region(moto_url, tmp
     with pytest.raises(InputError) as refused:
         world.service.create(BOB, {"name": "far", "region": region})
     message = str(refused.value)
-    assert message.startswith("annex_region = '"), message
-    assert "is not an AWS region" in message
     assert len(message) < 200 and message.isprintable()
-    assert region[:10].encode("unicode_escape").decode() in message
+    if len(region) > 255:  # the bound every free-text value has comes first
+        assert message == "annex_region is longer than 255 characters: shorten it", message
+    else:
+        assert message.startswith("annex_region = '"), message
+        assert "is not an AWS region" in message
+        assert region[:10].encode("unicode_escape").decode() in message
     assert world.store.annexes(include_retired=True) == []
 
 
