@@ -376,10 +376,29 @@ def arm_faults(cfg: settings_mod.Settings) -> None:
     faults.arm(htcondor2.param.get("ANNEX_GAHP_TEST_FAULTS") or "", cfg.endpoint_url, cfg.state_dir)
 
 
+def _close_inherited_sockets() -> None:
+    """condor_master counts ANNEXD among its built-in DaemonCore daemons (DC_DAEMON_LIST's
+    default, left from upstream's old condor_annexd), so it hands the helper TCP and UDP command
+    sockets in CONDOR_INHERIT. The helper answers no DaemonCore command: close them rather than
+    hold a port whose connections are never accepted."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(fd)
+        except OSError:
+            pass  # the listdir's own fd, gone by now
+
+
 def run_daemon() -> int:
     from annex_gahp.gahp import Dispatcher  # noqa: PLC0415
     from annex_gahp.transports import SocketServer  # noqa: PLC0415
 
+    if os.environ.get("CONDOR_INHERIT"):
+        _close_inherited_sockets()
     # Until the handlers below are in place a reconfig must not kill us (SIGHUP's default):
     # the knobs are being read fresh anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
