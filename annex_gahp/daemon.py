@@ -376,11 +376,13 @@ def arm_faults(cfg: settings_mod.Settings) -> None:
     faults.arm(htcondor2.param.get("ANNEX_GAHP_TEST_FAULTS") or "", cfg.endpoint_url, cfg.state_dir)
 
 
-def _close_inherited_sockets() -> None:
+def _undo_daemoncore_start() -> None:
     """condor_master counts ANNEXD among its built-in DaemonCore daemons (DC_DAEMON_LIST's
-    default, left from upstream's old condor_annexd), so it hands the helper TCP and UDP command
-    sockets in CONDOR_INHERIT. The helper answers no DaemonCore command: close them rather than
-    hold a port whose connections are never accepted."""
+    default, left from upstream's old condor_annexd), so it starts the helper as one: with every
+    signal still blocked (a DaemonCore daemon unblocks them itself), so SIGHUP from
+    condor_reconfig and SIGTERM from condor_off would never arrive; and with TCP and UDP command
+    sockets in CONDOR_INHERIT, on a port whose connections nobody would accept. Undo both."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -398,7 +400,7 @@ def run_daemon() -> int:
     from annex_gahp.transports import SocketServer  # noqa: PLC0415
 
     if os.environ.get("CONDOR_INHERIT"):
-        _close_inherited_sockets()
+        _undo_daemoncore_start()
     # Until the handlers below are in place a reconfig must not kill us (SIGHUP's default):
     # the knobs are being read fresh anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

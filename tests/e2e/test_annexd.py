@@ -2,8 +2,10 @@
 
 - The master runs the program named by ANNEXD, and `condor_fetchlog <master> ANNEXD` returns
   the helper's log (ANNEXD_LOG = $(ANNEX_GAHP_LOG)).
-- ANNEXD is one of the master's built-in DaemonCore names, so the master hands the helper TCP
-  and UDP command sockets; the helper closes them: it holds no TCP listener nor UDP socket.
+- ANNEXD is one of the master's built-in DaemonCore names, so the master starts the helper with
+  every signal blocked and hands it TCP and UDP command sockets. The helper unblocks the
+  signals (no thread of it blocks any; test_daemon.py sees reconfig and SIGTERM work) and
+  closes the sockets: it holds no TCP listener nor UDP socket.
 """
 
 from __future__ import annotations
@@ -91,3 +93,12 @@ def test_the_helper_keeps_no_daemoncore_command_socket(sandbox):
     udp = _inet_inodes(("udp", "udp6"), listening_only=False)
     assert not held & tcp, "the helper holds a TCP listener (the master's command socket)"
     assert not held & udp, "the helper holds a UDP socket (the master's command socket)"
+
+
+def test_no_thread_of_the_helper_blocks_a_signal(sandbox):
+    pid = _serving_pid()
+    blocked = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        blocked[task] = re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M)[1]
+    assert set(blocked.values()) == {"0" * 16}, blocked
