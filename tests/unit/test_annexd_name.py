@@ -19,10 +19,11 @@ from annex_gahp.errors import AnnexError
 
 CONFIG = Path(__file__).resolve().parents[2] / "condor_config.d" / "10-annex-gahp.conf"
 
-# Upstream condor_annex's knobs, from htcondor/htcondor v23.9.6 (the same at the 2026-08 main):
-# every `[ANNEX*]` entry of src/condor_utils/param_info.in (region-prefixed ones such as
+# Upstream's knobs, from htcondor/htcondor v23.9.6 (param_info.in's are the same at the 2026-08
+# main): every `[ANNEX*]` entry of src/condor_utils/param_info.in (region-prefixed ones such as
 # `[us_east_1.ANNEX_DEFAULT_ODI_IMAGE_ID]` listed without the prefix; HPC_ANNEX_ENABLED is a
-# different feature's), plus the ones src/annex/annex.cpp param()s without a table entry, plus
+# different feature's), plus the `"ANNEX_*"` names that condor_annex (src/annex/*.cpp) and
+# `htcondor annex` (src/condor_tools/htcondor_cli/annex*.py) param() without a table entry, plus
 # ANNEX_GAHP_RATE_LIMIT, which ec2_gahp/amazonCommands.cpp derives from the subsystem name
 # ANNEX_GAHP that condor_annex gives its GAHP (`-s ANNEX_GAHP`).
 UPSTREAM_ANNEX_KNOBS = frozenset(
@@ -51,11 +52,30 @@ UPSTREAM_ANNEX_KNOBS = frozenset(
         "ANNEX_GAHP_LOG",
         "ANNEX_LOG",
         "ANNEX_TOKEN_DOMAIN",
-        # annex.cpp, no param table entry
+        # read in code, no param table entry
+        "ANNEX_DEFAULT_ACCESS_KEY_FILE",
+        "ANNEX_DEFAULT_ODI_INSTANCE_PROFILE_ARN",
+        "ANNEX_DEFAULT_ODI_KEY_NAME",
+        "ANNEX_DEFAULT_ODI_LEASE_FUNCTION_ARN",
+        "ANNEX_DEFAULT_ODI_SECURITY_GROUP_IDS",
+        "ANNEX_DEFAULT_S3_BUCKET",
+        "ANNEX_DEFAULT_SECRET_KEY_FILE",
+        "ANNEX_DEFAULT_SFR_CONFIG_FILE",
+        "ANNEX_DEFAULT_SFR_LEASE_FUNCTION_ARN",
         "ANNEX_GAHP_CALL_TIMEOUT",
         "ANNEX_GAHP_DEBUG",
         "ANNEX_GAHP_WORKER_MAX_NUM",
         "ANNEX_GAHP_WORKER_MIN_NUM",
+        "ANNEX_INITIAL_CONNECTION_TIMEOUT",
+        "ANNEX_PASSWORD_FILE",
+        "ANNEX_PROVISIONING_DELAY",
+        "ANNEX_REMOTE_CLEANUP_TIMEOUT",
+        "ANNEX_REMOTE_MKDIR_TIMEOUT",
+        "ANNEX_REMOTE_POPULATE_TIMEOUT",
+        "ANNEX_TMP_DIR",
+        "ANNEX_TOKEN_FETCH_TIMEOUT",
+        "ANNEX_TOKEN_KEY_NAME",
+        "ANNEX_TOKEN_LIFETIME",
         # derived from the GAHP's subsystem name
         "ANNEX_GAHP_RATE_LIMIT",
     }
@@ -124,6 +144,13 @@ def test_no_knob_the_master_derives_from_the_entry_is_upstreams():
     # The old name would not pass: ANNEX_GAHP itself and its _LOG are upstream's.
     old = {pattern.format("ANNEX_GAHP") for pattern in DERIVED}
     assert old & UPSTREAM_ANNEX_KNOBS == {"ANNEX_GAHP", "ANNEX_GAHP_LOG"}
+
+
+def test_the_only_upstream_knobs_the_shipped_file_sets_are_the_known_shared_two():
+    # Both are contract names, kept; docs/admin.md ("Daemon name") says what each means for a
+    # site that also runs upstream's tools. A new one must be decided on, not slip in.
+    shared = {knob for knob, _ in _assignments()} & UPSTREAM_ANNEX_KNOBS
+    assert shared == {"ANNEX_GAHP_LOG", "ANNEX_TOKEN_DOMAIN"}
 
 
 def test_the_master_tails_the_helpers_own_log():
