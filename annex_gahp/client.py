@@ -75,7 +75,7 @@ def _not_running(path: str, why: str) -> NotRunning:
     return NotRunning(
         NOT_RUNNING,
         f"annex_gahp is not running: cannot connect to {path} ({why}); "
-        "ask your HTCondor admin to check ANNEX_GAHP in DAEMON_LIST",
+        "ask your HTCondor admin to check ANNEXD in DAEMON_LIST",
     )
 
 

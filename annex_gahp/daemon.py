@@ -197,6 +197,9 @@ def _take_lock(state_dir: str) -> Any:
     return handle
 
 
+OLD_TIMEOUT_KNOB = "ANNEX_GAHP_NOT_RESPONDING_TIMEOUT"
+
+
 class MasterLink:
     """What a DaemonCore daemon tells its condor_master, done for this non-DaemonCore program.
 
@@ -204,11 +207,13 @@ class MasterLink:
       from here with Debian's 23.9 bindings: the master accepts it from the condor user (DAEMON
       level) and, from the first one on, kills the helper as hung ("appears hung! Killing it
       hard") when the next one is later than the timeout we gave, then restarts it. The loop
-      sends one every third of ANNEX_GAHP_NOT_RESPONDING_TIMEOUT (else NOT_RESPONDING_TIMEOUT,
+      sends one every third of ANNEXD_NOT_RESPONDING_TIMEOUT (else NOT_RESPONDING_TIMEOUT,
       default 3600 s), so a wedged reconcile loop is replaced, not left serving stale records.
+      ANNEXD is the helper's name in DAEMON_LIST, and DaemonCore reads
+      <name>_NOT_RESPONDING_TIMEOUT the same way.
     - Ready: `htcondor2.set_ready_state` exists from 24.1.1 on (not in 23.9); it is called
       when present (compat.set_ready_state). Without it the master shows no ready state for
-      ANNEX_GAHP.
+      ANNEXD.
     """
 
     def __init__(self) -> None:
@@ -219,10 +224,15 @@ class MasterLink:
 
     def configure(self) -> None:
         value = None
-        for knob in ("ANNEX_GAHP_NOT_RESPONDING_TIMEOUT", "NOT_RESPONDING_TIMEOUT"):
+        for knob in ("ANNEXD_NOT_RESPONDING_TIMEOUT", "NOT_RESPONDING_TIMEOUT"):
             value = compat.param(knob)
             if value is not None:
                 break
+        if compat.param(OLD_TIMEOUT_KNOB) is not None:
+            # The daemon was called ANNEX_GAHP before; a site's old setting must not pass silently.
+            log.warning(
+                "%s is no longer read: rename it ANNEXD_NOT_RESPONDING_TIMEOUT", OLD_TIMEOUT_KNOB
+            )
         try:
             self.timeout = max(10, int(str(value))) if value is not None else 3600
         except ValueError:
@@ -366,10 +376,31 @@ def arm_faults(cfg: settings_mod.Settings) -> None:
     faults.arm(htcondor2.param.get("ANNEX_GAHP_TEST_FAULTS") or "", cfg.endpoint_url, cfg.state_dir)
 
 
+def _undo_daemoncore_start() -> None:
+    """condor_master counts ANNEXD among its built-in DaemonCore daemons (DC_DAEMON_LIST's
+    default, left from upstream's old condor_annexd), so it starts the helper as one: with every
+    signal still blocked (a DaemonCore daemon unblocks them itself), so SIGHUP from
+    condor_reconfig and SIGTERM from condor_off would never arrive; and with TCP and UDP command
+    sockets in CONDOR_INHERIT, on a port whose connections nobody would accept. Undo both."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(fd)
+        except OSError:
+            pass  # the listdir's own fd, gone by now
+
+
 def run_daemon() -> int:
     from annex_gahp.gahp import Dispatcher  # noqa: PLC0415
     from annex_gahp.transports import SocketServer  # noqa: PLC0415
 
+    if os.environ.get("CONDOR_INHERIT"):
+        _undo_daemoncore_start()
     # Until the handlers below are in place a reconfig must not kill us (SIGHUP's default):
     # the knobs are being read fresh anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -434,7 +465,7 @@ def relay_stdio(path: str) -> int:
     except OSError as err:
         print(
             f"annex_gahp: the helper daemon is not running ({path}: {err.strerror}); "
-            "ask your HTCondor admin to check ANNEX_GAHP in DAEMON_LIST",
+            "ask your HTCondor admin to check ANNEXD in DAEMON_LIST",
             file=sys.stderr,
         )
         return 1

@@ -181,7 +181,10 @@ def test_helper_under_the_master_runs_these_bindings_and_tells_it_alive():
     pid, head = sb.wait_for(started, timeout=30, what="the helper's alive message",
                             on_timeout=lambda: HELPER_LOG.read_text()[-2000:])
     master_log = MASTER_LOG.read_text(errors="replace")
-    program = re.findall(rf'Started process "([^"]+)", pid and pgroup = {pid}\b', master_log)
+    # "DaemonCore process": ANNEXD is one of the master's built-in DaemonCore names.
+    program = re.findall(
+        rf'Started DaemonCore process "([^"]+)", pid and pgroup = {pid}\b', master_log
+    )
     assert program and program[-1] == f"{sys.prefix}/bin/annex_gahp", (program, sys.prefix)
     assert "could not tell condor_master" not in head, head
     after = HELPER_LOG.read_text(errors="replace").split(f"(pid {pid})", 1)[1]

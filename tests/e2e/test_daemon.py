@@ -5,7 +5,7 @@
   parse is reported and the previous knobs are kept, the helper serving on.
 - The log speaks HTCondor's `MM/DD/YY HH:MM:SS` like the master's own.
 - The master hears the helper's keep-alives (DC_CHILDALIVE): with a short
-  ANNEX_GAHP_NOT_RESPONDING_TIMEOUT the helper lives on, and once it is frozen (SIGSTOP) the
+  ANNEXD_NOT_RESPONDING_TIMEOUT the helper lives on, and once it is frozen (SIGSTOP) the
   master kills it as hung and starts a new one.
 - `annex_gahp --stdio` run as a user relays to the daemon: banner, COMMANDS, VERSION, and an
   ANNEX_LIST of that user's annexes only.
@@ -39,7 +39,7 @@ CONFIG = Path("/etc/condor/config.d/99-zz-test-daemon.conf")
 # (After the sandbox's own 99-sandbox.conf, so that our values win.)
 # So that the restart delay does not depend on how many quick deaths earlier tests caused
 # (the master doubles it each time, up to an hour): a fixed 2 s.
-BACKOFF = "MASTER_ANNEX_GAHP_BACKOFF_CONSTANT = 1\nMASTER_ANNEX_GAHP_BACKOFF_FACTOR = 1.0\n"
+BACKOFF = "MASTER_ANNEXD_BACKOFF_CONSTANT = 1\nMASTER_ANNEXD_BACKOFF_FACTOR = 1.0\n"
 DATE = re.compile(r"^(\d\d/\d\d/\d\d \d\d:\d\d:\d\d) ")
 
 
@@ -109,7 +109,7 @@ def banner_of_socket() -> str:
 def daemon(sandbox):
     pids = started(LOG.read_text(errors="replace"))
     if not (pids and ours(pids[-1])):  # held back by the master's restart delay
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=True, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=True, capture_output=True)
     serving_pid()
     reconfig("")
     yield serving_pid()
@@ -150,7 +150,7 @@ def test_sigterm_exits_cleanly_and_the_master_restarts_it(daemon):
     new = serving_pid(offset, not_pid=pid)
     assert not ours(pid)
     master = log_since(master_offset, MASTER_LOG)
-    assert f"The ANNEX_GAHP (pid {pid}) exited with status 0" in master, master
+    assert f"The ANNEXD (pid {pid}) exited with status 0" in master, master
     assert re.search(r"restarting \S*annex_gahp in \d+ seconds", master), master
     assert banner_of_socket().startswith("$GahpVersion:")
     assert new != pid
@@ -201,7 +201,7 @@ def test_reconfig_uses_a_changed_knob_and_survives_a_bad_one(daemon):
 
 def test_the_master_hears_alive_and_replaces_a_frozen_helper(daemon):
     timeout = 10
-    offset = reconfig(f"ANNEX_GAHP_NOT_RESPONDING_TIMEOUT = {timeout}\n")
+    offset = reconfig(f"ANNEXD_NOT_RESPONDING_TIMEOUT = {timeout}\n")
     pid = serving_pid()
     sb.wait_for(
         lambda: f"told condor_master: alive, next within {timeout} s" in log_since(offset),

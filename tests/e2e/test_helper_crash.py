@@ -15,7 +15,7 @@ Then the state file: corrupted while an annex runs, the helper refuses to start 
 names the file; moved aside as docs/admin.md says, the next helper rebuilds the annex from the
 instances' tags: the same instances, no new ones, the ad back.
 
-One sandbox for the whole file. The master's restart delay for ANNEX_GAHP and the reconcile
+One sandbox for the whole file. The master's restart delay for ANNEXD and the reconcile
 interval are shortened by a test config file, so a case takes seconds, not minutes.
 """
 
@@ -105,7 +105,7 @@ def ensure_running() -> None:
     quick death, up to an hour: earlier tests may have left it waiting)."""
     pids = started_pids(LOG.read_text(errors="replace")) if LOG.exists() else []
     if not (pids and ours(pids[-1])):
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=True, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=True, capture_output=True)
     helper_pid()
 
 
@@ -360,8 +360,8 @@ def tuned(sandbox):
     TUNING.write_text(
         "# tests/e2e/test_helper_crash.py\n"
         f"ANNEX_RECONCILE_INTERVAL = {RECONCILE}\n"
-        "MASTER_ANNEX_GAHP_BACKOFF_CONSTANT = 1\n"
-        "MASTER_ANNEX_GAHP_BACKOFF_FACTOR = 1.0\n"
+        "MASTER_ANNEXD_BACKOFF_CONSTANT = 1\n"
+        "MASTER_ANNEXD_BACKOFF_FACTOR = 1.0\n"
     )
     FAULTS.unlink(missing_ok=True)
     ensure_running()
@@ -503,7 +503,7 @@ def test_corrupt_state_refuses_to_start_and_moved_aside_rebuilds_from_tags(clean
             src = Path(str(path) + suffix)
             if src.exists():
                 src.rename(Path(str(aside) + suffix))
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], capture_output=True, check=False)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], capture_output=True, check=False)
     sb.wait_for(
         lambda: f"adopted annex {USER}/{name} from tags" in log_since(offset),
         timeout=60,

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.sandbox
 LOG = Path("/var/log/condor/AnnexGahpLog")
 ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
 CONFIG = Path("/etc/condor/config.d/99-zz-test-hostile-templates.conf")
-BACKOFF = "MASTER_ANNEX_GAHP_BACKOFF_CONSTANT = 1\nMASTER_ANNEX_GAHP_BACKOFF_FACTOR = 1.0\n"
+BACKOFF = "MASTER_ANNEXD_BACKOFF_CONSTANT = 1\nMASTER_ANNEXD_BACKOFF_FACTOR = 1.0\n"
 
 BOB_PILOT = """#!/bin/sh
 echo "pilot of {{ annex_name }} for {{ annex_owner }}" > /var/tmp/pilot-marker
@@ -260,7 +260,7 @@ def quick_restarts(sandbox):
     CONFIG.write_text("# tests/e2e/test_hostile_templates.py\n" + BACKOFF)
     reconfig()
     if not LOG.exists() or not re.search(r"serving ", LOG.read_text(errors="replace")):
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=False, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=False, capture_output=True)
     yield
     CONFIG.unlink(missing_ok=True)
     reconfig()
@@ -312,12 +312,12 @@ def test_state_dir_symlink_planted_by_condor_is_refused_at_start_up(quick_restar
     pid = serving_pid()
     offset = LOG.stat().st_size
     try:
-        subprocess.run(["condor_off", "-daemon", "ANNEX_GAHP"], check=True, capture_output=True)
+        subprocess.run(["condor_off", "-daemon", "ANNEXD"], check=True, capture_output=True)
         sb.wait_for(lambda: not ours(pid), timeout=60, what="the helper to stop")
         sb.run_as("condor", "mv", str(state), str(moved), cwd="/")
         sb.run_as("condor", "ln", "-s", str(victim), str(state), cwd="/")
         offset = LOG.stat().st_size
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=True, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=True, capture_output=True)
         refusal = r"annex_gahp cannot start \(pid \d+\): " + re.escape(
             f"ANNEX_STATE_DIR {state}: {state} is a symlink (to {victim}) owned by uid "
             f"{pwd.getpwnam('condor').pw_uid}; refusing to use it as root"
@@ -331,14 +331,14 @@ def test_state_dir_symlink_planted_by_condor_is_refused_at_start_up(quick_restar
         assert owner_mode(victim) == (0, 0, 0o755) and os.listdir(victim) == []
         assert "serving " not in log_since(offset)
     finally:
-        subprocess.run(["condor_off", "-daemon", "ANNEX_GAHP"], check=False, capture_output=True)
+        subprocess.run(["condor_off", "-daemon", "ANNEXD"], check=False, capture_output=True)
         if state.is_symlink():
             state.unlink()
         if moved.exists():
             moved.rename(state)
         victim.rmdir()
         offset = LOG.stat().st_size
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=False, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=False, capture_output=True)
     sb.wait_for(
         lambda: "serving " in log_since(offset),
         timeout=90,

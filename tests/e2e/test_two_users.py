@@ -139,7 +139,7 @@ def shared_name(sandbox):
     try:
         client.call("COMMANDS", path=socket_path(), timeout=5)
     except client.NotRunning:  # held back by the master's restart delay after earlier tests
-        subprocess.run(["condor_on", "-daemon", "ANNEX_GAHP"], check=True, capture_output=True)
+        subprocess.run(["condor_on", "-daemon", "ANNEXD"], check=True, capture_output=True)
         sb.wait_for(lambda: os.path.exists(socket_path()), timeout=30, what="the helper")
     except client.ClientError:
         pass  # it answers

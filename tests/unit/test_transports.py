@@ -550,7 +550,7 @@ def test_client_not_running(sockdir: Path) -> None:
         client.call("WHOAMI", path=path)
     assert info.value.code == client.NOT_RUNNING
     assert str(info.value).startswith(f"annex_gahp is not running: cannot connect to {path}")
-    assert "ANNEX_GAHP in DAEMON_LIST" in str(info.value)
+    assert "ANNEXD in DAEMON_LIST" in str(info.value)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()
