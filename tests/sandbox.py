@@ -321,3 +321,19 @@ def booter_log_tail(lines: int = 30) -> str:
     if not BOOTER_LOG.exists():
         return "(no booter log)"
     return "\n".join(BOOTER_LOG.read_text(errors="replace").splitlines()[-lines:])
+
+
+def file_tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return f"(no {path})"
+    return f"{path} tail:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
+HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
+
+
+def line_logs() -> str:
+    """The tails of the logs a job's trip through the line leaves: router, helper, booter
+    (for an assertion's message)."""
+    return "\n".join([file_tail(ROUTER_LOG), file_tail(HELPER_LOG), booter_log_tail()])

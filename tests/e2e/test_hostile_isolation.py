@@ -1,9 +1,10 @@
 """Issue 12, hostile: one user's bad region stops nobody else (real HTCondor, moto, booter).
 
 bob names a region AWS does not have: refused, naming annex_region and the value, nothing
-recorded. carol (a user of this test's own) then names a well-formed region (it matches the AWS partition's pattern, so the
-helper accepts it) that the endpoint refuses - moto answers a region it does not serve with an
-HTTP 500, as a real endpoint that is down or unknown fails - so every look at that region fails.
+recorded. carol (a user of this test's own) then names a well-formed region (it matches the
+AWS partition's pattern, so the helper accepts it) that the endpoint refuses - moto answers a
+region it does not serve with an HTTP 500, as a real endpoint that is down or unknown fails -
+so every look at that region fails.
 Meanwhile alice's annex in the default region is created, runs, and is deleted with its
 instances terminated, within a few reconcile cycles (ANNEX_RECONCILE_INTERVAL = 3 here).
 """
@@ -66,7 +67,7 @@ def carol() -> str:
     """A user of this test's own: an annex deleted in a region that never answers stays
     retiring (instances might exist there) and keeps counting against its owner's
     ANNEX_MAX_INSTANCES_PER_USER, which must not leak into other tests' caps for bob."""
-    if subprocess.run(["id", "carol"], capture_output=True).returncode != 0:
+    if subprocess.run(["id", "carol"], capture_output=True, check=False).returncode != 0:
         subprocess.run(["useradd", "-m", "-s", "/bin/bash", "carol"], check=True)
     return "carol"
 

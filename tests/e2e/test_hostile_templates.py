@@ -32,8 +32,9 @@ from annex_gahp import settings as settings_mod
 
 pytestmark = pytest.mark.sandbox
 
-LOG = Path("/var/log/condor/AnnexGahpLog")
-ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
+LOG = sb.HELPER_LOG
+logs = sb.line_logs  # router, helper and booter tails for a timeout's message
+tail = sb.file_tail
 CONFIG = Path("/etc/condor/config.d/99-zz-test-hostile-templates.conf")
 BACKOFF = "MASTER_ANNEXD_BACKOFF_CONSTANT = 1\nMASTER_ANNEXD_BACKOFF_FACTOR = 1.0\n"
 
@@ -43,14 +44,6 @@ exec sleep 100000
 """
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return f"(no {path})"
-    return f"{path} tail:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def logs() -> str:
-    return "\n".join([tail(ROUTER_LOG), tail(LOG), sb.booter_log_tail()])
 
 
 def write_as(user: str, path: Path, text: str) -> None:

@@ -26,8 +26,7 @@ sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
 
 USER = "alice"
-ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
-HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
+logs = sandbox.line_logs  # router, helper and booter tails for a timeout's message
 
 # Rendered by the helper (annex_user_data_template = true): the marker names the annex, then
 # the "pilot" stays up until the instance is terminated. Nothing HTCondor-specific.
@@ -38,14 +37,6 @@ exec sleep 100000
 """
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return f"(no {path})"
-    return f"{path} tail:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def logs() -> str:
-    return "\n".join([tail(ROUTER_LOG), tail(HELPER_LOG), sandbox.booter_log_tail()])
 
 
 def write_as_user(path: Path, data: bytes, mode: int = 0o644) -> None:
