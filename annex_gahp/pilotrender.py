@@ -10,8 +10,9 @@ The child, before it reads a byte of the template (`confine()`):
 - sets its own wall-clock alarm (SIGALRM's default action ends it, whatever it is doing);
 - holds no root: started by the helper, it is the condor user through and through (the
   helper keeps no root; and even a saved uid of 0 would not survive execve, which sets the
-  saved uid to the effective one); started by root (any uid/gid 0), it becomes `nobody` for good (real, effective and
-  saved uid and gid, no supplementary groups). Either way it checks root cannot be had back;
+  saved uid to the effective one); started by root (any uid/gid 0), it becomes `nobody` for
+  good (real, effective and saved uid and gid, no supplementary groups). Either way it checks
+  root cannot be had back;
 - sets no_new_privs (prctl), so no setuid program can give privilege back, and dies with
   the helper (PR_SET_PDEATHSIG);
 - limits itself (`limit()`, once jinja2 is imported): CPU seconds, address space, no file

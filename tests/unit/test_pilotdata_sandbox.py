@@ -69,6 +69,7 @@ PAYLOADS = [
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.slow
 def test_ssti_payload_is_refused_and_runs_nothing(payload):
     mark = marker()
     with pytest.raises(pilotdata.UserDataError) as caught:
@@ -266,6 +267,7 @@ def _routed(world, tmp_path, template: bytes, caller=ALICE, name="pilots"):
     )
 
 
+@pytest.mark.slow
 def test_unsafe_template_is_refused_at_hand_over_and_the_job_held(moto_url, tmp_path):  # noqa: F811
     world, held = provision_world(moto_url, tmp_path)
     mark = marker()
