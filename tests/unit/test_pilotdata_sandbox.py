@@ -241,6 +241,7 @@ def test_child_sets_no_new_privs_and_its_limits():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be a helper with a saved root uid")
+@pytest.mark.condor_host
 def test_child_of_a_helper_with_saved_root_holds_no_root():
     condor = pwd.getpwnam("condor")
 
