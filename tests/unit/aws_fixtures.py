@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -117,3 +118,42 @@ def images(url: str) -> tuple[str, ...]:
 
 def default_image(url: str) -> str:
     return images(url)[0]
+
+
+# --- the templates as deployed to AWS (no emulator: the policies' real, scoped form) ----------
+
+AWS_IMAGE = "ami-0123456789abcdef0"
+
+
+def aws_setup_template() -> dict[str, Any]:
+    """The admin's setup stack, rendered for AWS (no endpoint_url: not the emulator's form)."""
+    from annex_gahp.aws import setup  # noqa: PLC0415 - only the lint tests need it
+
+    stack_name = setup.default_stack_name("cm.example.org:9618")
+    settings = make_settings(
+        "",
+        pool_id="cm.example.org:9618",
+        central_manager="cm.example.org",
+        default_image_id=AWS_IMAGE,
+    )
+    return json.loads(setup.render_template(settings, stack_name, vpc_id="vpc-0123456789abcdef0"))
+
+
+def aws_annex_template() -> dict[str, Any]:
+    """An annex's stack (stack strategy), two instance types, as the loop renders it."""
+    import time  # noqa: PLC0415
+
+    from annex_gahp.aws import fleet, stack  # noqa: PLC0415
+
+    plan = fleet.LaunchPlan(
+        annex="a1",
+        owner="alice",
+        request_id="r-0001",
+        pool_id="cm.example.org:9618",
+        expires=int(time.time()) + 3600,
+        count=0,
+        instance_types=("m5.large", "c5.large"),
+        image_ids=(AWS_IMAGE,),
+        user_data="#!/bin/sh\necho booted\n",
+    )
+    return json.loads(stack.render_template(plan, "annex-a1", {}, [2, 0], max_size=50))

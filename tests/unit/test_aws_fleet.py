@@ -63,6 +63,7 @@ def base_template(moto_url: str) -> str:  # noqa: F811
     return "annex-base"
 
 
+@pytest.mark.slow
 def test_launch_describe_terminate_with_tags(ec2, base_template, moto_url) -> None:  # noqa: F811
     fleets = count_calls(ec2, "CreateFleet")
     the_plan = plan(count=3)
@@ -255,6 +256,7 @@ def test_other_errors_raise(ec2, base_template) -> None:
         fleet.launch(ec2, plan(count=1), base_template)
 
 
+@pytest.mark.slow
 def test_describe_paginates_in_one_logical_call(ec2, base_template, moto_url) -> None:  # noqa: F811
     raw = raw_client("ec2", moto_url)
     image = default_image(moto_url)
@@ -323,6 +325,7 @@ def test_missing_base_template_names_region(ec2) -> None:
         fleet.launch(ec2, plan(image_ids=("ami-12c6146b",)), "no-such-template")
 
 
+@pytest.mark.slow
 def test_throttled_launch_is_retried_with_backoff_not_failed(ec2, base_template) -> None:
     """RequestLimitExceeded twice, as AWS answers a burst: botocore's retries (with backoff)
     take it, the launch succeeds, and the fleet is still one logical create."""

@@ -148,6 +148,7 @@ def runtime_client(world: dict[str, Any], service: str) -> Any:
     )
 
 
+@pytest.mark.slow
 def test_runtime_user_does_its_job(world: dict[str, Any]) -> None:
     ec2 = runtime_client(world, "ec2")
     ssm = runtime_client(world, "ssm")

@@ -82,6 +82,7 @@ def test_call_classes() -> None:
     assert session.CALL_CLASSES["describe"] == (100, 20)
 
 
+@pytest.mark.slow
 def test_pacing_applies_to_real_calls(moto_url: str) -> None:  # noqa: F811
     pacer = session.Pacer({"launch": (1, 1), "mutating": (1, 1), "describe": (2, 0.5)})
     ec2 = session.client("ec2", make_settings(moto_url), pacer=pacer)

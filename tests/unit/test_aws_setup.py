@@ -196,6 +196,7 @@ def cli_admin() -> Iterator[Any]:
             delattr(annex_gahp, "cli_admin")
 
 
+@pytest.mark.condor_host
 def test_cli_verbs(cli_admin, knobs_settings, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli_admin, "load_settings", lambda: knobs_settings)
     path = tmp_path / "config.d" / "15-annex-setup.conf"

@@ -104,7 +104,8 @@ class Peer:
 def peer() -> Iterator[tuple[Peer, str]]:
     sockdir = Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp"))
     p = Peer()
-    server = SocketServer(str(sockdir / "annex.sock"), Dispatcher(p.table()))
+    # A short poll: shutdown waits up to one poll for the accept loop (1 s by default).
+    server = SocketServer(str(sockdir / "annex.sock"), Dispatcher(p.table()), poll_interval=0.05)
     server.start()
     try:
         yield p, server.path

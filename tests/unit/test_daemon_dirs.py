@@ -16,7 +16,10 @@ import pytest
 from annex_gahp import daemon
 from annex_gahp.errors import AnnexError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="start-up as root needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="start-up as root needs root"),
+    pytest.mark.condor_host,
+]
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ TABLE = {"ECHO": echo}
 
 
 @given(arg_lists)
+@pytest.mark.slow
 def test_join_split_round_trip(args: list[str]) -> None:
     assert split_args(join_args(args)) == args
 
@@ -278,6 +279,7 @@ _hostile = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_spec.KEYWORDS[1:]), _hostile, max_size=4))
+@pytest.mark.slow
 def test_any_request_is_refused_by_field_or_bounded(values: dict[str, object]) -> None:
     try:
         got = _spec.from_keywords({"name": "burst", **values}, "alice", _S, now=1_800_000_000)

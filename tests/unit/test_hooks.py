@@ -226,7 +226,8 @@ def peer() -> Iterator[tuple[Peer, str]]:
     sockdir = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
     p = Peer()
     table = {c: p.handler(c) for c in ("JOB_ROUTED", "JOB_UPDATE", "JOB_FINALIZE", "JOB_CLEANUP")}
-    server = SocketServer(str(sockdir / "annex.sock"), Dispatcher(table))
+    # A short poll: shutdown waits up to one poll for the accept loop (1 s by default).
+    server = SocketServer(str(sockdir / "annex.sock"), Dispatcher(table), poll_interval=0.05)
     server.start()
     try:
         yield p, server.path

@@ -145,6 +145,7 @@ THROTTLED = ClientError(
     [THROTTLED, EndpointConnectionError(endpoint_url="https://ec2.us-west-2.amazonaws.com")],
     ids=["throttling-exhausted", "endpoint-down"],
 )
+@pytest.mark.slow
 def test_a_region_that_cannot_be_observed_stops_no_other_region(moto_url, tmp_path, error):  # noqa: F811
     world = World(moto_url, tmp_path)
     world.want("alice", "keep")
@@ -184,6 +185,7 @@ def test_a_region_that_cannot_be_observed_stops_no_other_region(moto_url, tmp_pa
     assert not far.last_error.startswith("could not look at region"), far.last_error
 
 
+@pytest.mark.slow
 def test_an_unobserved_region_is_not_reaped_nor_relaunched(moto_url, tmp_path):  # noqa: F811
     world = World(moto_url, tmp_path, reaper_grace=0)
     far = world.want("bob", "far", region=FAR)
@@ -207,6 +209,7 @@ def test_an_unobserved_region_is_not_reaped_nor_relaunched(moto_url, tmp_path): 
     assert world.store.get(far.id).requested == 1
 
 
+@pytest.mark.slow
 def test_reaping_that_fails_in_one_region_still_reaps_the_others(moto_url, tmp_path):  # noqa: F811
     world = World(moto_url, tmp_path, reaper_grace=0)
     now = int(world.clock())
@@ -284,6 +287,7 @@ def test_a_launch_that_raises_a_plain_exception_backs_off(moto_url, tmp_path):  
     assert not world.store.open_ops(annex.id)  # the intent is settled, not left open
 
 
+@pytest.mark.slow
 def test_a_schedd_that_fails_to_hold_does_not_keep_a_lease_alive(moto_url, tmp_path):  # noqa: F811
     world = World(moto_url, tmp_path)
     annex = world.want("alice", "keep", lease="10m")
@@ -316,6 +320,7 @@ def test_a_schedd_that_fails_to_hold_does_not_keep_a_lease_alive(moto_url, tmp_p
         "../us-east-1",
     ],
 )
+@pytest.mark.slow
 def test_a_region_aws_does_not_have_is_refused_naming_annex_region(moto_url, tmp_path, region):  # noqa: F811
     world = World(moto_url, tmp_path)
     with pytest.raises(InputError) as refused:
@@ -332,6 +337,7 @@ def test_a_region_aws_does_not_have_is_refused_naming_annex_region(moto_url, tmp
 
 
 @pytest.mark.parametrize("region", ["xx-nowhere-9", "us-east-1; DROP"])
+@pytest.mark.slow
 def test_a_job_naming_a_region_aws_does_not_have_records_nothing(moto_url, tmp_path, region):  # noqa: F811
     """The submit path: the translate hook forwards the job ad (no schedd here: jobs=None)."""
     world = World(moto_url, tmp_path)
@@ -355,6 +361,7 @@ def test_known_and_newer_regions_pass_the_allow_list_binds(moto_url, tmp_path): 
     assert world.store.annexes(include_retired=True) == []
 
 
+@pytest.mark.slow
 def test_a_bad_default_region_is_refused_naming_the_knob(moto_url, tmp_path):  # noqa: F811
     world = World(moto_url, tmp_path)
     world.service._resolve_region = lambda r, s: r or "nowhere"
@@ -412,6 +419,7 @@ def launch_tagged(url: str, region: str, owner: str, name: str, pool: str) -> st
     )["Instances"][0]["InstanceId"]
 
 
+@pytest.mark.slow
 def test_recovery_of_a_lost_state_file_adopts_in_every_allowed_region(moto_url, tmp_path):  # noqa: F811
     pool = make_settings().pool_id
     instance = launch_tagged(moto_url, FAR, "bob", "far", pool)
@@ -422,6 +430,7 @@ def test_recovery_of_a_lost_state_file_adopts_in_every_allowed_region(moto_url, 
     assert [i.id for i in world.store.instances(adopted.id)] == [instance]
 
 
+@pytest.mark.slow
 def test_a_region_unreachable_at_recovery_is_adopted_once_it_answers(moto_url, tmp_path):  # noqa: F811
     pool = make_settings().pool_id
     instance = launch_tagged(moto_url, FAR, "bob", "far", pool)
@@ -473,6 +482,7 @@ def race(*actions) -> list[BaseException | None]:
     return errors
 
 
+@pytest.mark.slow
 def test_racing_extends_grant_at_most_the_per_user_cap(moto_url, tmp_path):  # noqa: F811
     store = SlowStore(str(tmp_path / "race.sqlite"))
     world = World(moto_url, tmp_path, store=store, max_instances_per_user=4)
@@ -487,6 +497,7 @@ def test_racing_extends_grant_at_most_the_per_user_cap(moto_url, tmp_path):  # n
     assert sorted(granted.values()) == [1, 3]
 
 
+@pytest.mark.slow
 def test_a_racing_create_and_extend_grant_at_most_the_per_user_cap(moto_url, tmp_path):  # noqa: F811
     store = SlowStore(str(tmp_path / "race.sqlite"))
     world = World(moto_url, tmp_path, store=store, max_instances_per_user=4)
@@ -536,6 +547,7 @@ def test_an_extend_landing_after_the_snapshot_holds_no_job(moto_url, tmp_path): 
     assert world.schedd.held == []
 
 
+@pytest.mark.slow
 def test_an_extend_landing_after_the_snapshot_stops_an_idle_retirement(moto_url, tmp_path):  # noqa: F811
     world = World(moto_url, tmp_path)
     annex = world.want("alice", "idle")

@@ -60,6 +60,7 @@ def counting(world):
     return minted, count_calls(world.cloud._client("ssm", REGION), "PutParameter")
 
 
+@pytest.mark.condor_host
 def test_a_failing_setup_backs_off_and_stores_the_token_once(moto_url, tmp_path, monkeypatch):  # noqa: F811
     world = build(moto_url, tmp_path)
     minted, puts = counting(world)

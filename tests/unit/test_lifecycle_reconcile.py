@@ -245,6 +245,7 @@ def test_jobs_are_held_two_cycles_ahead_of_the_lease_end(world):
 
 
 @pytest.mark.parametrize("ending", ["lease", "deleted"])
+@pytest.mark.slow
 def test_jobs_left_behind_are_held_and_released_ones_start_a_new_annex(world, ending):
     annex = want(world, instances=1)
     world.schedd.jobs[("alice", "burst")] = Demand(idle=2)
@@ -273,6 +274,7 @@ def test_jobs_left_behind_are_held_and_released_ones_start_a_new_annex(world, en
     assert again.id != annex.id and again.state == names.REQUESTED
 
 
+@pytest.mark.slow
 def test_after_an_idle_retirement_released_jobs_are_rerouted_not_held(world):
     annex = want(world, instances=1)
     world.loop.run_once()

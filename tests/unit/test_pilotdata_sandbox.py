@@ -69,6 +69,7 @@ PAYLOADS = [
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.slow
 def test_ssti_payload_is_refused_and_runs_nothing(payload):
     mark = marker()
     with pytest.raises(pilotdata.UserDataError) as caught:
@@ -240,6 +241,7 @@ def test_child_sets_no_new_privs_and_its_limits():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be a helper with a saved root uid")
+@pytest.mark.condor_host
 def test_child_of_a_helper_with_saved_root_holds_no_root():
     condor = pwd.getpwnam("condor")
 
@@ -266,6 +268,7 @@ def _routed(world, tmp_path, template: bytes, caller=ALICE, name="pilots"):
     )
 
 
+@pytest.mark.slow
 def test_unsafe_template_is_refused_at_hand_over_and_the_job_held(moto_url, tmp_path):  # noqa: F811
     world, held = provision_world(moto_url, tmp_path)
     mark = marker()

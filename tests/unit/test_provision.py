@@ -219,6 +219,7 @@ def test_ended_instances_are_not_replaced_and_the_annex_ends(moto_url, tmp_path)
     assert world.demand.held == []
 
 
+@pytest.mark.slow
 def test_lease_end_does_not_hold_the_provision_job(moto_url, tmp_path):  # noqa: F811
     world, _ = provision_world(moto_url, tmp_path)
     world.service.job_routed(ALICE, {"ad": _job_ad(tmp_path), "user_data": "ZWNobyBoaQo="})

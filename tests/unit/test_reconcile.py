@@ -150,6 +150,7 @@ def test_one_create_call_for_many_jobs_and_cycles(moto_url, tmp_path):  # noqa: 
     )
 
 
+@pytest.mark.slow
 def test_killed_after_the_call_adopts_instead_of_launching_again(moto_url, tmp_path):  # noqa: F811
     world = build(moto_url, tmp_path)
     annex = want(world)
@@ -172,6 +173,7 @@ def test_killed_after_the_call_adopts_instead_of_launching_again(moto_url, tmp_p
     assert again.store.live("alice", "burst").state == names.RUNNING
 
 
+@pytest.mark.slow
 def test_killed_before_the_call_launches_exactly_once(moto_url, tmp_path):  # noqa: F811
     world = build(moto_url, tmp_path)
     annex = want(world)
@@ -187,6 +189,7 @@ def test_killed_before_the_call_launches_exactly_once(moto_url, tmp_path):  # no
     assert len(live_instances(again)) == 2
 
 
+@pytest.mark.slow
 def test_lost_state_file_rebuilds_from_tags(moto_url, tmp_path):  # noqa: F811
     world = build(moto_url, tmp_path)
     want(world)
@@ -252,6 +255,7 @@ def test_extension_retags_instances(moto_url, tmp_path):  # noqa: F811
         assert int(tags[names.TAG_EXPIRES]) == annex.lease_expiration + 3600
 
 
+@pytest.mark.slow
 def test_orphans_are_reaped_after_the_grace_period(moto_url, tmp_path):  # noqa: F811
     world = build(moto_url, tmp_path)
     want(world)

@@ -57,6 +57,7 @@ def test_identity_names_the_annex_and_owner_and_nothing_else() -> None:
     assert tokens.identity("b-c", "alice", "d") != tokens.identity("c", "alice.b", "d")
 
 
+@pytest.mark.condor_host
 def test_mint_signs_with_the_project_key_as_this_user_never_setresuid(
     key_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,6 +93,7 @@ def test_tokens_module_has_no_way_back_to_root() -> None:
 # --- the admin's key step ------------------------------------------------------------------
 
 
+@pytest.mark.condor_host
 def test_token_key_setup_makes_two_private_copies(tmp_path: Path) -> None:
     condor = pwd.getpwnam("condor")
     pool_dir, own_dir = tmp_path / "passwords.d", tmp_path / "annex-token-key"
@@ -109,6 +111,7 @@ def test_token_key_setup_makes_two_private_copies(tmp_path: Path) -> None:
         tokenkey.ensure(str(pool_dir), str(own_dir), KEY)
 
 
+@pytest.mark.condor_host
 def test_token_key_missing_copy_is_restored_from_the_other(tmp_path: Path) -> None:
     pool_dir, own_dir = tmp_path / "p", tmp_path / "o"
     tokenkey.ensure(str(pool_dir), str(own_dir), KEY)
@@ -121,6 +124,7 @@ def test_token_key_missing_copy_is_restored_from_the_other(tmp_path: Path) -> No
 # --- the helper's privilege drop -----------------------------------------------------------
 
 
+@pytest.mark.condor_host
 def test_drop_privileges_leaves_no_root_anywhere() -> None:
     condor = pwd.getpwnam("condor")
     read, write = os.pipe()
@@ -283,6 +287,7 @@ def test_boot_script_firewalls_the_imds_it_uses(tmp_path: Path) -> None:
     assert '"${ANNEX_IMDS_FIREWALL:-}" = skip' in script
 
 
+@pytest.mark.condor_host
 def test_setup_token_key_verb_needs_no_aws(tmp_path: Path) -> None:
     """`htcondor-annex setup --token-key`: the key step alone, where the pool's config says."""
     env = dict(

@@ -416,6 +416,7 @@ def test_client_that_never_reads_is_dropped(sockdir: Path) -> None:
         srv.shutdown()
 
 
+@pytest.mark.slow
 def test_connection_limit(sockdir: Path) -> None:
     srv = make_server(sockdir, max_connections=2, poll_interval=0.1)
     try:
@@ -448,6 +449,7 @@ def _connection_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "annex-gahp-conn")
 
 
+@pytest.mark.slow
 def test_connection_threads_are_reused_and_end_when_idle(sockdir: Path) -> None:
     before = _connection_threads()
     srv = make_server(sockdir, poll_interval=0.1, worker_idle=0.5)
@@ -796,6 +798,7 @@ def test_default_limits_leave_room_for_others() -> None:
     assert transports.IDLE_TIMEOUT <= 10 and transports.LINE_TIMEOUT <= 10
 
 
+@pytest.mark.slow
 def test_slow_loris_is_cut_off(sockdir: Path) -> None:
     # The default line timeout: a client sending one byte a second never completes a line.
     srv = make_server(sockdir, poll_interval=0.1)
@@ -817,6 +820,7 @@ def test_slow_loris_is_cut_off(sockdir: Path) -> None:
         srv.shutdown()
 
 
+@pytest.mark.slow
 def test_idle_before_the_first_line_is_closed_fast(sockdir: Path) -> None:
     srv = make_server(sockdir, poll_interval=0.1)  # default idle timeout
     try:

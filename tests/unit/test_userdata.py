@@ -316,6 +316,7 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_whole_script_boots_extends_and_powers_off(
     tmp_path: Path,
     imds: FakeImds,
