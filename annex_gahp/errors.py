@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as its escape (`\\n`,
+    `\\x00`): a message often quotes a user's value, and it goes into logs, job ads and
+    protocol lines, where a raw newline or NUL would forge or cut a line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 class AnnexError(Exception):
-    """Base: the message is shown to the user as it is, so it must say what to do."""
+    """Base: the message is shown to the user as it is, so it must say what to do. It is
+    always one printable line (see printable), whatever value it quotes."""
 
     code = "ERROR"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
 
 
 class InputError(AnnexError):

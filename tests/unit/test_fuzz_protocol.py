@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from annex_gahp import client
@@ -279,6 +279,7 @@ _hostile = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_spec.KEYWORDS[1:]), _hostile, max_size=4))
+@example({"instances": ":\n"})  # found by this test: the refusal quoted the raw newline
 @pytest.mark.slow
 def test_any_request_is_refused_by_field_or_bounded(values: dict[str, object]) -> None:
     try:
