@@ -53,7 +53,6 @@ class AwsCloud:
         self._token_expires: dict[tuple[str, str], int] = {}
         # ... and that token, for the per-instance copies (_store_instance_tokens).
         self._tokens: dict[tuple[str, str], str] = {}
-        self._partition_account: tuple[str, str] | None = None
         # Instances given their own copy of their annex's token (by launch, set_expiry or, for
         # Auto Scaling members, observe).
         self._copied: set[str] = set()
@@ -207,13 +206,8 @@ class AwsCloud:
         return location
 
     def _instance_arn(self, region: str, instance_id: str) -> str:
-        if self._partition_account is None:
-            with session.aws_errors("find this AWS account (sts GetCallerIdentity)"):
-                arn = self._client("sts", region).get_caller_identity()["Arn"]
-            parts = arn.split(":")
-            self._partition_account = (parts[1], parts[4])
-        partition, account = self._partition_account
-        return f"arn:{partition}:ec2:{region}:{account}:instance/{instance_id}"
+        partition = self._client("sts", region).meta.partition
+        return f"arn:{partition}:ec2:{region}:{self._account(region)}:instance/{instance_id}"
 
     def _store_instance_tokens(self, annex: Annex, ids: list[str]) -> None:
         """One copy of the annex's token per instance, tagged with the instance's ARN: the
