@@ -1,0 +1,80 @@
+"""condor_config.d/20-annex-submit.conf is rendered from annex_gahp/spec.py, never edited by hand.
+
+The shipped file must be exactly what `htcondor-annex render-submit-config` prints; the
+rendering must carry every rule of spec.RULES, in order, with the comment an admin reads; and
+the Python messages of spec must be the ones condor_submit prints (checked for the rules whose
+reason is a plain string, and for the generated per-keyword rules).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from annex_gahp import cli_admin, names, settings, spec, submitconfig
+from annex_gahp.errors import InputError
+
+
+def test_shipped_submit_config_is_the_rendering() -> None:
+    shipped = submitconfig.SHIPPED.read_text(encoding="utf-8")
+    assert shipped == submitconfig.render(), (
+        f"{submitconfig.SHIPPED} differs from the rules in annex_gahp/spec.py:"
+        f" run `{submitconfig.COMMAND}` and commit the result"
+    )
+
+
+def test_command_writes_the_rendering(tmp_path, capsys) -> None:
+    out = tmp_path / "20-annex-submit.conf"
+    assert cli_admin.main(["render-submit-config", "--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == submitconfig.render()
+    assert submitconfig.main([]) == 0
+    assert capsys.readouterr().out == submitconfig.render()
+
+
+def test_every_rule_is_listed_in_order_with_its_comment() -> None:
+    text = submitconfig.render()
+    listed = re.search(r"^SUBMIT_REQUIREMENT_NAMES = \$\(SUBMIT_REQUIREMENT_NAMES\) (.*?)\n\n",
+                       text, re.S | re.M)  # fmt: skip
+    assert listed is not None
+    order = listed.group(1).replace("\\\n", " ").split()
+    assert order == [rule.name for rule in spec.RULES]
+    assert len(set(order)) == len(order)
+    for rule in spec.RULES:
+        assert rule.why, f"{rule.name} has no description for the admin"
+        block = text[text.index(f"\nSUBMIT_REQUIREMENT_{rule.name} ") :]
+        assert f"SUBMIT_REQUIREMENT_{rule.name}_REASON" in block
+        comment = text[: text.index(f"\nSUBMIT_REQUIREMENT_{rule.name} ")].rsplit("\n\n", 1)[1]
+        assert " ".join(rule.why.split()[:3]) in comment.replace("\n# ", " ")
+
+
+def test_every_keyword_is_declared_copied_and_converted() -> None:
+    text = submitconfig.render()
+    for key, attr in names.JOB_ATTRS.items():
+        assert re.search(rf'^  annex_{key} = "(string|filename)"$', text, re.M), key
+        assert f"COPY annex_{key} {attr}\n" in text
+        assert f"  # annex_{key}" in text
+        assert f"_annex_a = {attr}\n" in text
+
+
+@pytest.mark.parametrize("key", spec.TEXT_KEYS)
+def test_generated_text_rules_say_what_spec_says(key: str) -> None:
+    text = submitconfig.render()
+    config = settings.load(lookup={}.get)
+    start = "/" if key == "user_data_file" else ""
+    with pytest.raises(InputError) as control:
+        spec.from_keywords({"name": "a", key: start + "x\x01y"}, "alice", config)
+    assert f'"{control.value}"' in text
+    limit = spec.TEXT_LIMITS.get(key, names.TEXT_MAX)
+    with pytest.raises(InputError) as long:
+        too_long = start + "x" * (limit + 1 - len(start))
+        spec.from_keywords({"name": "a", key: too_long}, "alice", config)
+    assert f'"{long.value}"' in text
+    assert f"size({names.JOB_ATTRS[key]}) > {limit}," in text
+
+
+def test_no_comment_after_a_value() -> None:
+    # HTCondor reads `KNOB = value # note` as part of the value (tests/unit/test_docs_traps.py).
+    for number, line in enumerate(submitconfig.render().splitlines(), 1):
+        assert not re.match(r"^\s*[^#\s].*?\s#", line), (number, line)
+
