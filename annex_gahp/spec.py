@@ -113,54 +113,6 @@ class AnnexSpec:
         annex once created, so that later merges compare ends, not durations)."""
         return dataclasses.replace(self, lease_seconds=None, expiry=self.expires_at(now, settings))
 
-    def effective_region(self, settings, aws_config_region: str = "") -> str:
-        """Region resolution order: the job, ANNEX_AWS_REGION, the helper's AWS config,
-        us-west-1."""
-        return self.region or settings.region or aws_config_region or "us-west-1"
-
-    def effective_instance_types(self, settings) -> tuple[str, ...]:
-        return self.instance_types or tuple(settings.default_instance_types)
-
-    def effective_idle_timeout(self, settings) -> int:
-        return self.idle_timeout if self.idle_timeout is not None else settings.idle_timeout
-
-    def to_keywords(self) -> dict[str, str]:
-        """Keyword form (no `annex_` prefix), only what was given: from_keywords() reads it back."""
-        out: dict[str, str] = {"name": self.name, "instances": str(self.instances)}
-        for key in (*_ID_LIST_KEYS,):
-            if getattr(self, key):
-                out[key] = ",".join(getattr(self, key))
-        if self.lease_seconds is not None:
-            out["lease"] = str(self.lease_seconds)
-        if self.expiry is not None:
-            out["expiry"] = str(self.expiry)
-        if self.idle_timeout is not None:
-            out["idle_timeout"] = str(self.idle_timeout)
-        for key in ("region", "vpc", "keypair", "central_manager", "user_data_file", "stack_name"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        if self.tags:
-            out["tags"] = ",".join(f"{k}={v}" for k, v in self.tags)
-        if self.user_data_template:
-            out["user_data_template"] = "true"
-        out["mode"] = self.mode
-        out["strategy"] = self.strategy
-        return out
-
-    def to_job_attrs(self) -> dict[str, object]:
-        """The canonical job attributes, as the schedd transform sets them."""
-        kw = self.to_keywords()
-        out: dict[str, object] = {names.JOB_TARGET: kw.pop("name")}
-        for key, value in kw.items():
-            attr = names.JOB_ATTRS[key]
-            if key in (*INT_KEYS, *DURATION_KEYS, *TIME_KEYS):
-                out[attr] = int(value)
-            elif key in BOOL_KEYS:
-                out[attr] = value == "true"
-            else:
-                out[attr] = value
-        return out
-
 
 # ---- the submit requirements: one table for condor_submit and for the helper ------------------
 # condor_config.d/20-annex-submit.conf is rendered from this table and from the keyword kinds
@@ -975,7 +927,10 @@ def merge(existing: AnnexSpec, new: AnnexSpec, settings, *, now: int | None = No
         )
     idle = None
     if existing.idle_timeout is not None or new.idle_timeout is not None:
-        idle = max(existing.effective_idle_timeout(settings), new.effective_idle_timeout(settings))
+        idle = max(
+            settings.idle_timeout if spec_idle is None else spec_idle
+            for spec_idle in (existing.idle_timeout, new.idle_timeout)
+        )
     return dataclasses.replace(
         existing,
         instances=min(max(existing.instances, new.instances), settings.max_instances),

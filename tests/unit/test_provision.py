@@ -103,7 +103,9 @@ def test_spec_user_data_template_keyword():
         settings,
     )
     assert got.user_data_template is True
-    assert got.to_job_attrs()["AnnexUserDataTemplate"] is True
+    attrs = {"TargetAnnexName": "p", "AnnexMode": "provision", "AnnexUserDataFile": "/u",
+             "AnnexUserDataTemplate": True}  # fmt: skip
+    assert spec.from_job_attrs(attrs, "alice", settings) == got
     with pytest.raises(InputError, match=r"^annex_user_data_template = 'maybe' is not allowed"):
         spec.from_keywords(
             {
