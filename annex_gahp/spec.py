@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from annex_gahp import names
+from annex_gahp import durations, names
 from annex_gahp.errors import InputError, LimitExceeded
 
 # Keyword names without the `annex_` prefix, in contract order.
@@ -35,21 +35,12 @@ TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 
 NAME_RULE = "a letter, then letters, digits or '-', at most 63 characters"
-DURATION_RULE = "use seconds (3600) or units s/m/h/d (90m, 1h30m)"
-EXPIRY_RULE = "use 'YYYY-MM-DD HH:MM' (UTC) or ISO 8601 such as 2030-04-06T17:00:00+02:00"
+DURATION_RULE = durations.DURATION_RULE
+EXPIRY_RULE = durations.EXPIRY_RULE
 
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _DIGITS_RE = re.compile(f"^[0-9]{{1,{names.NUMBER_DIGITS_MAX}}}$")
-# At most 16 parts of at most 9 digits: no sum of them leaves int64.
-_DURATION_RE = re.compile(r"^([0-9]{1,9}[smhd]){1,16}$")
-_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-_EXPIRY_RE = re.compile(
-    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
-    r"((?::[0-9]{2}(?:\.[0-9]{1,6})?)?)((?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)$"
-)
 _PRICE_RE = re.compile(r"^([0-9]{1,6}(\.[0-9]{0,8})?|\.[0-9]{1,8})$")
 _ZERO_PRICE_RE = re.compile(r"^[0.]+$")
 _TAGS_RE = re.compile(r"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$")
@@ -446,8 +437,7 @@ RULES: tuple[Rule, ...] = (
 # ---- conversions, each as the transform does it ------------------------------------------
 
 
-def _trim(text: str) -> str:
-    return re.sub(r"^\s*(.*?)\s*$", r"\1", text, flags=re.DOTALL)
+_trim = durations.trim
 
 
 def _shown(value: object) -> str:
@@ -467,75 +457,21 @@ def _to_int(value: object) -> int | _Bad:
     return _Bad(_shown(value))
 
 
-def _duration_seconds(text: str) -> int | None:
-    """The transform's duration rule on trimmed, lower-cased text; None if not a duration."""
-    if _DIGITS_RE.match(text):
-        return int(text)
-    if _DURATION_RE.match(text):
-        return sum(int(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-    return None
-
-
 def _to_duration(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
-        seconds = _duration_seconds(_trim(value).lower())
+        seconds = durations.duration(value)
         if seconds is not None:
             return seconds
     return _Bad(_shown(value))
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 (the same integer arithmetic as the transform)."""
-    yy = year - (1 if month <= 2 else 0)
-    era = yy // 400
-    yoe = yy - era * 400
-    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _month_days(year: int, month: int) -> int:
-    if month == 2:
-        return 29 if (year % 4 == 0 and year % 100 != 0) or year % 400 == 0 else 28
-    return 30 if month in (4, 6, 9, 11) else 31
-
-
-def parse_expiry(text: str) -> int | None:
-    """Epoch seconds, or YYYY-MM-DD[( |T)HH:MM[:SS[.ffffff]][Z|+HH[:MM]|-HH[:MM]]] (no offset:
-    UTC; a date alone: its midnight) -> epoch seconds; None if it is neither."""
-    text = _trim(text)
-    if _DIGITS_RE.match(text):
-        return int(text)
-    if _DATE_RE.match(text):
-        text += "T00:00"
-    match = _EXPIRY_RE.match(text)
-    if not match:
-        return None
-    year, month, day, hour, minute = (int(g) for g in match.groups()[:5])
-    second = int((match.group(6) + ":00")[1:3])
-    zone = match.group(7).replace(":", "") + "0000"
-    zone_h, zone_m = int(zone[1:3]), int(zone[3:5])
-    if not (
-        1 <= month <= 12
-        and 1 <= day <= _month_days(year, month)
-        and hour <= 23
-        and minute <= 59
-        and second <= 59
-        and zone_h <= 23
-        and zone_m <= 59
-    ):
-        return None
-    offset = (-1 if zone[0] == "-" else 1) * (zone_h * 3600 + zone_m * 60)
-    return _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset
 
 
 def _to_expiry(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
-        epoch = parse_expiry(value)
+        epoch = durations.expiry(value)
         if epoch is not None:
             return epoch
     return _Bad(_shown(value))
