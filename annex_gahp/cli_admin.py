@@ -1,4 +1,4 @@
-"""Admin verbs of `htcondor-annex`: setup, check-setup, teardown.
+"""Admin verbs of `htcondor-annex`: setup, check-setup, teardown, render-submit-config.
 
 `annex_gahp/cli.py` calls `add_parsers(subparsers)`; each verb's parser carries
 `func(args) -> int` (the exit status) via `set_defaults`. Runnable alone too:
@@ -170,6 +170,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         "--force", action="store_true", help="terminate the pool's annex instances first"
     )
     p.set_defaults(func=cmd_teardown)
+
+    p = subparsers.add_parser(
+        "render-submit-config",
+        help="print condor_config.d/20-annex-submit.conf as annex_gahp/spec.py's rules make it",
+    )
+    p.add_argument("--output", help="write to this file instead of standard output")
+    p.set_defaults(func=cmd_render_submit_config)
+
+
+def cmd_render_submit_config(args: argparse.Namespace) -> int:
+    from annex_gahp import submitconfig  # noqa: PLC0415
+
+    return submitconfig.write(args.output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,7 @@ log = logging.getLogger(__name__)
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{1,32}$")
 
 
-def _quote(value: str) -> str:
-    """A ClassAd string literal of `value`."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+_quote = compat.quote
 
 
 def ad_name(owner: str, annex: str, schedd: str) -> str:

@@ -62,6 +62,14 @@ def plain(value: Any) -> str | int | float | bool | None:
     return None
 
 
+def quote(value: str) -> str:
+    """`value` as a ClassAd string literal: the bindings' own quoting (classad2.quote, the same
+    on 23.9 and 25.x). The stdlib-only hooks have annex_gahp.hooks._ad.quote, tested to agree."""
+    import classad2  # noqa: PLC0415
+
+    return classad2.quote(value)
+
+
 def is_error(value: Any) -> bool:
     """True for ClassAd `error` from `ClassAd.eval()` (classad2.Value.Error)."""
     import classad2  # noqa: PLC0415

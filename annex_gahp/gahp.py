@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from annex_gahp import __version__
@@ -53,9 +52,6 @@ class Caller:
 
 
 Handler = Callable[[Caller, dict[str, str]], dict[str, str]]
-# Writes unsolicited lines (the async `R`) to the client; the transport serialises it with
-# the replies so an `R` never lands inside another reply.
-Emit = Callable[[list[str]], None]
 
 
 def banner(version: str = __version__) -> str:
@@ -71,13 +67,12 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 class Dispatcher:
-    """The command table plus how handlers run (inline, or on `executor`)."""
+    """The command table; handlers run inline, on the transport's thread for the connection."""
 
     def __init__(
         self,
         commands: Mapping[str, Handler],
         *,
-        executor: Executor | None = None,
         version: str = __version__,
         max_pending: int = MAX_PENDING,
     ) -> None:
@@ -92,7 +87,6 @@ class Dispatcher:
                 raise TypeError(f"handler for {key} is not callable")
             table[key] = handler
         self.commands: dict[str, Handler] = table
-        self.executor = executor
         self.version = version
         self.max_pending = max_pending
 
@@ -103,8 +97,8 @@ class Dispatcher:
     def command_names(self) -> list[str]:
         return sorted((*BUILTINS, *self.commands))
 
-    def session(self, caller: Caller, emit: Emit | None = None) -> Session:
-        return Session(self, caller, emit)
+    def session(self, caller: Caller) -> Session:
+        return Session(self, caller)
 
     def run(self, command: str, caller: Caller, args: dict[str, str]) -> list[str]:
         """Run one handler; return its result arguments after the request id (`0 k=v...` or
@@ -135,20 +129,18 @@ class Session:
     """One client's view: its result queue, pending request ids and async-mode flag.
 
     `handle_line` is the whole interface for transports: feed one request line (bytes or str,
-    terminator optional), write the returned lines in order. Thread-safe; with an executor,
-    results arrive from worker threads and an `R` is sent through `emit`.
+    terminator optional), write the returned lines in order. A command runs before its `S` is
+    returned, so in async mode its `R` goes out with that `S`.
     """
 
-    def __init__(self, dispatcher: Dispatcher, caller: Caller, emit: Emit | None = None) -> None:
+    def __init__(self, dispatcher: Dispatcher, caller: Caller) -> None:
         self.dispatcher = dispatcher
         self.caller = caller
-        self._emit = emit
         self._lock = threading.Lock()
         self._results: list[tuple[str, str]] = []  # (request id, result line), queue order
         self._pending: set[str] = set()  # accepted, result not yet handed out by RESULTS
         self._async = False
-        self._signalled = False  # an R was sent (or owed) since the last RESULTS
-        self._owed_r = False  # an R to prepend to the next reply (no emit callback)
+        self._signalled = False  # an R was sent since the last RESULTS
         self.closed = False
 
     @property
@@ -162,23 +154,12 @@ class Session:
             return len(self._pending)
 
     def close(self) -> None:
-        """Stop delivering: later results are dropped, nothing more is emitted."""
+        """Stop: later requests are refused."""
         with self._lock:
             self.closed = True
-            self._emit = None
 
     def handle_line(self, line: bytes | str) -> list[str]:
         """One request line -> the lines to write back (escaped, without terminators)."""
-        replies = self._handle(line)
-        with self._lock:
-            if self._owed_r:
-                self._owed_r = False
-                replies.append("R")
-        return replies
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _handle(self, line: bytes | str) -> list[str]:
         if self.closed:
             return [_error("E", "session is closed")]
         try:
@@ -217,7 +198,6 @@ class Session:
         if command == "ASYNC_MODE_OFF":
             with self._lock:
                 self._async = False
-                self._owed_r = False
             return ["S"]
         # RESULTS: hand out everything queued, in queue order, and re-arm the R.
         with self._lock:
@@ -225,7 +205,6 @@ class Session:
             for reqid, _ in results:
                 self._pending.discard(reqid)
             self._signalled = False
-            self._owed_r = False
         return [f"S {len(results)}", *(line for _, line in results)]
 
     def _command(self, command: str, rest: list[str]) -> list[str]:
@@ -252,33 +231,8 @@ class Session:
             self.caller.user,
             sorted(kv),
         )
-        executor = self.dispatcher.executor
-        if executor is None:
-            signal = self._complete(reqid, self.dispatcher.run(command, self.caller, kv))
-            return ["S", "R"] if signal else ["S"]
-        try:
-            executor.submit(self._run_async, command, reqid, kv)
-        except RuntimeError as exc:  # executor shut down: the helper is stopping
-            with self._lock:
-                self._pending.discard(reqid)
-            return [_error("F", f"not accepting requests: {exc}")]
-        return ["S"]
-
-    def _run_async(self, command: str, reqid: str, kv: dict[str, str]) -> None:
         signal = self._complete(reqid, self.dispatcher.run(command, self.caller, kv))
-        if not signal:
-            return
-        with self._lock:
-            emit = self._emit
-            if emit is None:
-                # No way to write unsolicited lines: the R goes out with the next reply.
-                self._owed_r = not self.closed
-                return
-        try:
-            emit(["R"])
-        except Exception:
-            # The client went away; its results die with the session.
-            log.debug("could not signal results to uid %d", self.caller.uid, exc_info=True)
+        return ["S", "R"] if signal else ["S"]
 
     def _complete(self, reqid: str, result: list[str]) -> bool:
         """Queue a result; return whether an R must be sent now."""

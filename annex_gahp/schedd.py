@@ -33,11 +33,8 @@ class Demand:
 
 
 def _one_job(owner: str, cluster: int, proc: int) -> str:
-    return f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && Owner =?= {quote(owner)}"
-
-
-def quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    owner_is = f"Owner =?= {compat.quote(owner)}"
+    return f"ClusterId == {int(cluster)} && ProcId == {int(proc)} && {owner_is}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ class ScheddDemand:
         jobs too (provision mode: the job that stands for the annex runs while it lives)."""
         status = f"(JobStatus == {IDLE} || JobStatus == {RUNNING})" if running else None
         constraint = (
-            f"Owner =?= {quote(owner)} && {names.JOB_TARGET} =?= {quote(annex)}"
+            f"Owner =?= {compat.quote(owner)} && {names.JOB_TARGET} =?= {compat.quote(annex)}"
             f" && {status or f'JobStatus == {IDLE}'}"
         )
         schedd = self._schedd()
@@ -138,7 +135,7 @@ class ScheddDemand:
 
     def _waiting(self, owner: str, annex: str) -> str:
         return (
-            f"Owner =?= {quote(owner)} && {names.JOB_TARGET} =?= {quote(annex)}"
+            f"Owner =?= {compat.quote(owner)} && {names.JOB_TARGET} =?= {compat.quote(annex)}"
             f" && RoutedFromJobId =?= undefined"
         )
 

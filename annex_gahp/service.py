@@ -62,10 +62,16 @@ def classad_literal(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    # The router reads hook output in the old ClassAd form (only \" escapes) while schedd.edit
-    # parses the new form (\\ escapes too): text without backslashes means the same to both.
-    text = str(value).replace("\\", "/").replace('"', '\\"').replace("\n", " ")
-    return f'"{text}"'
+    # The bindings' quoting. The router reads hook output in the old ClassAd form (only \"
+    # is an escape): printable ASCII reads the same there, anything else (a backslash, a
+    # control character, non-ASCII) arrives as its escape, visible but never breaking the line.
+    return compat.quote(str(value))
+
+
+def ad_answer(attrs: Mapping[str, str]) -> dict[str, str]:
+    """A hook's answer: `Name = value` lines (values from classad_literal) in `ad=`, which
+    the hooks apply or print as they are (docs/protocol.md)."""
+    return {"ad": "".join(f"{name} = {expr}\n" for name, expr in sorted(attrs.items()))}
 
 
 def parse_job_ad(text: str) -> dict[str, Any]:
@@ -654,7 +660,7 @@ class AnnexService:
             raise
         out = self.job_status_attrs(annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
-        return {"json": json.dumps(out, sort_keys=True)}
+        return ad_answer(out)
 
     def _tell_refused(self, job: JobRef | None, attrs: Mapping[str, Any], why: str) -> None:
         """A refused request (bad input, a conflict, a cap) leaves the job unrouted, and the
@@ -720,7 +726,7 @@ class AnnexService:
         attrs = self._job(caller, args)
         owner, name = attrs["Owner"], attrs[names.JOB_TARGET]
         out = self.job_status_attrs(self.store.live(owner, name), owner, name)
-        return {"json": json.dumps(out, sort_keys=True)}
+        return ad_answer(out)
 
     def job_finalize(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         result = self.job_update(caller, args)

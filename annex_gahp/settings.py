@@ -55,9 +55,9 @@ def _list(value: str) -> tuple[str, ...]:
 
 def _duration(name: str, value: str) -> int:
     try:
-        return durations.parse_duration(value)
+        return durations.parse_duration(value, name)
     except ValueError as err:
-        raise SetupError(f"{name} = {value!r}: {err}") from None
+        raise SetupError(str(err)) from None
 
 
 def _int(name: str, value: str) -> int:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from annex_gahp import names
+from annex_gahp import durations, names
 from annex_gahp.errors import InputError, LimitExceeded
 
 # Keyword names without the `annex_` prefix, in contract order.
@@ -24,32 +24,23 @@ KEYWORDS = ("name", *names.JOB_ATTRS)
 # Canonical job attribute -> keyword.
 ATTR_KEYWORDS = {names.JOB_TARGET: "name", **{a: k for k, a in names.JOB_ATTRS.items()}}
 
-_INT_KEYS = ("instances",)
-_DURATION_KEYS = ("lease", "idle_timeout")
-_TIME_KEYS = ("expiry",)
+INT_KEYS = ("instances",)
+DURATION_KEYS = ("lease", "idle_timeout")
+TIME_KEYS = ("expiry",)
 _ID_LIST_KEYS = ("instance_types", "image_ids", "spot_prices", "subnets", "security_groups")
-_BOOL_KEYS = ("user_data_template",)
-_NOT_TEXT = (*_INT_KEYS, *_DURATION_KEYS, *_TIME_KEYS, *_BOOL_KEYS)
-_TEXT_KEYS = tuple(k for k in names.JOB_ATTRS if k not in _NOT_TEXT)
-_TRUE = ("true", "yes", "1")
-_FALSE = ("false", "no", "0")
+BOOL_KEYS = ("user_data_template",)
+_NOT_TEXT = (*INT_KEYS, *DURATION_KEYS, *TIME_KEYS, *BOOL_KEYS)
+TEXT_KEYS = tuple(k for k in names.JOB_ATTRS if k not in _NOT_TEXT)
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
 
 NAME_RULE = "a letter, then letters, digits or '-', at most 63 characters"
-DURATION_RULE = "use seconds (3600) or units s/m/h/d (90m, 1h30m)"
-EXPIRY_RULE = "use 'YYYY-MM-DD HH:MM' (UTC) or ISO 8601 such as 2030-04-06T17:00:00+02:00"
+DURATION_RULE = durations.DURATION_RULE
+EXPIRY_RULE = durations.EXPIRY_RULE
 
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _DIGITS_RE = re.compile(f"^[0-9]{{1,{names.NUMBER_DIGITS_MAX}}}$")
-# At most 16 parts of at most 9 digits: no sum of them leaves int64.
-_DURATION_RE = re.compile(r"^([0-9]{1,9}[smhd]){1,16}$")
-_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-_EXPIRY_RE = re.compile(
-    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
-    r"((?::[0-9]{2}(?:\.[0-9]{1,6})?)?)((?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)$"
-)
 _PRICE_RE = re.compile(r"^([0-9]{1,6}(\.[0-9]{0,8})?|\.[0-9]{1,8})$")
 _ZERO_PRICE_RE = re.compile(r"^[0.]+$")
 _TAGS_RE = re.compile(r"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$")
@@ -113,60 +104,340 @@ class AnnexSpec:
         annex once created, so that later merges compare ends, not durations)."""
         return dataclasses.replace(self, lease_seconds=None, expiry=self.expires_at(now, settings))
 
-    def effective_region(self, settings, aws_config_region: str = "") -> str:
-        """Region resolution order: the job, ANNEX_AWS_REGION, the helper's AWS config,
-        us-west-1."""
-        return self.region or settings.region or aws_config_region or "us-west-1"
 
-    def effective_instance_types(self, settings) -> tuple[str, ...]:
-        return self.instance_types or tuple(settings.default_instance_types)
+# ---- the submit requirements: one table for condor_submit and for the helper ------------------
+# condor_config.d/20-annex-submit.conf is rendered from this table and from the keyword kinds
+# above by annex_gahp.submitconfig (`htcondor-annex render-submit-config`); a fast-tier test
+# fails when the shipped file differs. from_keywords() applies the same rules in the same
+# order with the same messages.
 
-    def effective_idle_timeout(self, settings) -> int:
-        return self.idle_timeout if self.idle_timeout is not None else settings.idle_timeout
+_GUARD = f"{names.JOB_TARGET} is undefined"
+_CONTROL_CLASSAD = "[\\\\x00-\\\\x1f\\\\x7f]"
 
-    def to_keywords(self) -> dict[str, str]:
-        """Keyword form (no `annex_` prefix), only what was given: from_keywords() reads it back."""
-        out: dict[str, str] = {"name": self.name, "instances": str(self.instances)}
-        for key in (*_ID_LIST_KEYS,):
-            if getattr(self, key):
-                out[key] = ",".join(getattr(self, key))
-        if self.lease_seconds is not None:
-            out["lease"] = str(self.lease_seconds)
-        if self.expiry is not None:
-            out["expiry"] = str(self.expiry)
-        if self.idle_timeout is not None:
-            out["idle_timeout"] = str(self.idle_timeout)
-        for key in ("region", "vpc", "keypair", "central_manager", "user_data_file", "stack_name"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        if self.tags:
-            out["tags"] = ",".join(f"{k}={v}" for k, v in self.tags)
-        if self.user_data_template:
-            out["user_data_template"] = "true"
-        out["mode"] = self.mode
-        out["strategy"] = self.strategy
-        return out
 
-    def to_job_attrs(self) -> dict[str, object]:
-        """The canonical job attributes, as the schedd transform sets them."""
-        kw = self.to_keywords()
-        out: dict[str, object] = {names.JOB_TARGET: kw.pop("name")}
-        for key, value in kw.items():
-            attr = names.JOB_ATTRS[key]
-            if key in (*_INT_KEYS, *_DURATION_KEYS, *_TIME_KEYS):
-                out[attr] = int(value)
-            elif key in _BOOL_KEYS:
-                out[attr] = value == "true"
-            else:
-                out[attr] = value
-        return out
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One submit requirement (SUBMIT_REQUIREMENT_<name>). `accept` is the ClassAd condition a
+    job that names an annex must meet, `reason` the ClassAd string condor_submit prints after
+    `ERROR:`, `why` the comment an admin reads above it. `guard` is when the rule does not
+    apply (by default: the job names no annex)."""
+
+    name: str
+    accept: str
+    reason: str
+    why: str = ""
+    guard: str = _GUARD
+
+
+def _any_of(terms: list[str]) -> str:
+    return "!(\n" + "\n|| ".join(terms) + ")"
+
+
+def _first_of(cases: list[tuple[str, str]]) -> str:
+    """Nested ifThenElse: the message of the first case whose condition holds, else ""."""
+    return "\n".join(f'ifThenElse({cond}, "{msg}",' for cond, msg in cases) + ' ""' + ")" * len(
+        cases
+    )
+
+
+def _keyword_rules() -> tuple[Rule, ...]:
+    """The rules that repeat for every keyword, generated from the keyword kinds."""
+    spelled = [t for k in names.JOB_ATTRS for t in (f"annex_{k}", names.JOB_ATTRS[k])]
+    text = {k: names.JOB_ATTRS[k] for k in TEXT_KEYS}
+    control = [
+        (f'isString({a}) && regexp("{_CONTROL_CLASSAD}", {a})', _control_message(k))
+        for k, a in text.items()
+    ]
+    lengths = [
+        (f"isString({a}) && size({a}) > {TEXT_LIMITS.get(k, names.TEXT_MAX)}",
+         _length_message(k))
+        for k, a in text.items()
+    ]  # fmt: skip
+    not_text = [
+        (f"{a} isnt undefined && !isString({a})", _not_text_message(k))
+        for k, a in text.items()
+    ]  # fmt: skip
+    return (
+        Rule(
+            "AnnexNoName",
+            _any_of([f"{t} isnt undefined" for t in spelled]),
+            f'"annex_* keywords need annex_name = <name>: {NAME_RULE}"',
+            "Any annex keyword without annex_name.",
+            guard=f"{names.JOB_TARGET} isnt undefined",
+        ),
+        Rule(
+            "AnnexBadName",
+            f'(isString({names.JOB_TARGET}) && regexp("{names.NAME_PATTERN}", {names.JOB_TARGET}))',
+            f"strcat(\"annex_name = '\", ifThenElse(isString({names.JOB_TARGET}),"
+            f" {names.JOB_TARGET}, string({names.JOB_TARGET})),"
+            f" \"' is not a valid annex name: use {NAME_RULE}\")",
+            "The annex name: what an EC2 tag, a ClassAd string and a stack name all accept.",
+        ),
+        Rule(
+            "AnnexText",
+            "!(\n" + "\n|| ".join(f"({c})" for c, _ in not_text) + ")",
+            _first_of(not_text),
+            "Text keywords written as +Annex* must be quoted strings.",
+        ),
+        Rule(
+            "AnnexControl",
+            _any_of([f"({c})" for c, _ in control]),
+            _first_of(control),
+            "Free text: no control characters (NUL, tab, newline, escape...) in any value."
+            " Messages do not quote the value.",
+        ),
+        Rule(
+            "AnnexTextLength",
+            _any_of([f"({c})" for c, _ in lengths]),
+            _first_of(lengths),
+            "Every value bounded (names.TEXT_MAX and friends; spec.TEXT_LIMITS), in bytes of"
+            " UTF-8 as size() counts them.",
+        ),
+    )
+
+
+def _control_message(key: str) -> str:
+    return f"annex_{key} contains a control character (such as NUL, tab or newline): remove it"
+
+
+def _length_message(key: str) -> str:
+    limit = TEXT_LIMITS.get(key, names.TEXT_MAX)
+    return f"annex_{key} is longer than {limit} characters: shorten it"
+
+
+def _not_text_message(key: str) -> str:
+    return f"+{names.JOB_ATTRS[key]} must be a quoted string (or use annex_{key} = ...)"
+
+
+def _shown_reason(key: str, rest: str) -> str:
+    """`annex_<key> = '<value as the transform left it>' <rest>`, as a ClassAd string."""
+    attr = names.JOB_ATTRS[key]
+    return (
+        f"strcat(\"annex_{key} = '\", ifThenElse(isString({attr}), {attr}, string({attr})),"
+        f" \"' {rest}\")"
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    *_keyword_rules(),
+    Rule(
+        "AnnexInstances",
+        "(isInteger(AnnexInstances) && AnnexInstances >= 1)",
+        _shown_reason("instances", "is not allowed: give a whole number of at least 1"),
+        "How many instances: a whole number, at least 1.",
+    ),
+    Rule(
+        "AnnexMaxInstances",
+        "AnnexInstances <= $(ANNEX_MAX_INSTANCES)",
+        "strcat(\"annex_instances = \", string(AnnexInstances), \" is over the limit of \", "
+        "string($(ANNEX_MAX_INSTANCES)), \" instances per annex (ANNEX_MAX_INSTANCES)\")",
+        "The admin's cap per annex (ANNEX_MAX_INSTANCES in 10-annex-gahp.conf).",
+    ),
+    Rule(
+        "AnnexLeaseAndExpiry",
+        "AnnexLease is undefined || AnnexExpiry is undefined",
+        "\"annex_lease and annex_expiry exclude each other: give one of them\"",
+        "A lease (a duration) or an expiry (an absolute end), not both.",
+    ),
+    Rule(
+        "AnnexLease",
+        "AnnexLease is undefined || (isInteger(AnnexLease) && AnnexLease > 0)",
+        _shown_reason("lease", "is not a positive duration: " + DURATION_RULE),
+        "The lease: a positive duration (3600, 90m, 2h, 1h30m).",
+    ),
+    Rule(
+        "AnnexMaxLease",
+        "AnnexLease is undefined || AnnexLease <= $(ANNEX_SUBMIT_MAX_LEASE)",
+        "strcat(\"annex_lease = \", string(AnnexLease), \" seconds is over the limit of \", "
+        "string($(ANNEX_SUBMIT_MAX_LEASE)), \" seconds (ANNEX_MAX_LEASE)\")",
+        "The admin's longest lease (ANNEX_MAX_LEASE, in seconds or as a duration).",
+    ),
+    Rule(
+        "AnnexExpiry",
+        "AnnexExpiry is undefined || isInteger(AnnexExpiry)",
+        _shown_reason("expiry", "is not a time: " + EXPIRY_RULE),
+        "The expiry: epoch seconds, 'YYYY-MM-DD HH:MM' (UTC) or ISO 8601.",
+    ),
+    Rule(
+        "AnnexExpiryPast",
+        "AnnexExpiry is undefined || AnnexExpiry > time()",
+        "\"annex_expiry is in the past: give a time in the future\"",
+        "An expiry in the past would retire the annex at once.",
+    ),
+    Rule(
+        "AnnexMaxExpiry",
+        "AnnexExpiry is undefined || AnnexExpiry <= time() + $(ANNEX_SUBMIT_MAX_LEASE)",
+        "strcat(\"annex_expiry is more than \", string($(ANNEX_SUBMIT_MAX_LEASE)), \" seconds "
+        "from now, over the limit (ANNEX_MAX_LEASE)\")",
+        "An expiry is a lease too: at most ANNEX_MAX_LEASE from now.",
+    ),
+    Rule(
+        "AnnexIdleTimeout",
+        "AnnexIdleTimeout is undefined || (isInteger(AnnexIdleTimeout) && AnnexIdleTimeout > 0)",
+        _shown_reason("idle_timeout", "is not a positive duration: " + DURATION_RULE),
+        "The idle timeout: a positive duration.",
+    ),
+    Rule(
+        "AnnexMode",
+        "AnnexMode =?= \"pool\" || AnnexMode =?= \"provision\"",
+        "strcat(\"annex_mode = '\", AnnexMode, \"' is not allowed: use pool or provision\")",
+        "pool (instances join this pool) or provision (the user's own pilot).",
+    ),
+    Rule(
+        "AnnexStrategy",
+        "AnnexStrategy =?= \"fleet\" || AnnexStrategy =?= \"stack\"",
+        "strcat(\"annex_strategy = '\", AnnexStrategy, \"' is not allowed: use fleet or stack\")",
+        "fleet (EC2 Fleet) or stack (CloudFormation with Auto Scaling groups).",
+    ),
+    Rule(
+        "AnnexUserData",
+        "AnnexMode =!= \"provision\" || AnnexUserDataFile isnt undefined",
+        "\"annex_mode = provision needs annex_user_data_file: the file with your pilot's user "
+        "data\"",
+        "Provision mode boots the user's pilot: its user data file is required.",
+    ),
+    Rule(
+        "AnnexPoolOnly",
+        "AnnexMode =!= \"provision\" || (AnnexCentralManager is undefined && AnnexIdleTimeout is "
+        "undefined)",
+        "strcat(ifThenElse(AnnexCentralManager isnt undefined, \"annex_central_manager\", "
+        "\"annex_idle_timeout\"), \" only applies to annex_mode = pool: remove it, or use "
+        "annex_mode = pool\")",
+        "Settings that only a pool-mode annex uses.",
+    ),
+    Rule(
+        "AnnexProvisionOnly",
+        "AnnexMode =?= \"provision\" || AnnexUserDataFile is undefined",
+        "\"annex_user_data_file only applies to annex_mode = provision: remove it, or add "
+        "annex_mode = provision\"",
+        "A user data file only makes sense in provision mode.",
+    ),
+    Rule(
+        "AnnexUserDataTemplate",
+        "AnnexUserDataTemplate is undefined || isBoolean(AnnexUserDataTemplate)",
+        "strcat(\"annex_user_data_template = '\", ifThenElse(isString(AnnexUserDataTemplate), "
+        "AnnexUserDataTemplate, unparse(AnnexUserDataTemplate)), \"' is not allowed: use true or "
+        "false\")",
+        "Whether the user data is a template: true/yes/1 or false/no/0.",
+    ),
+    Rule(
+        "AnnexTemplateOnly",
+        "AnnexMode =?= \"provision\" || AnnexUserDataTemplate =!= true",
+        "\"annex_user_data_template only applies to annex_mode = provision: remove it, or add "
+        "annex_mode = provision\"",
+        "Templates are rendered for provision mode only.",
+    ),
+    Rule(
+        "AnnexStackOnly",
+        "AnnexStrategy =?= \"stack\" || AnnexStackName is undefined",
+        "\"annex_stack_name only applies to annex_strategy = stack: remove it, or add "
+        "annex_strategy = stack\"",
+        "A stack name only makes sense with the stack strategy.",
+    ),
+    Rule(
+        "AnnexStackName",
+        "AnnexStackName is undefined || regexp(\"^[A-Za-z][A-Za-z0-9-]{0,127}$\", AnnexStackName)",
+        "strcat(\"annex_stack_name = '\", AnnexStackName, \"' is not a valid stack name: use a "
+        "letter, then letters, digits or '-', at most 128 characters\")",
+        "A CloudFormation stack name.",
+    ),
+    Rule(
+        "AnnexVpcStack",
+        "AnnexStrategy =!= \"stack\" || AnnexVpc is undefined",
+        "\"annex_vpc is not supported with annex_strategy = stack: give annex_subnets in that "
+        "VPC instead, or use annex_strategy = fleet\"",
+        "The stack strategy's Auto Scaling groups take subnets only (aws/stack.py); the fleet "
+        "strategy honours annex_vpc (aws/fleet.resolve_vpc).",
+    ),
+    Rule(
+        "AnnexImageCount",
+        "AnnexImageIds is undefined || size(split(AnnexImageIds, \",\")) == 1 || "
+        "size(split(AnnexImageIds, \",\")) == $(ANNEX_SUBMIT_TYPE_COUNT)",
+        "strcat(\"annex_image_ids has \", string(size(split(AnnexImageIds, \",\"))), \" entries: "
+        "give one, or one per instance type (\", string($(ANNEX_SUBMIT_TYPE_COUNT)), \")\")",
+        "One image for every instance type, or one per type.",
+    ),
+    Rule(
+        "AnnexSpotCount",
+        "AnnexSpotPrices is undefined || size(split(AnnexSpotPrices, \",\")) == 1 || "
+        "size(split(AnnexSpotPrices, \",\")) == $(ANNEX_SUBMIT_TYPE_COUNT)",
+        "strcat(\"annex_spot_prices has \", string(size(split(AnnexSpotPrices, \",\"))), \" "
+        "entries: give one, or one per instance type (\", string($(ANNEX_SUBMIT_TYPE_COUNT)), "
+        "\")\")",
+        "One spot price for every instance type, or one per type.",
+    ),
+    Rule(
+        "AnnexSpotPrices",
+        "AnnexSpotPrices is undefined || (regexp(\"^$(_annex_price)(,$(_annex_price))*$\", "
+        "AnnexSpotPrices) && !regexp(\"(^|,)[0.]+(,|$)\", AnnexSpotPrices))",
+        "strcat(\"annex_spot_prices = '\", AnnexSpotPrices, \"' is not allowed: give positive "
+        "decimal prices such as 0.05\")",
+        "Spot prices: positive decimals (no spot price: on-demand).",
+    ),
+    Rule(
+        "AnnexAllowedTypes",
+        "AnnexInstanceTypes is undefined || $(ANNEX_SUBMIT_ALLOWED_TYPES) == \"\" || "
+        "stringListSubsetMatch(AnnexInstanceTypes, $(ANNEX_SUBMIT_ALLOWED_TYPES), \",\")",
+        "strcat(\"annex_instance_types = '\", AnnexInstanceTypes, \"' is not allowed here: "
+        "choose from \", $(ANNEX_SUBMIT_ALLOWED_TYPES), \" (ANNEX_ALLOWED_INSTANCE_TYPES)\")",
+        "The admin's allow-list of instance types (ANNEX_ALLOWED_INSTANCE_TYPES; empty: any).",
+    ),
+    Rule(
+        "AnnexAllowedImages",
+        "AnnexImageIds is undefined || $(ANNEX_SUBMIT_ALLOWED_IMAGES) == \"\" || "
+        "stringListSubsetMatch(AnnexImageIds, $(ANNEX_SUBMIT_ALLOWED_IMAGES), \",\")",
+        "strcat(\"annex_image_ids = '\", AnnexImageIds, \"' is not allowed here: choose from \", "
+        "$(ANNEX_SUBMIT_ALLOWED_IMAGES), \" (ANNEX_ALLOWED_IMAGE_IDS)\")",
+        "The admin's allow-list of images (ANNEX_ALLOWED_IMAGE_IDS; empty: any).",
+    ),
+    Rule(
+        "AnnexAllowedRegion",
+        "AnnexRegion is undefined || $(ANNEX_SUBMIT_ALLOWED_REGIONS) == \"\" || "
+        "stringListMember(AnnexRegion, $(ANNEX_SUBMIT_ALLOWED_REGIONS), \",\")",
+        "strcat(\"annex_region = '\", AnnexRegion, \"' is not allowed here: choose from \", "
+        "$(ANNEX_SUBMIT_ALLOWED_REGIONS), \" (ANNEX_ALLOWED_REGIONS)\")",
+        "The admin's allow-list of regions (ANNEX_ALLOWED_REGIONS; empty: any).",
+    ),
+    Rule(
+        "AnnexTags",
+        "AnnexTags is undefined || (regexp(\"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$\", AnnexTags) && "
+        "!regexp(\"(^|,)(aws:|htcondor-annex:)\", AnnexTags, \"i\"))",
+        "strcat(\"annex_tags = '\", AnnexTags, \"' is not allowed: give key=value pairs "
+        "separated by commas, keys not starting with aws: or htcondor-annex:\")",
+        "Extra EC2 tags as key=value pairs; the aws: and htcondor-annex: prefixes are kept for "
+        "AWS and for us.",
+    ),
+    Rule(
+        "AnnexTagCount",
+        "AnnexTags is undefined || size(split(AnnexTags, \",\")) <= 42",
+        "strcat(\"annex_tags has \", string(size(split(AnnexTags, \",\"))), \" tags: give at "
+        "most 42 (AWS allows 50 per resource, 8 are kept for htcondor-annex)\")",
+        "AWS's tag limits (names.TAG_*): at most 42 of the user's (50 per resource, 8 kept for "
+        "ours).",
+    ),
+    Rule(
+        "AnnexTagLength",
+        "AnnexTags is undefined || !(regexp(\"(^|,)[^=,]{129,}=\", AnnexTags) || "
+        "regexp(\"=[^,]{257,}\", AnnexTags))",
+        "\"annex_tags has a key longer than 128 or a value longer than 256 characters: shorten "
+        "it\"",
+        "AWS's tag limits: keys of at most 128 and values of at most 256 characters.",
+    ),
+    Rule(
+        "AnnexTagChars",
+        "AnnexTags is undefined || regexp(\"^[A-Za-z0-9 _.:/+@-]+=[A-Za-z0-9 "
+        "_.:/=+@-]*(,[A-Za-z0-9 _.:/+@-]+=[A-Za-z0-9 _.:/=+@-]*)*$\", AnnexTags)",
+        "\"annex_tags may only hold letters, digits, spaces and _ . : / = + - @ (AWS's tag "
+        "characters)\"",
+        "AWS's tag characters only (EC2 alone is laxer).",
+    ),
+)
 
 
 # ---- conversions, each as the transform does it ------------------------------------------
 
 
-def _trim(text: str) -> str:
-    return re.sub(r"^\s*(.*?)\s*$", r"\1", text, flags=re.DOTALL)
+_trim = durations.trim
 
 
 def _shown(value: object) -> str:
@@ -186,75 +457,21 @@ def _to_int(value: object) -> int | _Bad:
     return _Bad(_shown(value))
 
 
-def _duration_seconds(text: str) -> int | None:
-    """The transform's duration rule on trimmed, lower-cased text; None if not a duration."""
-    if _DIGITS_RE.match(text):
-        return int(text)
-    if _DURATION_RE.match(text):
-        return sum(int(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-    return None
-
-
 def _to_duration(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
-        seconds = _duration_seconds(_trim(value).lower())
+        seconds = durations.duration(value)
         if seconds is not None:
             return seconds
     return _Bad(_shown(value))
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 (the same integer arithmetic as the transform)."""
-    yy = year - (1 if month <= 2 else 0)
-    era = yy // 400
-    yoe = yy - era * 400
-    doy = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _month_days(year: int, month: int) -> int:
-    if month == 2:
-        return 29 if (year % 4 == 0 and year % 100 != 0) or year % 400 == 0 else 28
-    return 30 if month in (4, 6, 9, 11) else 31
-
-
-def parse_expiry(text: str) -> int | None:
-    """Epoch seconds, or YYYY-MM-DD[( |T)HH:MM[:SS[.ffffff]][Z|+HH[:MM]|-HH[:MM]]] (no offset:
-    UTC; a date alone: its midnight) -> epoch seconds; None if it is neither."""
-    text = _trim(text)
-    if _DIGITS_RE.match(text):
-        return int(text)
-    if _DATE_RE.match(text):
-        text += "T00:00"
-    match = _EXPIRY_RE.match(text)
-    if not match:
-        return None
-    year, month, day, hour, minute = (int(g) for g in match.groups()[:5])
-    second = int((match.group(6) + ":00")[1:3])
-    zone = match.group(7).replace(":", "") + "0000"
-    zone_h, zone_m = int(zone[1:3]), int(zone[3:5])
-    if not (
-        1 <= month <= 12
-        and 1 <= day <= _month_days(year, month)
-        and hour <= 23
-        and minute <= 59
-        and second <= 59
-        and zone_h <= 23
-        and zone_m <= 59
-    ):
-        return None
-    offset = (-1 if zone[0] == "-" else 1) * (zone_h * 3600 + zone_m * 60)
-    return _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset
 
 
 def _to_expiry(value: object) -> int | _Bad:
     if isinstance(value, int) and not isinstance(value, bool):
         return value if _in_range(value) else _Bad(str(value))
     if isinstance(value, str):
-        epoch = parse_expiry(value)
+        epoch = durations.expiry(value)
         if epoch is not None:
             return epoch
     return _Bad(_shown(value))
@@ -267,9 +484,9 @@ def _to_bool(value: object) -> bool | _Bad:
         return _Bad(str(value)) if value not in (0, 1) else bool(value)
     if isinstance(value, str):
         word = _trim(value).lower()
-        if word in _TRUE:
+        if word in TRUE_WORDS:
             return True
-        if word in _FALSE:
+        if word in FALSE_WORDS:
             return False
     return _Bad(_shown(value))
 
@@ -342,13 +559,13 @@ def from_keywords(
         if key not in given:
             continue
         value = given[key]
-        if key in _INT_KEYS:
+        if key in INT_KEYS:
             values[key] = _to_int(value)
-        elif key in _DURATION_KEYS:
+        elif key in DURATION_KEYS:
             values[key] = _to_duration(value)
-        elif key in _TIME_KEYS:
+        elif key in TIME_KEYS:
             values[key] = _to_expiry(value)
-        elif key in _BOOL_KEYS:
+        elif key in BOOL_KEYS:
             values[key] = _to_bool(value)
         elif not isinstance(value, str):
             not_text.append(key)
@@ -362,15 +579,14 @@ def from_keywords(
 
     if not _NAME_RE.match(name):
         raise InputError(f"annex_name = '{name}' is not a valid annex name: use {NAME_RULE}")
-    for key in _TEXT_KEYS:
+    for key in TEXT_KEYS:
         if key in not_text:
-            attr = names.JOB_ATTRS[key]
-            raise InputError(f"+{attr} must be a quoted string (or use annex_{key} = ...)")
+            raise InputError(_not_text_message(key))
     if "user_data_file" in values and not str(values["user_data_file"]).startswith("/"):
         if not iwd:
             raise InputError("annex_user_data_file must be an absolute path")
         values["user_data_file"] = f"{iwd.rstrip('/')}/{values['user_data_file']}"
-    for key in _TEXT_KEYS:
+    for key in TEXT_KEYS:
         _check_text(key, values.get(key))
 
     instances = values["instances"]
@@ -519,12 +735,9 @@ def _check_text(key: str, value: object) -> None:
     if not isinstance(value, str):
         return
     if _CONTROL_RE.search(value):
-        raise InputError(
-            f"annex_{key} contains a control character (such as NUL, tab or newline): remove it"
-        )
-    limit = TEXT_LIMITS.get(key, names.TEXT_MAX)
-    if len(value.encode("utf-8", "surrogatepass")) > limit:
-        raise InputError(f"annex_{key} is longer than {limit} characters: shorten it")
+        raise InputError(_control_message(key))
+    if len(value.encode("utf-8", "surrogatepass")) > TEXT_LIMITS.get(key, names.TEXT_MAX):
+        raise InputError(_length_message(key))
 
 
 def _check_tags(text: str) -> None:
@@ -650,7 +863,10 @@ def merge(existing: AnnexSpec, new: AnnexSpec, settings, *, now: int | None = No
         )
     idle = None
     if existing.idle_timeout is not None or new.idle_timeout is not None:
-        idle = max(existing.effective_idle_timeout(settings), new.effective_idle_timeout(settings))
+        idle = max(
+            settings.idle_timeout if spec_idle is None else spec_idle
+            for spec_idle in (existing.idle_timeout, new.idle_timeout)
+        )
     return dataclasses.replace(
         existing,
         instances=min(max(existing.instances, new.instances), settings.max_instances),

@@ -44,7 +44,7 @@ PENDING_TIMEOUT = 120.0
 # Once a line has started it must finish: a client trickling bytes (one a second, say) must
 # not hold a slot. A whole line crosses a Unix socket in microseconds.
 LINE_TIMEOUT = 5.0
-# A client that stops reading must not hold a thread (or a worker emitting its R) forever.
+# A client that stops reading must not hold a thread forever.
 WRITE_TIMEOUT = 30.0
 # How often blocked reads/accepts wake to check deadlines and shutdown.
 POLL_INTERVAL = 1.0
@@ -147,7 +147,7 @@ def serve_stdio(
             except (BrokenPipeError, ValueError, OSError):
                 broken.set()
 
-    session = dispatcher.session(caller, emit=write)
+    session = dispatcher.session(caller)
     write([session.banner])
     splitter = LineSplitter()
     read = getattr(src, "read1", None) or src.read
@@ -487,7 +487,7 @@ class SocketServer:
                 uid=uid, user=self._user_names(uid), is_admin=uid == 0 or uid in self.admin_uids
             )
             log.debug("connection from pid %d uid %d (%s)", pid, uid, caller.user)
-            session = self.dispatcher.session(caller, emit=client.write)
+            session = self.dispatcher.session(caller)
             client.write([session.banner])
             self._read_loop(client, session)
         except OSError as exc:

@@ -5,8 +5,10 @@ The job router hands its hooks ads in the "old ClassAd" text form that `sPrintAd
 seen on HTCondor 23.9). We never evaluate expressions: we read a few literal values (strings,
 integers) and pass the rest through as text.
 
-Strings are in the old ClassAd text form on both sides (checked on 23.9): only `\\"` is an
-escape, every other backslash stands for itself. `unquote()` reads and `quote()` writes that.
+Strings the router gives are in the old ClassAd text form (checked on 23.9): only `\\"` is an
+escape, every other backslash stands for itself; `unquote()` reads that. What the hooks print
+comes from the helper as it wrote it (compat.quote, the bindings' quoting); `quote()` here is
+the same quoting for stdlib-only code.
 """
 
 from __future__ import annotations
@@ -161,19 +163,26 @@ def unquote(expr: str) -> str:
     return "".join(out)
 
 
-def quote(value: str) -> str:
-    """`value` as a string literal the router reads back to the same value (old ClassAd text).
+# What ClassAd's own quoting (classad2.quote) writes for each byte of the UTF-8 text that is
+# not printable ASCII as itself: these escapes, else three octal digits.
+_QUOTE_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r",
+                  34: '\\"', 92: "\\\\"}  # fmt: skip
+_PLAIN = frozenset(range(32, 127)) - {34, 92}
 
-    Only a quote is escaped. That form cannot hold a line break or a backslash right before a
-    quote or at the very end, so those are refused (AdError) rather than silently changed.
-    """
-    if "\n" in value or "\r" in value or "\0" in value:
-        raise AdError("a string for the router cannot hold a line break or NUL")
-    if value.endswith("\\") or '\\"' in value:
-        raise AdError(
-            "a string for the router cannot end in a backslash or hold one before a quote"
-        )
-    return '"' + value.replace('"', '\\"') + '"'
+
+def quote(value: str) -> str:
+    """`value` as a ClassAd string literal, exactly as the bindings' classad2.quote writes it
+    (for stdlib-only code; the helper calls compat.quote). Raises ValueError for a NUL, which
+    ClassAd strings cannot hold."""
+    if "\0" in value:
+        raise ValueError("a ClassAd string cannot hold a NUL")
+    data = value.encode("utf-8")
+    if set(data) <= _PLAIN:
+        return f'"{value}"'
+    out = [
+        chr(b) if b in _PLAIN else _QUOTE_ESCAPES.get(b) or f"\\{b:03o}" for b in data
+    ]
+    return '"' + "".join(out) + '"'
 
 
 def check_update(name: object, expr: object) -> tuple[str, str]:
@@ -317,98 +326,12 @@ def user_data_args(ad: Ad) -> dict[str, str]:
         return {"user_data_error": str(exc)}
 
 
-_JSON_ESCAPES = {
-    '"': '"',
-    "\\": "\\",
-    "/": "/",
-    "b": "\b",
-    "f": "\f",
-    "n": "\n",
-    "r": "\r",
-    "t": "\t",
-}
-_HEX = frozenset("0123456789abcdefABCDEF")
-_JSON_SPACE = " \t\n\r"
-
-
-def _json_string(raw: str, i: int) -> tuple[str, int]:
-    """The JSON string starting at raw[i] (a quote), and the index after it."""
-    if raw[i : i + 1] != '"':
-        raise ValueError(i)
-    parts, i = [], i + 1
-    while True:
-        quote, slash = raw.find('"', i), raw.find("\\", i)
-        if quote < 0:
-            raise ValueError(i)
-        end = quote if slash < 0 or quote < slash else slash
-        chunk = raw[i:end]
-        if any(c < " " for c in chunk):
-            raise ValueError(i)  # json.loads refuses raw control characters
-        parts.append(chunk)
-        if end == quote:
-            return "".join(parts), quote + 1
-        code = raw[slash + 1 : slash + 2]
-        if code == "u":
-            digits = raw[slash + 2 : slash + 6]
-            if len(digits) != 4 or not set(digits) <= _HEX or digits[0] in "dD":
-                raise ValueError(i)  # (surrogate pairs: left to the json module)
-            parts.append(chr(int(digits, 16)))
-            i = slash + 6
-        elif code in _JSON_ESCAPES:
-            parts.append(_JSON_ESCAPES[code])
-            i = slash + 2
-        else:
-            raise ValueError(i)
-
-
-def _flat_json_object(raw: str) -> dict[str, str]:
-    """A JSON object of strings, what the helper answers the hooks with, read without the
-    json module: importing it (and `re` with it) costs the translate hook ~10 ms, more than
-    everything else it does. Raises ValueError for anything else; the caller then asks json."""
-    raw = raw.strip(_JSON_SPACE)
-    if raw[:1] != "{" or raw[-1:] != "}":
-        raise ValueError(0)
-    out: dict[str, str] = {}
-    i = 1
-    while True:
-        i = _skip_space(raw, i)
-        if not out and raw[i:] == "}":
-            return out
-        key, i = _json_string(raw, i)
-        i = _skip_space(raw, i)
-        if raw[i : i + 1] != ":":
-            raise ValueError(i)
-        out[key], i = _json_string(raw, _skip_space(raw, i + 1))
-        i = _skip_space(raw, i)
-        if raw[i:] == "}":
-            return out
-        if raw[i : i + 1] != ",":
-            raise ValueError(i)
-        i += 1
-
-
-def _skip_space(raw: str, i: int) -> int:
-    return len(raw) - len(raw[i:].lstrip(_JSON_SPACE))
-
-
 def updates_from(result: dict[str, str]) -> dict[str, str]:
-    """The helper's `json` result (attribute -> ClassAd expression text), checked."""
-    raw = result.get("json", "")
-    if not raw:
-        return {}
-    try:
-        data: object = _flat_json_object(raw)
-    except ValueError:
-        import json  # noqa: PLC0415 - not what the helper sends: let json judge it
-
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise AdError(f"helper sent unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdError("helper sent JSON that is not an object of attributes")
+    """The helper's answer, `Name = value` lines in `ad=`, checked: each line one attribute
+    the hooks may set (never identity or HTCondor's own state), each value one line."""
+    updates = parse(result.get("ad", ""), what="helper's answer")
     out: dict[str, str] = {}
-    for key, value in data.items():
+    for key, value in updates.items():
         name, expr = check_update(key, value)
         if name.lower() in PROTECTED:
             raise AdError(f"helper tried to set {name}, which hooks never change")

@@ -218,75 +218,11 @@ def test_too_many_pending_is_f() -> None:
     assert session.handle_line("ANNEX_ECHO 3") == ["S"]
 
 
-def test_worker_pool_emits_r() -> None:
-    gate = threading.Event()
-
-    def slow(caller: Caller, args: dict[str, str]) -> dict[str, str]:
-        gate.wait(5)
-        return {"n": args["n"]}
-
-    emitted: list[list[str]] = []
-    got_r = threading.Event()
-
-    def emit(lines: list[str]) -> None:
-        emitted.append(lines)
-        got_r.set()
-
-    with ThreadPoolExecutor(4) as pool:
-        session = Dispatcher({"SLOW": slow}, executor=pool).session(ALICE, emit=emit)
-        assert session.handle_line("ASYNC_MODE_ON") == ["S"]
-        for n in range(3):
-            assert session.handle_line(f"SLOW {n} n={n}") == ["S"]  # accepted, not yet run
-        assert results(session) == []
-        gate.set()
-        assert got_r.wait(5)
-        pool.shutdown(wait=True)
-        assert emitted == [["R"]]  # once, however many results
-        assert sorted(r[0] for r in results(session)) == ["0", "1", "2"]
-        # A stopped pool: the request cannot be taken, which is F, not E.
-        assert kind(session.handle_line("SLOW 9 n=9")) == "F"
-
-
-def test_worker_pool_without_emit_owes_r() -> None:
-    gate = threading.Event()
-
-    def gated(caller: Caller, args: dict[str, str]) -> dict[str, str]:
-        gate.wait(5)
-        return {}
-
-    with ThreadPoolExecutor(1) as pool:
-        session = Dispatcher({"GATED": gated}, executor=pool).session(ALICE)
-        session.handle_line("ASYNC_MODE_ON")
-        assert session.handle_line("GATED 1") == ["S"]
-        gate.set()
-        pool.shutdown(wait=True)
-    # No way to write unasked, so the R rides on the next reply.
-    assert session.handle_line("VERSION")[-1] == "R"
-    assert len(results(session)) == 1
-
-
-def test_closed_session_drops_late_results() -> None:
-    gate = threading.Event()
-
-    def slow(caller: Caller, args: dict[str, str]) -> dict[str, str]:
-        gate.wait(5)
-        return {}
-
-    emitted: list[list[str]] = []
-    with ThreadPoolExecutor(1) as pool:
-        session = Dispatcher({"SLOW": slow}, executor=pool).session(ALICE, emit=emitted.append)
-        session.handle_line("ASYNC_MODE_ON")
-        session.handle_line("SLOW 1")
-        session.close()
-        gate.set()
-    assert emitted == []
-
-
 def test_concurrent_sessions_and_threads() -> None:
     """Many threads on one session and on several: every result exactly once, in order."""
     with ThreadPoolExecutor(8) as pool:
-        dispatcher = Dispatcher(TABLE, executor=pool)
-        sessions = [dispatcher.session(ALICE, emit=lambda lines: None) for _ in range(3)]
+        dispatcher = Dispatcher(TABLE)
+        sessions = [dispatcher.session(ALICE) for _ in range(3)]
 
         def client(session: Session, base: int) -> None:
             for i in range(50):

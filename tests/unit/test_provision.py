@@ -103,7 +103,9 @@ def test_spec_user_data_template_keyword():
         settings,
     )
     assert got.user_data_template is True
-    assert got.to_job_attrs()["AnnexUserDataTemplate"] is True
+    attrs = {"TargetAnnexName": "p", "AnnexMode": "provision", "AnnexUserDataFile": "/u",
+             "AnnexUserDataTemplate": True}  # fmt: skip
+    assert spec.from_job_attrs(attrs, "alice", settings) == got
     with pytest.raises(InputError, match=r"^annex_user_data_template = 'maybe' is not allowed"):
         spec.from_keywords(
             {
@@ -158,7 +160,7 @@ def test_job_routed_keeps_user_data_and_launch_uses_it(moto_url, tmp_path):  # n
     out = world.service.job_routed(
         ALICE, {"ad": _job_ad(tmp_path), "user_data": base64.b64encode(data).decode()}
     )
-    attrs = json.loads(out["json"])
+    attrs = dict(_ad.parse(out["ad"]).items())
     annex = world.store.live("alice", "pilots")
     assert attrs["AnnexId"] == str(annex.id) and held == []
     assert pilotdata.load(str(tmp_path), annex.id) == data

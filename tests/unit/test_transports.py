@@ -177,19 +177,18 @@ def test_plain_conversation(server: SocketServer) -> None:
 
 
 def test_async_r_over_the_socket(sockdir: Path) -> None:
-    with ThreadPoolExecutor(2) as pool:
-        srv = make_server(sockdir, dispatcher=Dispatcher(TABLE, executor=pool), poll_interval=0.1)
-        try:
-            raw = Raw(srv.path)
-            raw.line()
-            assert raw.ask("ASYNC_MODE_ON\n") == "S"
-            raw.send("WHOAMI 1\n")
-            got = {raw.line(), raw.line()}  # S and R, in either order (the spec allows both)
-            assert got == {"S", "R"}
-            assert raw.ask("RESULTS\n") == "S 1"
-            assert raw.line().startswith("1 0 ")
-        finally:
-            srv.shutdown()
+    srv = make_server(sockdir, dispatcher=Dispatcher(TABLE), poll_interval=0.1)
+    try:
+        raw = Raw(srv.path)
+        raw.line()
+        assert raw.ask("ASYNC_MODE_ON\n") == "S"
+        raw.send("WHOAMI 1\n")
+        got = {raw.line(), raw.line()}  # S and R, in either order (the spec allows both)
+        assert got == {"S", "R"}
+        assert raw.ask("RESULTS\n") == "S 1"
+        assert raw.line().startswith("1 0 ")
+    finally:
+        srv.shutdown()
 
 
 def test_lines_sent_before_the_banner_are_all_answered(server: SocketServer) -> None:
@@ -838,11 +837,9 @@ def test_waiting_for_results_is_not_idle(sockdir: Path) -> None:
         time.sleep(1.5)
         return {"done": "yes"}
 
-    pool = ThreadPoolExecutor(2)
-    dispatcher = Dispatcher({"SLOW": slow}, executor=pool)
+    dispatcher = Dispatcher({"SLOW": slow})
     srv = make_server(sockdir, dispatcher=dispatcher, idle_timeout=0.5, poll_interval=0.1)
     try:
         assert client.call("SLOW", path=srv.path, timeout=10)["done"] == "yes"
     finally:
         srv.shutdown()
-        pool.shutdown()
