@@ -12,7 +12,7 @@ Fixtures:
   and taken down at the end unless --annex-keep.
 - `annex_pool` (per test): that sandbox plus `.config(**knobs)`, undone when the test ends.
 - `boot_instance`: `boot_instance(instance_id)` or `boot_instance(annex="name")` waits for the
-  booter to boot the instance from its user data; the instance is terminated when the test ends.
+  booter to boot the instance from its user data; `.stop()` on what it returns terminates it.
 """
 
 from __future__ import annotations
@@ -95,16 +95,11 @@ def annex_pool(annex_sandbox: Sandbox) -> Iterator[AnnexPool]:
 
 
 @pytest.fixture
-def boot_instance(annex_sandbox: Sandbox) -> Iterator[Any]:
-    booted: list[BootedInstance] = []
-
+def boot_instance(annex_sandbox: Sandbox) -> Any:
+    # No termination when the test ends: an instance belongs to whoever launched it (an annex's
+    # to the helper, which ends it with the annex; a module fixture's to that fixture).
     def boot_one(instance_id: str | None = None, *, annex: str | None = None,
                  timeout: float = 120) -> BootedInstance:
-        inst = boot(annex_sandbox, instance_id, annex=annex, timeout=timeout)
-        booted.append(inst)
-        return inst
+        return boot(annex_sandbox, instance_id, annex=annex, timeout=timeout)
 
-    yield boot_one
-    live = [i.instance_id for i in booted if i.state() in ("pending", "running")]
-    if live:
-        annex_sandbox.ec2.terminate_instances(InstanceIds=live)
+    return boot_one

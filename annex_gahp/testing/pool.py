@@ -278,7 +278,7 @@ class BootedInstance:
         """Terminate it in EC2; the booter then stops its processes and removes its root."""
         if self.state() not in (None, "terminated"):
             self.sandbox.ec2.terminate_instances(InstanceIds=[self.instance_id])
-        wait_for(lambda: self.sandbox.run(f"test -e {self.dir}/merged").returncode != 0,
+        wait_for(lambda: self.sandbox.run(f"test -e {self.dir}").returncode != 0,
                  timeout=timeout, what=f"the booter to tear {self.instance_id} down",
                  on_timeout=self.booter_log)
 
