@@ -23,7 +23,7 @@ import annex_gahp.testing as _plugin
 
 def pytest_configure(config):
     if not config.pluginmanager.is_registered(_plugin):
-        config.pluginmanager.register(_plugin, "htcondor_annex")
+        config.pluginmanager.register(_plugin, "annex_gahp.testing")
 
 
 def pytest_collection_modifyitems(config, items):

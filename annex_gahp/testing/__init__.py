@@ -1,8 +1,9 @@
 """pytest plugin `htcondor_annex`: a real HTCondor pool with the annex line installed, the AWS
 emulator as AWS and the emulated-instance booter, for any test suite (docs/testing.md).
 
-Registered under the `pytest11` entry point, so it loads in every pytest run of an environment
-where this package is installed: importing it starts nothing and imports neither boto3 nor the
+Registered under the `pytest11` entry point `htcondor_annex` (annex_gahp.testing.entrypoint,
+which loads this module by name), so it loads in every pytest run of an environment where this
+package is installed: importing it starts nothing and imports neither boto3 nor the
 HTCondor bindings; only a test that asks for `annex_pool` (or `annex_sandbox`) gets a sandbox.
 Without the entry point: `pytest -p annex_gahp.testing`.
 
