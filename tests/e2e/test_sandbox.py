@@ -23,23 +23,47 @@ def test_pool_has_a_schedd_and_a_startd():
     assert startds
 
 
-def test_alice_runs_a_vanilla_job():
-    workdir = sb.user_tmpdir("alice")
-    cluster = sb.condor_submit_as("alice", textwrap.dedent(f"""\
+def test_alice_runs_a_vanilla_job(annex_pool):
+    workdir = annex_pool.run("mktemp -d -p . job-XXXXXX", user="alice", check=True).stdout.strip()
+    cluster = annex_pool.submit(textwrap.dedent("""\
         universe = vanilla
         executable = /bin/sh
         arguments = "-c 'echo hello from $(id -un)'"
-        initialdir = {workdir}
         output = out.txt
         error = err.txt
         log = job.log
         request_memory = 64
         queue
-        """))
-    ad = sb.wait_for_job(cluster, timeout=120)
+        """), user="alice", cwd=workdir)
+    ad = annex_pool.wait_for_job(cluster, timeout=120)
     assert ad["Owner"] == "alice"
     assert ad["ExitCode"] == 0
-    assert (workdir / "out.txt").read_text().strip() == "hello from alice"
+    assert annex_pool.run("cat out.txt", user="alice", cwd=workdir).stdout.strip() == \
+        "hello from alice"
+
+
+def test_pool_knobs_a_test_sets_are_undone(annex_pool, annex_sandbox):
+    from annex_gahp.testing import AnnexPool  # noqa: PLC0415
+
+    def knob():
+        return annex_pool.run("condor_config_val ANNEX_PLUGIN_TEST_KNOB").stdout.strip()
+
+    pool = AnnexPool(annex_sandbox)
+    pool.config(ANNEX_PLUGIN_TEST_KNOB="set by a test", UPDATE_INTERVAL=7)
+    assert knob() == "set by a test"
+    assert annex_pool.run("condor_config_val UPDATE_INTERVAL").stdout.strip() == "7"
+    pool.undo_config()  # what the annex_pool fixture does when a test ends
+    assert knob() == ""
+    assert annex_pool.run("condor_config_val UPDATE_INTERVAL").stdout.strip() == "10"
+    with pytest.raises(ValueError, match="one knob name, one line"):
+        pool.config(ANNEX_PLUGIN_TEST_KNOB="two\nlines")
+
+
+def test_write_puts_a_users_file_in_their_home(annex_pool):
+    path = annex_pool.write("bob", "plugin-test/note.txt", "bob's\n")
+    assert path == "/home/bob/plugin-test/note.txt"
+    assert annex_pool.run(f"stat -c %U {path}").stdout.strip() == "bob"
+    assert annex_pool.run("cat plugin-test/note.txt", user="bob").stdout == "bob's\n"
 
 
 # --- an emulated EC2 instance ----------------------------------------------------------------
@@ -105,13 +129,16 @@ def _diagnostics(iid: str) -> str:
             f"--- console of {iid} ---\n{sb.console_log(iid)[-3000:]}")
 
 
-def test_instance_boots_from_user_data(instance):
+def test_instance_boots_from_user_data(instance, boot_instance):
+    booted = boot_instance(instance)
+    assert booted.dir == str(sb.instance_dir(instance))
     marker = sb.instance_root(instance) / "root/boot-marker"
     text = sb.wait_for(lambda: marker.exists() and "hostname" in marker.read_text()
                        and marker.read_text(), timeout=60, what="the boot marker",
                        on_timeout=lambda: _diagnostics(instance))
     assert f"booted {instance}" in text
     assert f"hostname {instance}" in text
+    assert "starting condor" in booted.console_log()
 
 
 def test_imds_wants_a_token(instance):
@@ -129,7 +156,7 @@ def test_imds_wants_a_token(instance):
     assert status == 200 and body.startswith("#!/bin/sh")
 
 
-def test_instance_joins_the_pool_and_runs_an_annex_job(instance):
+def test_instance_joins_the_pool_and_runs_an_annex_job(instance, annex_pool):
     slots = sb.wait_for(
         lambda: sb.query_ads("Startd", 'AnnexName == "t1"', ["Name", "Machine", "IsAnnex"]),
         timeout=90, what='a startd with AnnexName == "t1"',
@@ -137,38 +164,34 @@ def test_instance_joins_the_pool_and_runs_an_annex_job(instance):
     assert all(s["IsAnnex"] is True for s in slots)
     assert any(instance in s["Machine"] for s in slots)
 
-    workdir = sb.user_tmpdir("alice")
-    cluster = sb.condor_submit_as("alice", textwrap.dedent(f"""\
+    cluster = annex_pool.submit(textwrap.dedent("""\
         universe = vanilla
         executable = /bin/hostname
         transfer_executable = False
         should_transfer_files = YES
         when_to_transfer_output = ON_EXIT
         requirements = TARGET.AnnexName =?= "t1"
-        initialdir = {workdir}
-        output = out.txt
-        error = err.txt
-        log = job.log
+        output = t1-out.txt
+        error = t1-err.txt
+        log = t1-job.log
         request_memory = 64
         queue
-        """))
-    ad = sb.wait_for_job(cluster, timeout=120)
+        """), user="alice")
+    ad = annex_pool.wait_for_job(cluster, timeout=120)
     assert ad["ExitCode"] == 0
     # The job ran on the instance: its host name is the instance id.
-    assert (workdir / "out.txt").read_text().strip() == instance
+    assert annex_pool.run("cat t1-out.txt", user="alice").stdout.strip() == instance
 
 
-def test_terminate_removes_the_startd_and_kills_the_instance(instance):
+def test_terminate_removes_the_startd_and_kills_the_instance(instance, boot_instance):
     root = sb.instance_root(instance)
     sb.wait_for(lambda: sb.processes_in_root(root), timeout=60, what="the instance's processes",
                 on_timeout=lambda: _diagnostics(instance))
-    sb.ec2_client().terminate_instances(InstanceIds=[instance])
-    sb.wait_for(lambda: not sb.processes_in_root(root), timeout=30,
-                what="the instance's processes to die", on_timeout=lambda: _diagnostics(instance))
+    boot_instance(instance).stop(timeout=30)  # terminates, waits for the root to go
+    assert not Path(sb.instance_dir(instance)).exists()
+    assert not sb.processes_in_root(root)
     sb.wait_for(lambda: not sb.query_ads("Startd", 'AnnexName == "t1"', ["Name"]), timeout=60,
                 what="the annex startd to leave the pool")
-    sb.wait_for(lambda: not Path(sb.instance_dir(instance)).exists(), timeout=30,
-                what="the instance's root to be removed")
     assert sb.instance_state(instance) in ("shutting-down", "terminated")
 
 
