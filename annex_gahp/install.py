@@ -162,9 +162,7 @@ def read_manifest(config_dir: Path) -> dict[str, str]:
     return found
 
 
-def plan(
-    shipped_files: Shipped, config_dir: Path, help_file: Path, bin_dir: Path
-) -> list[Step]:
+def plan(shipped_files: Shipped, config_dir: Path, help_file: Path, bin_dir: Path) -> list[Step]:
     wanted = [(config_dir / name, src.read_bytes()) for name, src in shipped_files.config.items()]
     wanted.append((config_dir / BIN_DIR_FILE, bin_dir_config(bin_dir)))
     wanted.append((help_file, shipped_files.help_text.read_bytes()))
