@@ -120,8 +120,20 @@ def default_bin_dir() -> Path:
     return Path(sysconfig.get_path("scripts"))
 
 
+def _unsafe(path: Path) -> str:
+    """Why someone other than root (or us) could replace what is at `path`, or ''."""
+    info = path.stat()
+    if info.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {info.st_uid}"
+    sticky_dir = path.is_dir() and info.st_mode & stat.S_ISVTX
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+        return f"{path} is writable by group or others"
+    return ""
+
+
 def check_bin_dir(bin_dir: Path) -> None:
-    """The programs the config names are there, and HTCondor will run its hooks from there."""
+    """The programs the config names are there, and only root can replace them: the hooks run
+    as every user whose job is routed, and the master starts the helper as root."""
     for name in PROGRAMS:
         program = bin_dir / name
         if not (program.is_file() and os.access(program, os.X_OK)):
@@ -129,12 +141,13 @@ def check_bin_dir(bin_dir: Path) -> None:
                 f"--bin-dir {bin_dir}: no program {name} there; give the directory where pip "
                 "put this project's programs (a venv's bin)"
             )
-    # The job router refuses a hook in a world-writable directory, or a world-writable hook.
-    for path in (bin_dir, bin_dir / "annex_hook_translate"):
-        if path.stat().st_mode & stat.S_IWOTH:
+    programs = [bin_dir / name for name in PROGRAMS]
+    for path in (*programs, bin_dir, *bin_dir.parents):
+        reason = _unsafe(path)
+        if reason:
             raise SetupError(
-                f"--bin-dir {bin_dir}: {path} is world-writable, and HTCondor runs no hook "
-                "from there; install into a directory only root can write"
+                f"--bin-dir {bin_dir}: {reason}, and the hooks run as every user and the helper "
+                "starts as root from there; install as root into a directory only root can write"
             )
 
 

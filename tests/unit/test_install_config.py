@@ -136,10 +136,16 @@ def test_a_bin_dir_without_the_programs_is_refused(tmp_path: Path, capsys) -> No
     assert not (tmp_path / "config.d").exists()
 
 
-def test_a_world_writable_bin_dir_is_refused(tmp_path: Path, bin_dir: Path, capsys) -> None:
-    bin_dir.chmod(0o777)
+@pytest.mark.parametrize("where", ["bin", "venv", "program"])
+def test_a_bin_dir_others_could_change_is_refused(
+    tmp_path: Path, bin_dir: Path, capsys, where: str
+) -> None:
+    # A hook there runs as every user, the helper as root: only root may write on its path.
+    path = {"bin": bin_dir, "venv": bin_dir.parent, "program": bin_dir / "annex_gahp"}[where]
+    path.chmod(path.stat().st_mode | 0o020)
     assert run(tmp_path, bin_dir) == 1
-    assert "world-writable" in capsys.readouterr().err
+    assert f"{path} is writable by group or others" in capsys.readouterr().err
+    assert not (tmp_path / "config.d").exists()
 
 
 def test_link_dir_puts_htcondor_annex_on_path(tmp_path: Path, bin_dir: Path, capsys) -> None:
