@@ -5,7 +5,8 @@
     htcondor-annex delete --name N
     htcondor-annex status [--name N] [--owner U] [--json]
     htcondor-annex submit --annex-name N [--instances K ...] job.sub [condor_submit args...]
-    htcondor-annex setup | check-setup | teardown | render-submit-config   (admin; cli_admin)
+    htcondor-annex install-config | setup | check-setup | teardown | render-submit-config
+        (admin; annex_gahp.cli_admin)
 
 Everything but the admin verbs talks to the helper over its socket (annex_gahp.client), so this
 module imports only the standard library and stdlib-only modules of this package; boto3 is
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from annex_gahp import client, durations, names
 
 PROG = "htcondor-annex"
-ADMIN_VERBS = ("setup", "check-setup", "teardown", "render-submit-config")
+ADMIN_VERBS = ("install-config", "setup", "check-setup", "teardown", "render-submit-config")
 HELPER_TIMEOUT = 60.0
 
 # Spec keywords offered as --options by create and submit (name and lease/expiry separately).
@@ -164,6 +165,7 @@ def _add_admin_parsers(sub: argparse._SubParsersAction, load: bool) -> None:  # 
         cli_admin.add_parsers(sub)
         return
     for verb, text in (
+        ("install-config", "admin: install the shipped HTCondor config files (no AWS)"),
         ("setup", "admin: create or update the AWS setup for this pool"),
         ("check-setup", "admin: report what of the AWS setup is missing or drifted"),
         ("teardown", "admin: delete the AWS setup"),

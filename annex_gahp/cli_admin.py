@@ -1,11 +1,13 @@
-"""Admin verbs of `htcondor-annex`: setup, check-setup, teardown, render-submit-config.
+"""Admin verbs of `htcondor-annex`: install-config, setup, check-setup, teardown,
+render-submit-config.
 
 `annex_gahp/cli.py` calls `add_parsers(subparsers)`; each verb's parser carries
 `func(args) -> int` (the exit status) via `set_defaults`. Runnable alone too:
 `python3 -m annex_gahp.cli_admin setup --write-config`.
 
-These need admin AWS credentials (IAM, CloudFormation, Lambda, EventBridge); the helper's
-everyday identity gets only the runtime policy the setup creates (docs/iam.md).
+setup, check-setup and teardown need admin AWS credentials (IAM, CloudFormation, Lambda,
+EventBridge); the helper's everyday identity gets only the runtime policy the setup creates
+(docs/iam.md). install-config needs no AWS at all: it writes the pool's config files (root).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from annex_gahp import settings as settings_module
 from annex_gahp.errors import AnnexError, SetupError
@@ -22,6 +25,7 @@ from annex_gahp.settings import Settings
 # Same as annex_gahp.aws.setup.DEFAULT_CONFIG_PATH; repeated so that registering the verbs
 # does not import boto3 for every other `htcondor-annex` verb.
 DEFAULT_CONFIG_PATH = "/etc/condor/config.d/15-annex-setup.conf"
+DEFAULT_CONFIG_DIR = "/etc/condor/config.d"
 
 # Replaceable in tests; reads HTCondor's own configuration otherwise.
 load_settings: Callable[[], Settings] = settings_module.load
@@ -116,6 +120,42 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_config(args: argparse.Namespace) -> int:
+    from annex_gahp import install  # noqa: PLC0415 - only for this verb
+
+    config_dir = Path(args.config_dir) if args.config_dir else install.default_config_dir()
+    help_file = Path(args.help_file) if args.help_file else install.default_help_file()
+    bin_dir = Path(args.bin_dir).absolute() if args.bin_dir else install.default_bin_dir()
+    try:
+        install.check_bin_dir(bin_dir)
+        steps = install.plan(install.shipped(), config_dir, help_file, bin_dir)
+        install.apply(steps, config_dir, force=args.force)
+        linked = install.link(bin_dir, Path(args.link_dir), args.force) if args.link_dir else None
+    except AnnexError as err:
+        return _fail("install-config", err)
+    except OSError as err:
+        return _fail("install-config", SetupError(f"{err}: run it as root (or give --config-dir)"))
+    said = {"new": "wrote", "ours": "updated", "changed": "overwrote", "unchanged": "unchanged"}
+    for step in steps:
+        print(f"{said[step.state]}: {step.target}")
+    print(f"ANNEX_BIN_DIR = {bin_dir} (in {config_dir / install.BIN_DIR_FILE})")
+    if linked:
+        print(f"linked: {linked} -> {bin_dir / install.USER_PROGRAM}")
+    elif not install.on_usual_path(bin_dir):
+        print(
+            f"# {install.USER_PROGRAM} is not on users' PATH yet. Link it (or rerun with "
+            f"--link-dir /usr/local/bin):\n"
+            f"#   ln -s {bin_dir / install.USER_PROGRAM} /usr/local/bin/{install.USER_PROGRAM}\n"
+            f"# or add its directory for login shells (this also puts the venv's python there):\n"
+            f"#   echo 'PATH=\"$PATH:{bin_dir}\"' > /etc/profile.d/htcondor-annex.sh"
+        )
+    print(
+        "# next: condor_restart (DAEMON_LIST changed), then htcondor-annex setup --write-config",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stack-name",
@@ -130,7 +170,38 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register `setup`, `check-setup` and `teardown` on the CLI's subparsers."""
+    """Register the admin verbs on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "install-config",
+        help="install the shipped HTCondor config files and help text (root, no AWS)",
+        description="Copy the config files this package ships into the pool's config directory, "
+        "set ANNEX_BIN_DIR to where the programs are, and install the submit help text. A file "
+        "changed since this command wrote it is not overwritten without --force.",
+    )
+    p.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="the pool's config directory (default: the last of LOCAL_CONFIG_DIR, "
+        f"else {DEFAULT_CONFIG_DIR})",
+    )
+    p.add_argument(
+        "--bin-dir",
+        metavar="DIR",
+        help="where pip put the programs (default: this Python's scripts directory)",
+    )
+    p.add_argument(
+        "--help-file",
+        metavar="PATH",
+        help="where the submit help text goes (default: $(ETC)/annex-submit-help.txt)",
+    )
+    p.add_argument(
+        "--link-dir",
+        metavar="DIR",
+        help="also link htcondor-annex into DIR (e.g. /usr/local/bin) so users find it",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite files the admin changed")
+    p.set_defaults(func=cmd_install_config)
+
     p = subparsers.add_parser(
         "setup",
         help="create or update the AWS setup for this pool (admin credentials)",

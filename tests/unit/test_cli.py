@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import annex_gahp
 from annex_gahp import cli
 from annex_gahp.errors import NotFound, PermissionDenied
 from annex_gahp.gahp import Caller, Dispatcher
@@ -376,6 +377,9 @@ def test_submit_without_condor_submit(tmp_path, monkeypatch, capsys) -> None:
 
 def test_admin_verbs_without_cli_admin(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "annex_gahp.cli_admin", None)
+    # `from annex_gahp import cli_admin` takes the package's attribute first, set by any
+    # earlier test in this process that imported it.
+    monkeypatch.delattr(annex_gahp, "cli_admin", raising=False)
     code, _, err = run(["setup", "--region", "us-east-1"], capsys)
     assert code == 1
     assert err.startswith("htcondor-annex: the admin verbs are not available here")
