@@ -21,7 +21,7 @@ from aws_fixtures import (
 from botocore.awsrequest import AWSResponse
 
 from annex_gahp import names
-from annex_gahp.aws import fleet, instances, session
+from annex_gahp.cloud.aws import fleet, instances, session
 from annex_gahp.errors import CloudError, InputError
 
 POOL = "cm.test:9618"

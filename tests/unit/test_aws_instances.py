@@ -17,7 +17,7 @@ from aws_fixtures import (  # noqa: F401
 )
 
 from annex_gahp import names
-from annex_gahp.aws import instances, session
+from annex_gahp.cloud.aws import instances, session
 
 POOL = "cm.test:9618"
 

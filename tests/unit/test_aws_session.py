@@ -9,7 +9,7 @@ import pytest
 from aws_fixtures import make_settings, moto_server_url, moto_url  # noqa: F401
 from botocore.exceptions import ClientError
 
-from annex_gahp.aws import session
+from annex_gahp.cloud.aws import session
 from annex_gahp.errors import CloudError, CredentialsError
 
 

@@ -20,7 +20,7 @@ from aws_fixtures import (  # noqa: F401
 )
 
 from annex_gahp import names
-from annex_gahp.aws import fleet, instances, lease_enforcer, secrets, session, setup
+from annex_gahp.cloud.aws import fleet, instances, lease_enforcer, secrets, session, setup
 from annex_gahp.errors import SetupError
 
 

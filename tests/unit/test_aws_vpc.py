@@ -16,7 +16,7 @@ from aws_fixtures import (  # noqa: F401
     settings,
 )
 
-from annex_gahp.aws import fleet, session
+from annex_gahp.cloud.aws import fleet, session
 from annex_gahp.errors import InputError
 
 

@@ -33,9 +33,10 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+    WaiterError,
 )
 
-from annex_gahp.errors import CloudError, CredentialsError
+from annex_gahp.errors import CloudError, CredentialsError, SetupError
 from annex_gahp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -396,6 +397,23 @@ def aws_errors(action: str) -> Iterator[None]:
         yield
     except (ClientError, BotoCoreError) as err:
         raise cloud_error(err, action) from None
+
+
+def wait_for_stack(cfn: Any, waiter: str, stack_name: str) -> None:
+    """Wait for a CloudFormation waiter (e.g. `stack_delete_complete`); SetupError with the
+    stack's failure reasons if it fails."""
+    try:
+        cfn.get_waiter(waiter).wait(
+            StackName=stack_name, WaiterConfig={"Delay": 5, "MaxAttempts": 360}
+        )
+    except WaiterError as err:
+        reasons = (
+            stack_failure_reasons(cfn, stack_name) or "see the stack's events in CloudFormation"
+        )
+        raise SetupError(
+            f"stack {stack_name}: {waiter.replace('_', ' ')} failed "
+            f"({err.kwargs.get('reason', '')}): {reasons}"
+        ) from None
 
 
 def stack_failure_reasons(cfn: Any, stack_name: str, limit: int = 5) -> str:

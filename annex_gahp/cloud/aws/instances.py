@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from botocore.utils import parse_timestamp
 
 from annex_gahp import names
-from annex_gahp.aws.session import aws_errors, error_code
+from annex_gahp.cloud.aws.session import aws_errors, error_code
 
 log = logging.getLogger(__name__)
 
