@@ -57,6 +57,16 @@ class LaunchOutcome:
         return not self.instance_ids and bool(self.errors)
 
 
+# The submit checks (spec.py) that depend on the strategy read these two tables, so no module
+# outside this package names a strategy to decide something. Spec fields only one strategy
+# takes (field -> that strategy) ...
+ONLY_FOR: dict[str, str] = {"stack_name": "stack"}
+# ... and fields a strategy refuses (strategy -> field -> what to do instead).
+REFUSED: dict[str, dict[str, str]] = {
+    "stack": {"vpc": "give annex_subnets in that VPC instead, or use annex_strategy = fleet"},
+}
+
+
 # What `prepare` made for an annex: the backend's own names (a launch template, a stack, where
 # the token is). The loop stores it as given before launching and hands it back in
 # `Annex.cloud_resources`; only the backend reads it.
