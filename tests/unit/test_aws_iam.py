@@ -113,7 +113,7 @@ def _world(enforcing_moto: str) -> dict[str, Any]:
     settings = make_settings(enforcing_moto, pool_id=POOL, default_image_id=image)
 
     def client(service: str) -> Any:
-        return session.client(service, settings, boto_session=admin, pacer=session.Pacer())
+        return session.client(service, settings, boto_session=admin)
 
     clients = setup.AdminClients(
         cloudformation=client("cloudformation"),
@@ -144,7 +144,7 @@ def images_of(ec2: Any) -> str:
 
 def runtime_client(world: dict[str, Any], service: str) -> Any:
     return session.client(
-        service, world["settings"], boto_session=world["runtime"], pacer=session.Pacer()
+        service, world["settings"], boto_session=world["runtime"]
     )
 
 

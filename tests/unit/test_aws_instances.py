@@ -24,7 +24,7 @@ POOL = "cm.test:9618"
 
 @pytest.fixture
 def ec2(settings):  # noqa: F811
-    return session.client("ec2", settings, pacer=session.Pacer())
+    return session.client("ec2", settings)
 
 
 def _launch(raw: Any, image: str, count: int, tags: dict[str, str], **extra: Any) -> list[str]:

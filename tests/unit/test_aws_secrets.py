@@ -14,7 +14,7 @@ TOKEN = "eyJhbGciOiJIUzI1NiJ9.test-token-value.sig"  # noqa: S105 - a fake token
 
 @pytest.fixture
 def ssm(settings):  # noqa: F811
-    return session.client("ssm", settings, pacer=session.Pacer())
+    return session.client("ssm", settings)
 
 
 def test_parameter_name_is_safe() -> None:

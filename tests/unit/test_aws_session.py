@@ -1,4 +1,4 @@
-"""aws/session.py: region order, credential-file refusal, pacing, error mapping."""
+"""aws/session.py: region order, credential-file refusal, error mapping."""
 
 from __future__ import annotations
 
@@ -60,44 +60,6 @@ def test_home_credentials_file_checked(monkeypatch, tmp_path) -> None:
     os.chmod(creds, 0o644)
     with pytest.raises(CredentialsError, match="chmod 600"):
         session.check_credentials_file()
-
-
-def test_token_bucket_rates() -> None:
-    bucket = session.TokenBucket(burst=5, rate=2)
-    waits = [bucket.take(now=100.0) for _ in range(7)]
-    assert waits[:5] == [0.0] * 5
-    assert waits[5] == pytest.approx(0.5)
-    assert waits[6] == pytest.approx(1.0)
-    # After a quiet second, two more tokens are back (minus the debt of 2 already handed out).
-    assert bucket.take(now=103.0) == 0.0
-
-
-def test_call_classes() -> None:
-    assert session.call_class("CreateFleet") == "launch"
-    assert session.call_class("RunInstances") == "launch"
-    assert session.call_class("DescribeInstances") == "describe"
-    assert session.call_class("TerminateInstances") == "mutating"
-    assert session.CALL_CLASSES["launch"] == (5, 2)
-    assert session.CALL_CLASSES["mutating"] == (50, 5)
-    assert session.CALL_CLASSES["describe"] == (100, 20)
-
-
-@pytest.mark.slow
-def test_pacing_applies_to_real_calls(moto_url: str) -> None:  # noqa: F811
-    pacer = session.Pacer({"launch": (1, 1), "mutating": (1, 1), "describe": (2, 0.5)})
-    ec2 = session.client("ec2", make_settings(moto_url), pacer=pacer)
-    waited = []
-    original = pacer.wait
-
-    def spy(region: str, operation: str) -> float:
-        waited.append(original(region, operation))
-        return waited[-1]
-
-    pacer.wait = spy  # type: ignore[method-assign]
-    for _ in range(3):
-        ec2.describe_instances()
-    assert waited[:2] == [0.0, 0.0]
-    assert waited[2] > 0.5  # the third call within a second waited for its token
 
 
 def test_client_error_becomes_cloud_error(moto_url: str) -> None:  # noqa: F811

@@ -37,7 +37,7 @@ def plan(**changes: Any) -> fleet.LaunchPlan:
 
 @pytest.fixture
 def ec2(settings):  # noqa: F811
-    return session.client("ec2", settings, pacer=session.Pacer())
+    return session.client("ec2", settings)
 
 
 @pytest.fixture

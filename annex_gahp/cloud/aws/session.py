@@ -1,17 +1,18 @@
-"""boto3 clients built from `Settings`: endpoint, region, retries, pacing, error mapping.
+"""boto3 clients built from `Settings`: endpoint, region, retries, error mapping.
 
 Every AWS client the helper uses comes from `client()` so that:
 - the emulator endpoint (ANNEX_AWS_ENDPOINT_URL) is used everywhere or nowhere;
 - a credentials file other users can read is refused before any call is made;
-- calls are paced client-side to AWS's documented EC2 request rates, so a burst of annexes
-  never gets the whole account throttled (botocore's retries only react after the fact);
+- calls are retried and rate-limited by botocore's adaptive retry mode, which slows this
+  process's calls down client-side once AWS throttles them (a second limiter of our own, paced
+  to EC2's documented rates, was removed in issue 13: the loop makes one describe per region
+  per cycle and one launch per annex change, far below those rates);
 - AWS failures surface as `CloudError` carrying AWS's error code and no secret.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ import pwd
 import re
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +56,7 @@ def quiet_sdk_logging() -> None:
 DEFAULT_REGION = "us-west-1"
 
 # botocore retries throttling and transient faults itself; "adaptive" adds its own client-side
-# rate limiter that backs off further after a throttle.
+# rate limiter that backs off further after a throttle: the only limiter the helper has.
 RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 6}
 
 
@@ -108,85 +108,6 @@ def check_credentials_file() -> None:
                 f"AWS credentials file {path} is accessible by group or others "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
             )
-
-
-# --- pacing -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TokenBucket:
-    """Classic token bucket: `burst` calls at once, then `rate` per second."""
-
-    burst: float
-    rate: float
-    tokens: float | None = None  # None until first use: the bucket starts full
-    stamp: float = 0.0
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
-
-    def take(self, now: float | None = None) -> float:
-        """Take one token; returns how long the caller must wait before using it."""
-        with self.lock:
-            now = time.monotonic() if now is None else now
-            if self.tokens is None:
-                self.tokens, self.stamp = self.burst, now
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            self.tokens -= 1.0
-            if self.tokens >= 0:
-                return 0.0
-            return -self.tokens / self.rate
-
-
-# AWS's documented EC2 request-rate buckets (per account and region).
-CALL_CLASSES: dict[str, tuple[float, float]] = {
-    "launch": (5, 2),  # RunInstances, CreateFleet
-    "mutating": (50, 5),
-    "describe": (100, 20),
-}
-_LAUNCH_OPS = {"RunInstances", "CreateFleet"}
-_READ_PREFIXES = ("Describe", "Get", "List")
-
-
-def call_class(operation: str) -> str:
-    if operation in _LAUNCH_OPS:
-        return "launch"
-    if operation.startswith(_READ_PREFIXES):
-        return "describe"
-    return "mutating"
-
-
-class Pacer:
-    """One bucket per (region, call class), shared by every client of this process."""
-
-    def __init__(self, classes: dict[str, tuple[float, float]] | None = None) -> None:
-        self._classes = classes or CALL_CLASSES
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
-        self._lock = threading.Lock()
-
-    def bucket(self, region: str, operation: str) -> TokenBucket:
-        key = (region, call_class(operation))
-        with self._lock:
-            if key not in self._buckets:
-                burst, rate = self._classes[key[1]]
-                self._buckets[key] = TokenBucket(burst=burst, rate=rate)
-            return self._buckets[key]
-
-    def wait(self, region: str, operation: str) -> float:
-        delay = self.bucket(region, operation).take()
-        if delay > 0:
-            log.debug("pacing %s in %s: waiting %.2fs", operation, region, delay)
-            time.sleep(delay)
-        return delay
-
-
-PACER = Pacer()
-
-
-def _install_pacing(client: Any, region: str, pacer: Pacer) -> None:
-    def before_call(model: Any, **_: Any) -> None:
-        pacer.wait(region, model.name)
-
-    client.meta.events.register("before-call.*.*", before_call)
 
 
 # --- one copy of the SDK's data per process ----------------------------------------------------
@@ -333,7 +254,6 @@ def client(
     settings: Settings,
     region: str | None = None,
     *,
-    pacer: Pacer | None = None,
     boto_session: boto3.session.Session | None = None,
 ) -> Any:
     """A boto3 client for `service` as the helper should use it."""
@@ -351,7 +271,6 @@ def client(
         made = session.client(service, **kwargs)
     except BotoCoreError as err:
         raise cloud_error(err, f"create {service} client") from None
-    _install_pacing(made, region, pacer or PACER)
     return made
 
 
