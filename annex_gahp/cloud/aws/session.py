@@ -13,7 +13,6 @@ Every AWS client the helper uses comes from `client()` so that:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
@@ -114,119 +113,13 @@ def check_credentials_file() -> None:
 #
 # Every boto3 Session has a botocore session with a loader of its own, which parses and keeps
 # the JSON files it reads: the endpoints table (~7 MB as Python objects) and the model of each
-# service it makes a client for (EC2's: ~14 MB). With a Session per client, the helper's EC2 and
-# SSM clients held two endpoint tables, and EC2 clients for two regions two EC2 models. Clients
-# still get a fresh session each (credentials and AWS config are read as before), but all the
-# sessions read through one loader, so each file is parsed once per process.
+# service it makes a client for (EC2's: ~14 MB). Clients still get a fresh session each
+# (credentials and AWS config are read as before), but all the sessions read through one
+# botocore loader (botocore.loaders.create_loader, as botocore makes its own), so each file
+# is parsed once per process. The models are botocore's, whole: a loader that cut EC2's model
+# to the operations used was removed in issue 13 (docs/benchmarks.md has the RSS figures).
 
-
-# EC2's model describes ~830 operations with ~4,400 shapes: ~11 MB of Python objects even
-# without its documentation, and each client class gets a method and a docstring object per
-# operation. This package calls the few below (aws/fleet.py, instances.py, setup.py and
-# cloud.py; paginators and waiters included), so its EC2 clients know only these, with every
-# shape they use: ~1 MB. Any other operation is an AttributeError on such a client: add it
-# here (tests/unit/test_aws_session.py checks the package's EC2 calls against this list).
-OPERATIONS: dict[str, frozenset[str]] = {
-    "ec2": frozenset(
-        {
-            "CreateFleet",
-            "CreateLaunchTemplate",
-            "CreateLaunchTemplateVersion",
-            "CreateTags",
-            "DeleteLaunchTemplate",
-            "DescribeInstances",
-            "DescribeLaunchTemplateVersions",
-            "DescribeLaunchTemplates",
-            "DescribeSecurityGroups",
-            "DescribeSubnets",
-            "DescribeVpcs",
-            "ModifyLaunchTemplate",
-            "TerminateInstances",
-        }
-    ),
-}
-
-
-class SharedLoader(botocore.loaders.Loader):
-    """botocore's loader, for every session of this process; service models are slimmed once,
-    when first read (see `_slim`)."""
-
-    def __init__(self, extra_search_paths: list[str] | None = None) -> None:
-        super().__init__(extra_search_paths=extra_search_paths)
-        self._slimming = threading.Lock()
-        self._slimmed: set[tuple[str, str, str | None]] = set()
-
-    @property
-    def search_paths(self) -> list[str]:
-        # boto3 appends its data directory for each Session made on a botocore session.
-        paths = super().search_paths
-        paths[:] = dict.fromkeys(paths)
-        return paths
-
-    def load_service_model(
-        self, service_name: str, type_name: str, api_version: str | None = None
-    ) -> Any:
-        if type_name != "service-2":
-            return super().load_service_model(service_name, type_name, api_version)
-        # One thread at a time: the model is parsed, cached and slimmed once.
-        with self._slimming:
-            model = super().load_service_model(service_name, type_name, api_version)
-            key = (service_name, type_name, api_version)
-            if key not in self._slimmed:
-                _slim(model, service_name)
-                self._slimmed.add(key)
-        return model
-
-
-def _slim(model: dict[str, Any], service: str) -> None:
-    """In place: drop the documentation strings (a fifth of a model; only docstrings and the
-    SDK's docs read them) and, for a service in OPERATIONS, the operations not listed and the
-    shapes no kept operation reaches. What is kept is rebuilt as plain dicts (botocore parses
-    into OrderedDicts, which are larger), rather than left scattered among the freed objects."""
-    operations, shapes = model["operations"], model["shapes"]
-    wanted = OPERATIONS.get(service)
-    missing = wanted - operations.keys() if wanted is not None else set()
-    if missing:  # an SDK without one of them: keep every operation, the call will say more
-        log.warning("%s model lacks %s; keeping all of it", service, ", ".join(sorted(missing)))
-    elif wanted is not None:
-        operations = {name: op for name, op in operations.items() if name in wanted}
-        used = _reachable_shapes(operations, shapes)
-        shapes = {name: shape for name, shape in shapes.items() if name in used}
-    model.pop("documentation", None)
-    model["operations"] = _undocumented_copy(operations)
-    model["shapes"] = _undocumented_copy(shapes)
-
-
-def _reachable_shapes(operations: dict[str, Any], shapes: dict[str, Any]) -> set[str]:
-    """The shapes the operations' inputs, outputs and errors use, and the modeled exceptions
-    (`client.exceptions` is made from them)."""
-    refs = [
-        ref
-        for operation in operations.values()
-        for ref in (operation.get("input"), operation.get("output"), *operation.get("errors", ()))
-    ]
-    todo = [ref["shape"] for ref in refs if ref]
-    todo += [name for name, shape in shapes.items() if shape.get("exception")]
-    used: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in used:
-            continue
-        used.add(name)
-        shape = shapes[name]
-        inner = (shape.get("member"), shape.get("key"), shape.get("value"))
-        todo += [ref["shape"] for ref in (*inner, *shape.get("members", {}).values()) if ref]
-    return used
-
-
-def _undocumented_copy(part: dict[str, Any]) -> dict[str, Any]:
-    def without_documentation(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        return {key: value for key, value in pairs if key != "documentation"}
-
-    return json.loads(json.dumps(part), object_pairs_hook=without_documentation)
-
-
-_LOADER: SharedLoader | None = None
+_LOADER: botocore.loaders.Loader | None = None
 _LOADER_LOCK = threading.Lock()
 
 
@@ -236,12 +129,8 @@ def _new_session() -> boto3.session.Session:
     core = botocore.session.get_session()
     with _LOADER_LOCK:
         if _LOADER is None:
-            data_path = core.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore
-            extra = [
-                os.path.expanduser(os.path.expandvars(path))
-                for path in (data_path.split(os.pathsep) if data_path else [])
-            ]
-            _LOADER = SharedLoader(extra_search_paths=extra)
+            # AWS_DATA_PATH, as botocore reads it for its own loader.
+            _LOADER = botocore.loaders.create_loader(core.get_config_variable("data_path"))
     core.register_component("data_loader", _LOADER)
     return boto3.session.Session(botocore_session=core)
 
