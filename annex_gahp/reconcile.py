@@ -12,10 +12,10 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from annex_gahp import faults, lifecycle, names, pilotdata, spec
+from annex_gahp.cloud import Cloud, LaunchOutcome, Observed
 from annex_gahp.errors import AnnexError
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService, spec_from_record
@@ -28,55 +28,6 @@ LIVE_STATES = ("pending", "running")
 _UNSEEN = "could not look at region"
 # An instance we launched may not show in describe at once (eventual consistency).
 SEEN_GRACE = 60
-
-
-@dataclass(frozen=True)
-class Observed:
-    """One instance as the cloud reports it, reduced to what decisions need."""
-
-    id: str
-    state: str
-    instance_type: str
-    region: str
-    tags: dict[str, str]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.tags.get(names.TAG_OWNER, ""), self.tags.get(names.TAG_NAME, ""))
-
-    @property
-    def request(self) -> str:
-        return self.tags.get(names.TAG_REQUEST, "")
-
-    @property
-    def expires(self) -> int:
-        try:
-            return int(self.tags.get(names.TAG_EXPIRES, "0"))
-        except ValueError:
-            return 0
-
-
-@dataclass(frozen=True)
-class LaunchOutcome:
-    instance_ids: list[str]
-    errors: list[str] = field(default_factory=list)
-    # The cloud took the request even if no instance id is known yet (an Auto Scaling group
-    # launches in its own time): not a failure when `instance_ids` is empty.
-    accepted: bool = False
-
-
-class Cloud(Protocol):
-    def observe(self, regions: Iterable[str]) -> list[Observed]: ...
-
-    def prepare(self, annex: Annex) -> dict[str, str]: ...
-
-    def launch(self, annex: Annex, count: int, request: str) -> LaunchOutcome: ...
-
-    def terminate(self, region: str, ids: list[str]) -> None: ...
-
-    def set_expiry(self, annex: Annex, ids: list[str]) -> None: ...
-
-    def release(self, annex: Annex) -> None: ...
 
 
 class DemandSource(Protocol):
@@ -414,7 +365,7 @@ class Reconciler:
         """Terminate, then drop the instances' startd ads from the collector: a startd that
         dies with its instance leaves ads behind for CLASSAD_LIFETIME, and the negotiator would
         keep matching jobs of the same annex name to slots that are gone."""
-        self.cloud.terminate(region, ids)
+        self.cloud.remove(region, ids)
         if self.slots is not None and ids:
             try:
                 self.slots.invalidate(ids)
@@ -592,7 +543,7 @@ class Reconciler:
             have = max(have, len(self.store.instances(annex.id)))
         running = sum(1 for o in live if o.state == "running")
         if have < annex.requested and self._may_launch(annex, now):
-            annex = self._launch(annex, annex.requested - have, now)
+            annex = self._launch(annex, have, now)
         elif have > annex.requested:
             surplus = sorted(live, key=lambda o: (o.state == "running", o.id))
             ids = [o.id for o in surplus[: have - annex.requested]]
@@ -611,14 +562,15 @@ class Reconciler:
             annex = self.store.update_annex(annex.id, state=lifecycle.next_state(annex.state, "up"))
         stale = [o.id for o in live if o.expires != annex.lease_expiration]
         if stale:
-            self.cloud.set_expiry(annex, stale)
+            self.cloud.extend(annex, stale)
         return annex
 
     def _may_launch(self, annex: Annex, now: int) -> bool:
         """Not before the back-off after failed attempts has passed (lifecycle.retry_delay)."""
         return annex.retry_at is None or now >= annex.retry_at
 
-    def _launch(self, annex: Annex, count: int, now: int) -> Annex:
+    def _launch(self, annex: Annex, have: int, now: int) -> Annex:
+        count = annex.requested - have
         try:
             prepared = self.cloud.prepare(annex)
         except AnnexError as err:
@@ -632,20 +584,15 @@ class Reconciler:
             log.exception("annex %s: preparing the launch failed", annex.key)
             what = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
             return self._launch_failed(annex, what, now)
-        if prepared and (
-            prepared.get("template_id") != annex.template_id
-            or prepared.get("token_parameter") != annex.token_parameter
-        ):
-            annex = self.store.update_annex(
-                annex.id,
-                template_id=prepared.get("template_id", ""),
-                token_parameter=prepared.get("token_parameter", ""),
-            )
+        if prepared != annex.cloud_resources:
+            # Recorded before anything that creates instances: a crash after this point
+            # leaves a record that names what to clean up.
+            annex = self.store.update_annex(annex.id, cloud_resources=prepared)
         faults.checkpoint("create.prepared")
         op = self.store.begin_op(annex.id, "launch", {"count": count, "region": annex.region})
         faults.checkpoint("create.intent")
         try:
-            outcome = self.cloud.launch(annex, count, op.request)
+            outcome: LaunchOutcome = self.cloud.ensure(annex, annex.requested, have, op.request)
         except AnnexError as err:
             self.store.finish_op(op.id, error=str(err))
             return self._launch_failed(annex, str(err), now)
@@ -674,8 +621,8 @@ class Reconciler:
             op.request,
             f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
         )
-        if not outcome.instance_ids and not outcome.accepted:
-            return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity", now)
+        if outcome.failed:
+            return self._launch_failed(annex, "; ".join(outcome.errors), now)
         error = "; ".join(outcome.errors)
         return self.store.update_annex(
             annex.id,

@@ -747,6 +747,6 @@ def _job_ref(attrs: Mapping[str, Any], idle_since: int | None) -> JobRef | None:
 
 
 def _default_region(job_region: str, settings: Settings) -> str:
-    from annex_gahp.aws.session import resolve_region  # noqa: PLC0415 - boto3 is heavy
+    from annex_gahp.cloud.aws.session import resolve_region  # noqa: PLC0415 - boto3 is heavy
 
     return resolve_region(job_region, settings)
