@@ -345,8 +345,8 @@ RULES: tuple[Rule, ...] = (
         "AnnexStrategy =!= \"stack\" || AnnexVpc is undefined",
         "\"annex_vpc is not supported with annex_strategy = stack: give annex_subnets in that "
         "VPC instead, or use annex_strategy = fleet\"",
-        "The stack strategy's Auto Scaling groups take subnets only (aws/stack.py); the fleet "
-        "strategy honours annex_vpc (aws/fleet.resolve_vpc).",
+        "The stack strategy's Auto Scaling groups take subnets only (cloud/aws/stack.py); the "
+        "fleet strategy honours annex_vpc (cloud/aws/fleet.resolve_vpc).",
     ),
     Rule(
         "AnnexImageCount",

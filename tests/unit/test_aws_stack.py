@@ -1,4 +1,4 @@
-"""The `stack` strategy (aws/stack.py, and AwsCloud's dispatch to it) against a real moto server.
+"""The `stack` strategy (cloud/aws/stack.py, and AwsCloud's dispatch to it) against moto.
 
 moto's CloudFormation really creates the launch templates and Auto Scaling groups, the groups
 really launch (and, on capacity changes, terminate) instances, and DeleteStack really removes
