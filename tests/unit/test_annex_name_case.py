@@ -37,6 +37,7 @@ def test_schedd_constraints_tell_burst_from_burst() -> None:
     demand.annotate("alice", "Burst", {"AnnexState": '"running"'})
     demand.tell_job("alice", 7, 0, {"AnnexLastError": '"x"'})
     constraints = [*(c for c, _, _ in binding.edits), demand._waiting("alice", "Burst")]
+    assert len(constraints) == 3  # annotate's edit, tell_job's edit, the waiting jobs'
     for constraint in constraints[:1] + constraints[2:]:
         assert matches(constraint, job("Burst"))
         assert not matches(constraint, job("burst")), constraint

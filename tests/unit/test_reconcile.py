@@ -239,9 +239,10 @@ def test_extension_retags_instances(moto_url, tmp_path):  # noqa: F811
     world.loop.run_once()
     world.store.update_annex(annex.id, lease_expiration=annex.lease_expiration + 3600)
     world.loop.run_once()
-    for instance in live_instances(world):
-        tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
-        assert int(tags[names.TAG_EXPIRES]) == annex.lease_expiration + 3600
+    live = live_instances(world)
+    assert len(live) == annex.requested == 2  # the loop launched them: every one retagged
+    expires = [{t["Key"]: t["Value"] for t in i["Tags"]}[names.TAG_EXPIRES] for i in live]
+    assert expires == [str(annex.lease_expiration + 3600)] * 2
 
 
 @pytest.mark.slow
