@@ -30,7 +30,8 @@ import sandbox as sb
 from annex_gahp import names
 from annex_gahp import settings as settings_mod
 
-pytestmark = pytest.mark.sandbox
+# Serial (scripts/test runs it alone): reconfigures the pool and restarts the helper.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial, pytest.mark.xdist_group("serial")]
 
 LOG = sb.HELPER_LOG
 logs = sb.line_logs  # router, helper and booter tails for a timeout's message
