@@ -14,9 +14,6 @@ import burst_demo
 pytestmark = pytest.mark.sandbox
 
 
-# alice's annex "burst", which submit-examples/burst.sub names too: never beside
-# test_submit_interface.py (same xdist worker, one after the other).
-@pytest.mark.xdist_group("alice-burst")
 def test_burst_demo_end_to_end():
     lines: list[str] = []
     timeline = burst_demo.run(out=lines.append, timeout=300)

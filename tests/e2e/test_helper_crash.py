@@ -39,7 +39,7 @@ from annex_gahp import settings as settings_mod
 from annex_gahp.aws import fleet, secrets
 
 # Serial (scripts/test runs it alone): kills the helper and reconfigures the pool.
-pytestmark = [pytest.mark.sandbox, pytest.mark.serial, pytest.mark.xdist_group("serial")]
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 USER = "alice"
 WANT = 2

@@ -31,7 +31,7 @@ from annex_gahp import names
 from annex_gahp import settings as settings_mod
 
 # Serial (scripts/test runs it alone): reconfigures the pool and restarts the helper.
-pytestmark = [pytest.mark.sandbox, pytest.mark.serial, pytest.mark.xdist_group("serial")]
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 LOG = sb.HELPER_LOG
 logs = sb.line_logs  # router, helper and booter tails for a timeout's message

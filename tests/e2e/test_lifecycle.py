@@ -295,7 +295,6 @@ def never_runs() -> tuple[str, ...]:
 
 # Serial (tight_caps): the caps are the whole pool's.
 @pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 @pytest.mark.parametrize("knob", ["ANNEX_MAX_INSTANCES", "ANNEX_MAX_INSTANCES_PER_USER"])
 def test_binding_cap_is_named_on_the_annex_ad_and_the_waiting_jobs(tight_caps, knob) -> None:
     """A cap that binds: the annex gets what the cap allows, its Annex ad says which knob
@@ -568,7 +567,6 @@ def run_hook(text: str) -> subprocess.CompletedProcess:
 
 # Serial: counts every record and instance of the pool before and after.
 @pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 def test_translate_hook_refuses_malformed_and_hostile_ads() -> None:
     """The translate hook, run by hand as alice (as the router runs it: the job's owner) on
     malformed or hostile input: each exits non-zero with one line on stderr naming the

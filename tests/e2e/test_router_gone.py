@@ -121,7 +121,6 @@ def remove_while_the_hook_waits(cluster: int) -> int:
 
 # Serial (slow_hook): every routed job of the pool gets the slow hook.
 @pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 def test_a_job_removed_before_its_hook_runs_gets_no_annex(slow_hook) -> None:
     """No annex, no cloud call, no record for it; the hook exits non-zero with the helper's
     reason; no edit of the removed job reached the schedd. The control, a job left in the
@@ -157,7 +156,6 @@ def test_a_job_removed_before_its_hook_runs_gets_no_annex(slow_hook) -> None:
 
 
 @pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 def test_a_job_removed_before_its_hook_runs_does_not_grow_a_live_annex(slow_hook) -> None:
     """The annex exists (the merge path asks the schedd nothing): the removed job's hook is
     refused from the helper's last demand query, the annex keeps its size, and the removed

@@ -37,9 +37,9 @@ TEST_CONFIG = Path("/etc/condor/config.d/95-annex-submit-test.conf")
 sys.path.insert(0, str(SRC))
 from annex_gahp import names, settings, spec  # noqa: E402
 
-# alice's jobs name the examples' annexes ("burst" among them, as test_demo.py's does): this
-# file and test_demo.py run on one xdist worker, one after the other.
-pytestmark = [pytest.mark.sandbox, pytest.mark.xdist_group("alice-burst")]
+# Serial (scripts/test runs it alone): alice's jobs name the examples' annexes ("burst" among
+# them, as test_demo.py's does), and the refusals set ANNEX_ALLOWED_* for the whole pool.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 CANONICAL = [names.JOB_TARGET, *names.JOB_ATTRS.values()]
 SPELLINGS = ["AnnexName", "annex_name", *(f"annex_{k}" for k in names.JOB_ATTRS)]
@@ -276,9 +276,6 @@ def refusals(workdir) -> dict[str, tuple[subprocess.CompletedProcess[str], set[i
     return results
 
 
-# Serial (refusals): some examples need knobs (ANNEX_ALLOWED_*) set for the whole pool.
-@pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
 def test_invalid_example_is_refused_with_its_message(refusals, path):
     _, expect = expectations(path)
@@ -291,8 +288,6 @@ def test_invalid_example_is_refused_with_its_message(refusals, path):
     assert after == before, f"{path.name}: something was queued ({after - before})"
 
 
-@pytest.mark.serial
-@pytest.mark.xdist_group("serial")
 def test_refusals_create_nothing_in_the_emulator(refusals):
     assert refusals
     ec2 = sandbox.ec2_client()
