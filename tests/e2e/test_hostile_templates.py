@@ -30,8 +30,7 @@ import sandbox as sb
 from annex_gahp import names
 from annex_gahp import settings as settings_mod
 
-# Serial (scripts/test runs it alone): reconfigures the pool and restarts the helper.
-pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
+pytestmark = pytest.mark.sandbox
 
 LOG = sb.HELPER_LOG
 logs = sb.line_logs  # router, helper and booter tails for a timeout's message
@@ -272,6 +271,8 @@ def owner_mode(path: Path) -> tuple[int, int, int]:
     return info.st_uid, info.st_gid, info.st_mode & 0o7777
 
 
+# Serial (quick_restarts): reconfigures the pool and restarts the helper.
+@pytest.mark.serial
 def test_log_symlink_planted_by_condor_is_not_followed_at_start_up(quick_restarts) -> None:
     tag = uuid.uuid4().hex[:8]
     victim = victim_file(tag)
@@ -297,6 +298,7 @@ def test_log_symlink_planted_by_condor_is_not_followed_at_start_up(quick_restart
         victim.unlink(missing_ok=True)
 
 
+@pytest.mark.serial
 def test_state_dir_symlink_planted_by_condor_is_refused_at_start_up(quick_restarts) -> None:
     tag = uuid.uuid4().hex[:8]
     state = Path(settings_mod.load().state_dir)
