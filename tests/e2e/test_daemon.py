@@ -201,9 +201,7 @@ def test_reconfig_uses_a_changed_knob_and_survives_a_bad_one(daemon):
 
 
 def test_the_master_hears_alive_and_replaces_a_frozen_helper(daemon):
-    # Above a busy host's worst pause of the helper (10 s was missed with the suite's unit tests
-    # running beside it): the master must only kill a frozen one.
-    timeout = 20
+    timeout = 10
     offset = reconfig(f"ANNEXD_NOT_RESPONDING_TIMEOUT = {timeout}\n")
     pid = serving_pid()
     sb.wait_for(
