@@ -65,6 +65,9 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
+# Serial: asks the pool for its first master, which must be the access point's (an emulated
+# instance booted by a test beside it advertises a master too).
+@pytest.mark.serial
 def test_the_master_runs_the_helper_as_annexd(sandbox):
     daemons = subprocess.run(
         ["condor_config_val", "DAEMON_LIST"], capture_output=True, text=True, check=True

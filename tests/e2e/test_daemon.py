@@ -31,7 +31,8 @@ from annex_gahp import __version__, names
 from annex_gahp import settings as settings_mod
 from annex_gahp.protocol import split_args
 
-pytestmark = pytest.mark.sandbox
+# Serial (scripts/test runs it alone): reconfigures the pool, stops, freezes, restarts the helper.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 LOG = Path("/var/log/condor/AnnexGahpLog")
 MASTER_LOG = Path("/var/log/condor/MasterLog")

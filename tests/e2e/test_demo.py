@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import burst_demo
+
+pytestmark = pytest.mark.sandbox
 
 
 def test_burst_demo_end_to_end():

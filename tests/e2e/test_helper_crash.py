@@ -38,7 +38,8 @@ from annex_gahp import client, names
 from annex_gahp import settings as settings_mod
 from annex_gahp.cloud.aws import fleet, secrets
 
-pytestmark = pytest.mark.sandbox
+# Serial (scripts/test runs it alone): kills the helper and reconfigures the pool.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 USER = "alice"
 WANT = 2

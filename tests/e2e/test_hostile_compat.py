@@ -13,7 +13,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import sandbox as sb
+
+pytestmark = pytest.mark.sandbox
 
 ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
 

@@ -97,6 +97,8 @@ def helper_log() -> str:
         return ""
 
 
+# Serial: alice's flood takes all her connections; other tests act as alice.
+@pytest.mark.serial
 def test_one_users_connection_flood_does_not_block_others(sandbox):
     alice_uid = pwd.getpwnam("alice").pw_uid
     flood = subprocess.Popen(

@@ -271,6 +271,8 @@ def owner_mode(path: Path) -> tuple[int, int, int]:
     return info.st_uid, info.st_gid, info.st_mode & 0o7777
 
 
+# Serial (quick_restarts): reconfigures the pool and restarts the helper.
+@pytest.mark.serial
 def test_log_symlink_planted_by_condor_is_not_followed_at_start_up(quick_restarts) -> None:
     tag = uuid.uuid4().hex[:8]
     victim = victim_file(tag)
@@ -296,6 +298,7 @@ def test_log_symlink_planted_by_condor_is_not_followed_at_start_up(quick_restart
         victim.unlink(missing_ok=True)
 
 
+@pytest.mark.serial
 def test_state_dir_symlink_planted_by_condor_is_refused_at_start_up(quick_restarts) -> None:
     tag = uuid.uuid4().hex[:8]
     state = Path(settings_mod.load().state_dir)

@@ -23,12 +23,15 @@ import uuid
 from pathlib import Path
 
 import classad2
+import pytest
 import sandbox
 
 SRC = Path(os.environ.get("ANNEX_SRC", "/src"))
 sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
 from annex_gahp.cloud.aws.secrets import INSTANCE_TAG  # noqa: E402
+
+pytestmark = pytest.mark.sandbox
 
 HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
 ALICE = "alice"

@@ -30,6 +30,8 @@ SRC = Path(os.environ.get("ANNEX_SRC", "/src"))
 sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
 
+pytestmark = pytest.mark.sandbox
+
 ALICE, BOB = "alice", "bob"
 HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
 TEST_CONFIG = Path("/etc/condor/config.d/95-lifecycle-test.conf")
@@ -291,6 +293,8 @@ def never_runs() -> tuple[str, ...]:
     return ("requirements = false", "annex_idle_timeout = 10m")
 
 
+# Serial (tight_caps): the caps are the whole pool's.
+@pytest.mark.serial
 @pytest.mark.parametrize("knob", ["ANNEX_MAX_INSTANCES", "ANNEX_MAX_INSTANCES_PER_USER"])
 def test_binding_cap_is_named_on_the_annex_ad_and_the_waiting_jobs(tight_caps, knob) -> None:
     """A cap that binds: the annex gets what the cap allows, its Annex ad says which knob
@@ -561,6 +565,8 @@ def run_hook(text: str) -> subprocess.CompletedProcess:
     )
 
 
+# Serial: counts every record and instance of the pool before and after.
+@pytest.mark.serial
 def test_translate_hook_refuses_malformed_and_hostile_ads() -> None:
     """The translate hook, run by hand as alice (as the router runs it: the job's owner) on
     malformed or hostile input: each exits non-zero with one line on stderr naming the

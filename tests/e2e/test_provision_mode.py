@@ -19,11 +19,14 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import sandbox
 
 SRC = Path(os.environ.get("ANNEX_SRC", "/src"))
 sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
+
+pytestmark = pytest.mark.sandbox
 
 USER = "alice"
 logs = sandbox.line_logs  # router, helper and booter tails for a timeout's message

@@ -16,11 +16,14 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import sandbox
 
 SRC = Path(os.environ.get("ANNEX_SRC", "/src"))
 sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
+
+pytestmark = pytest.mark.sandbox
 
 USER = "alice"
 ROUTER_LOG = Path("/var/log/condor/JobRouterLog")

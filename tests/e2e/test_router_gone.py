@@ -38,6 +38,8 @@ from test_lifecycle import (
     wait,
 )
 
+pytestmark = pytest.mark.sandbox
+
 ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
 SCHEDD_LOG = Path("/var/log/condor/SchedLog")
 CONFIG = Path("/etc/condor/config.d/95-router-gone-test.conf")
@@ -117,6 +119,8 @@ def remove_while_the_hook_waits(cluster: int) -> int:
     return rc[0]
 
 
+# Serial (slow_hook): every routed job of the pool gets the slow hook.
+@pytest.mark.serial
 def test_a_job_removed_before_its_hook_runs_gets_no_annex(slow_hook) -> None:
     """No annex, no cloud call, no record for it; the hook exits non-zero with the helper's
     reason; no edit of the removed job reached the schedd. The control, a job left in the
@@ -151,6 +155,7 @@ def test_a_job_removed_before_its_hook_runs_gets_no_annex(slow_hook) -> None:
         wait(lambda: not annex_instances(ALICE, control), 60, "the control's instances to go")
 
 
+@pytest.mark.serial
 def test_a_job_removed_before_its_hook_runs_does_not_grow_a_live_annex(slow_hook) -> None:
     """The annex exists (the merge path asks the schedd nothing): the removed job's hook is
     refused from the helper's last demand query, the annex keeps its size, and the removed

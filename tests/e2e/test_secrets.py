@@ -14,7 +14,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
 import sandbox
+
+pytestmark = pytest.mark.sandbox
 
 USER = "alice"
 

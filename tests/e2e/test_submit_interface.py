@@ -37,6 +37,10 @@ TEST_CONFIG = Path("/etc/condor/config.d/95-annex-submit-test.conf")
 sys.path.insert(0, str(SRC))
 from annex_gahp import names, settings, spec  # noqa: E402
 
+# Serial (scripts/test runs it alone): alice's jobs name the examples' annexes ("burst" among
+# them, as test_demo.py's does), and the refusals set ANNEX_ALLOWED_* for the whole pool.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
+
 CANONICAL = [names.JOB_TARGET, *names.JOB_ATTRS.values()]
 SPELLINGS = ["AnnexName", "annex_name", *(f"annex_{k}" for k in names.JOB_ATTRS)]
 

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from fake_schedd import BindingSchedd, demand_over
 
-from annex_gahp import collector, names, schedd
+from annex_gahp import collector, names
 
 classad2 = pytest.importorskip("classad2")
 REPO = Path(__file__).resolve().parents[2]
@@ -30,18 +31,13 @@ def matches(constraint: str, ad: classad2.ClassAd) -> bool:
     return classad2.ExprTree(constraint).eval(ad) is True
 
 
-def test_schedd_constraints_tell_burst_from_burst(monkeypatch: pytest.MonkeyPatch) -> None:
-    edits: list[str] = []
-
-    class Recorder:
-        def edit(self, constraint: str, attr: str, value: str) -> None:
-            edits.append(constraint)
-
-    demand = schedd.ScheddDemand()
-    monkeypatch.setattr(demand, "_schedd", Recorder)
+def test_schedd_constraints_tell_burst_from_burst() -> None:
+    binding = BindingSchedd()
+    demand = demand_over(binding)
     demand.annotate("alice", "Burst", {"AnnexState": '"running"'})
     demand.tell_job("alice", 7, 0, {"AnnexLastError": '"x"'})
-    constraints = [*edits, demand._waiting("alice", "Burst")]
+    constraints = [*(c for c, _, _ in binding.edits), demand._waiting("alice", "Burst")]
+    assert len(constraints) == 3  # annotate's edit, tell_job's edit, the waiting jobs'
     for constraint in constraints[:1] + constraints[2:]:
         assert matches(constraint, job("Burst"))
         assert not matches(constraint, job("burst")), constraint

@@ -350,6 +350,7 @@ def _real_policy() -> dict[str, Any]:
 def test_every_create_or_change_statement_is_tag_conditioned() -> None:
     doc = _real_policy()
     by_sid = {s["Sid"]: s for s in doc["Statement"]}
+    checked = []
     for sid, statement in by_sid.items():
         if statement["Effect"] == "Deny":
             continue
@@ -359,7 +360,9 @@ def test_every_create_or_change_statement_is_tag_conditioned() -> None:
         read_only = all(a.split(":")[1].startswith(("Describe", "Get", "List")) for a in actions)
         if read_only or statement["Resource"] != "*":
             continue
+        checked.append(sid)
         assert "Condition" in statement, f"{sid} allows changes on * without a condition"
+    assert {"CreateTaggedForThisPool", "ManageThisPoolsResources"} <= set(checked), checked
     create = by_sid["CreateTaggedForThisPool"]["Condition"]
     assert create == {"StringEquals": {f"aws:RequestTag/{names.TAG_POOL}": POOL}}
     manage = by_sid["ManageThisPoolsResources"]
@@ -399,6 +402,7 @@ def test_emulator_form_differs_only_in_resources() -> None:
     emulated = setup.runtime_policy(make_settings(pool_id=POOL), emulator=True)["Statement"]
     assert [s["Action"] for s in real] == [s["Action"] for s in emulated]
     assert [s.get("Condition") for s in real] == [s.get("Condition") for s in emulated]
+    assert "StackStrategyTokenBuckets" in {s["Sid"] for s in emulated} and len(emulated) > 1
     for statement in emulated:
         if statement["Sid"] == "StackStrategyTokenBuckets":
             assert statement["Resource"] == [

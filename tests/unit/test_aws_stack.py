@@ -28,6 +28,7 @@ from aws_fixtures import (  # noqa: F401
     raw_client,
 )
 from botocore.exceptions import ClientError
+from fake_schedd import FakeSchedd
 
 from annex_gahp import names, spec, userdata
 from annex_gahp.cloud.aws import fleet, instances, lease_enforcer, policy, secrets, stack
@@ -331,20 +332,6 @@ class Clock:
         return self.now
 
 
-class Demand_:
-    def __init__(self) -> None:
-        self.jobs: dict[tuple[str, str], Demand] = {}
-
-    def counts(self) -> dict[tuple[str, str], Demand]:
-        return dict(self.jobs)
-
-    def hold(self, owner: str, annex: str, reason: str) -> None:
-        pass
-
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
-        pass
-
-
 class Publisher:
     def publish(self, views: Any) -> None:
         pass
@@ -360,7 +347,7 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     store = Store(str(tmp_path / "state.sqlite"))
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-for-{identity}")
-    demand = Demand_()
+    demand = FakeSchedd()
     loop = Reconciler(store, service, cloud, demand, Publisher(), clock=clock)
     cfn = cloud._client("cloudformation", REGION)
     calls: list[str] = []
@@ -536,7 +523,7 @@ def test_an_annex_rebuilt_from_tags_still_gets_its_stack_deleted(moto_url: str, 
         store = Store(path)
         service = AnnexService(store, settings, clock=Clock(), resolve_region=lambda r, s: REGION)
         cloud = AwsCloud(settings, mint=lambda identity, lifetime: "tok")
-        return store, service, cloud, Reconciler(store, service, cloud, Demand_(), Publisher())
+        return store, service, cloud, Reconciler(store, service, cloud, FakeSchedd(), Publisher())
 
     store, service, _, loop = world(str(tmp_path / "first.sqlite"))
     wanted = spec.from_keywords(

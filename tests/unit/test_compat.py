@@ -11,6 +11,7 @@ from __future__ import annotations
 import classad2
 import htcondor2
 import pytest
+from fake_schedd import BindingSchedd, demand_over
 
 from annex_gahp import compat, schedd, service, settings, spec
 from annex_gahp.daemon import MasterLink
@@ -23,51 +24,30 @@ class HTCondorException(Exception):
     """What htcondor2 raises from 23.10 on: a plain Exception, not an OSError."""
 
 
-class _Schedd:
-    """The schedd calls ScheddDemand makes, answering as a 24.x/25.x schedd does when a
-    constraint matches no job: edit raises, act reports nothing done."""
-
-    def __init__(self, exc: type[BaseException]) -> None:
-        self.exc = exc
-        self.acts: list[str] = []
-        self.edits: list[str] = []
-
-    def edit(self, constraint: str, attr: str, value: str) -> None:
-        self.edits.append(attr)
-        raise self.exc("Unable to edit jobs matching constraint")
-
-    def act(self, action, constraint: str, reason) -> dict[str, int]:
-        self.acts.append(constraint)
-        return {"TotalSuccess": 0}
-
-
 @pytest.fixture
 def newer_bindings(monkeypatch):
     """htcondor2 as 23.10+ has it: HTCondorException exists (23.9 has none)."""
     monkeypatch.setattr(htcondor2, "HTCondorException", HTCondorException, raising=False)
 
 
-def _demand(monkeypatch, fake: _Schedd) -> schedd.ScheddDemand:
-    demand = schedd.ScheddDemand()
-    monkeypatch.setattr(demand, "_schedd", lambda: fake)
-    return demand
-
-
 @pytest.mark.parametrize("exc", [OSError, HTCondorException])
-def test_no_match_edits_do_not_abort_hold_or_reroute(monkeypatch, newer_bindings, exc):
-    fake = _Schedd(exc)
-    demand = _demand(monkeypatch, fake)
+def test_no_match_edits_do_not_abort_hold_or_reroute(newer_bindings, exc):
+    # Answering as a 24.x/25.x schedd does when a constraint matches no job: edit raises, act
+    # reports nothing done.
+    fake = BindingSchedd(edit_error=exc, hold_success=0)
+    demand = demand_over(fake)
     demand.hold("alice", "burst", "the annex failed")
     demand.hold_left_behind("alice", "burst", "the annex ended", NOW)
     demand.reroute("alice", "burst", NOW)
     demand.tell_job("alice", 1, 0, {"AnnexLastError": '"refused"'})
     # Both holds went on to the hold itself after their unroute edit matched nothing.
-    assert len(fake.acts) == 2 and fake.edits.count(schedd.ROUTED_MARK) == 3
+    unroutes = [attr for _, attr, _ in fake.edits if attr == schedd.ROUTED_MARK]
+    assert len(fake.acts) == 2 and len(unroutes) == 3
 
 
-def test_other_failures_still_raise(monkeypatch, newer_bindings):
+def test_other_failures_still_raise(newer_bindings):
     """Only the bindings' edit failure is swallowed, not a bug of ours."""
-    demand = _demand(monkeypatch, _Schedd(TypeError))
+    demand = demand_over(BindingSchedd(edit_error=TypeError, hold_success=0))
     with pytest.raises(TypeError):
         demand.hold("alice", "burst", "x")
 

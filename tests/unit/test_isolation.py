@@ -19,6 +19,7 @@ import boto3
 import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
 from botocore.exceptions import ClientError, EndpointConnectionError
+from fake_schedd import FakeSchedd
 
 from annex_gahp import lifecycle, names, spec
 from annex_gahp.cloud.aws.cloud import AwsCloud
@@ -41,26 +42,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Schedd:
-    """What the loop asks of the schedd; `during_counts` runs inside the cycle, after the
-    cycle's snapshot of the records (a request landing from the socket at that moment)."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[tuple[str, str], Demand] = {}
-        self.during_counts = lambda: None
-        self.held: list[tuple[str, str]] = []
-
-    def counts(self) -> dict[tuple[str, str], Demand]:
-        self.during_counts()
-        return dict(self.jobs)
-
-    def hold(self, owner: str, annex: str, reason: str) -> None:
-        self.held.append((owner, annex))
-
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
-        pass
 
 
 class Publisher:
@@ -92,7 +73,7 @@ class World:
             self.store, self.settings, clock=self.clock, resolve_region=lambda r, s: r or REGION
         )
         self.cloud = AwsCloud(self.settings, mint=lambda identity, lifetime: "token")
-        self.schedd = Schedd()
+        self.schedd = FakeSchedd()
         self.loop = Reconciler(
             self.store, self.service, self.cloud, self.schedd, Publisher(), clock=self.clock
         )

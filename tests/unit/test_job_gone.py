@@ -9,75 +9,27 @@ htcondor2 (tests/e2e/test_router_gone.py does the same with the real router and 
 
 from __future__ import annotations
 
-import re
-import types
 from typing import Any
 
 import pytest
 from aws_fixtures import REGION, make_settings
+from fake_schedd import BindingSchedd, demand_over
 
 from annex_gahp.errors import AnnexError, InputError, JobGone, LimitExceeded, PermissionDenied
 from annex_gahp.gahp import Caller
-from annex_gahp.schedd import COMPLETED, HELD, IDLE, REMOVED, RUNNING, ScheddDemand
+from annex_gahp.schedd import COMPLETED, HELD, REMOVED, RUNNING, ScheddDemand
 from annex_gahp.service import AnnexService
 from annex_gahp.store import Store
 
 ALICE = Caller(uid=1000, user="alice", is_admin=False)
 NOW = 1_900_000_000
-_BY_ID = re.compile(r"ClusterId == (\d+) && ProcId == (\d+)")
-
-
-class FakeSchedd:
-    """The queue as a list of ads. A query by id (what ScheddDemand.job sends) answers that
-    job; any other constraint (the demand query) answers every idle or running job."""
-
-    def __init__(self) -> None:
-        self.ads: list[dict[str, Any]] = []
-        self.queries: list[str] = []
-        self.down = False
-
-    def add(self, cluster: int, proc: int = 0, owner: str = "alice", status: int = IDLE) -> None:
-        self.ads.append(
-            {
-                "ClusterId": cluster,
-                "ProcId": proc,
-                "Owner": owner,
-                "JobStatus": status,
-                "TargetAnnexName": "burst",
-            }
-        )
-
-    def query(self, constraint: str, projection: list[str], limit: int = -1) -> list[dict]:
-        self.queries.append(constraint)
-        if self.down:
-            raise OSError("Failed to connect to schedd")
-        found = _BY_ID.fullmatch(constraint)
-        if found:
-            wanted = (int(found[1]), int(found[2]))
-            return [a for a in self.ads if (a["ClusterId"], a["ProcId"]) == wanted][:1]
-        return [a for a in self.ads if a["JobStatus"] in (IDLE, RUNNING)]
-
-    def edit(self, constraint: str, attr: str, value: str) -> None:
-        self.queries.append(f"edit {attr} where {constraint}")
-
-    def act(self, action: str, constraint: str, reason: tuple[str, int]) -> dict[str, int]:
-        self.queries.append(f"{action} where {constraint}")
-        return {"TotalSuccess": 1}
-
-    def by_id(self) -> int:
-        return sum(1 for q in self.queries if _BY_ID.fullmatch(q))
 
 
 @pytest.fixture
-def queue(monkeypatch) -> tuple[ScheddDemand, FakeSchedd]:
+def queue(monkeypatch) -> tuple[ScheddDemand, BindingSchedd]:
     monkeypatch.setattr("annex_gahp.schedd.time.time", lambda: NOW + 0.5)  # demand query start
-    schedd = FakeSchedd()
-    demand = ScheddDemand.__new__(ScheddDemand)  # its htcondor2 is the fake below
-    demand._htcondor = types.SimpleNamespace(
-        Schedd=lambda: schedd, JobAction=types.SimpleNamespace(Hold="Hold")
-    )
-    demand._last_look = None
-    return demand, schedd
+    schedd = BindingSchedd()
+    return demand_over(schedd), schedd
 
 
 @pytest.fixture
@@ -121,7 +73,7 @@ def test_a_waiting_job_creates_its_annex_after_one_query(service, queue):
     routed(service)
     annex = service.store.live("alice", "burst")
     assert annex is not None and annex.requested == 1
-    assert schedd.queries == ["ClusterId == 7 && ProcId == 0"]
+    assert schedd.calls == ["ClusterId == 7 && ProcId == 0"]
 
 
 @pytest.mark.parametrize(
@@ -194,10 +146,10 @@ def test_a_job_the_last_demand_query_missed_is_refused_without_a_query(service, 
     routed(service, proc=0)
     schedd.ads = [a for a in schedd.ads if a["ProcId"] != 1]  # condor_rm 7.1
     demand.counts()  # the reconcile loop's query, after the job had become idle
-    asked = len(schedd.queries)
+    asked = len(schedd.calls)
     with pytest.raises(JobGone, match=r"job 7\.1 was no longer idle or running at the helper"):
         routed(service, proc=1, instances=5)
-    assert len(schedd.queries) == asked
+    assert len(schedd.calls) == asked
     assert service.store.live("alice", "burst").requested == 1  # its 5 were not merged
 
 
@@ -244,7 +196,7 @@ def test_holding_jobs_still_works_after_a_demand_query(queue):
     demand.counts()
     demand.hold("alice", "burst", "the lease ends")
     demand.hold_left_behind("alice", "burst", "it was deleted", NOW)
-    assert sum(q.startswith("Hold where Owner =?= \"alice\"") for q in schedd.queries) == 2
+    assert sum(q.startswith("Hold where Owner =?= \"alice\"") for q in schedd.calls) == 2
 
 
 # --- a refused request says why in the job ---------------------------------------------------
@@ -265,22 +217,22 @@ def test_a_request_refused_by_the_per_user_cap_is_written_into_the_job_once(tmp_
     schedd.add(7)
     schedd.add(8)
     routed(service)  # burst takes alice's one instance
-    schedd.queries.clear()
+    schedd.calls.clear()
     with pytest.raises(LimitExceeded) as caught:
         routed(service, cluster=8, name="other")
     why = str(caught.value)
     assert "ANNEX_MAX_INSTANCES_PER_USER (1)" in why
-    edits = [q for q in schedd.queries if q.startswith("edit ")]
+    edits = [q for q in schedd.calls if q.startswith("edit ")]
     assert edits == [
         'edit AnnexLastError where ClusterId == 8 && ProcId == 0 && Owner =?= "alice"'
         " && JobStatus == 1"
     ]
     assert service.store.live("alice", "other") is None
 
-    schedd.queries.clear()
+    schedd.calls.clear()
     with pytest.raises(LimitExceeded):  # the job already says so: nothing written again
         routed(service, cluster=8, name="other", extra=f'AnnexLastError = "{why}"\n')
-    assert [q for q in schedd.queries if q.startswith("edit ")] == []
+    assert [q for q in schedd.calls if q.startswith("edit ")] == []
 
 
 def test_every_refusal_of_a_routed_request_is_written_into_the_job(service, queue):
@@ -297,7 +249,7 @@ def test_every_refusal_of_a_routed_request_is_written_into_the_job(service, queu
     schedd.add(9)
     with pytest.raises(InputError) as conflict:
         routed(service, cluster=9, instances=1, extra='AnnexInstanceTypes = "c5.large"\n')
-    edits = [q for q in schedd.queries if q.startswith("edit ")]
+    edits = [q for q in schedd.calls if q.startswith("edit ")]
     assert edits == [
         f'edit AnnexLastError where ClusterId == {c} && ProcId == 0 && Owner =?= "alice"'
         " && JobStatus == 1"

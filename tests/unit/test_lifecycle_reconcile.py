@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
+from fake_schedd import FakeSchedd
 
 from annex_gahp import lifecycle, names, spec
 from annex_gahp.cloud.aws.cloud import AwsCloud
@@ -29,31 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Schedd:
-    """Records what the loop asks of the schedd; `jobs` is what counts() answers."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[tuple[str, str], Demand] = {}
-        self.held: list[tuple[str, str, str]] = []
-        self.left_behind: list[tuple[str, str, str, int]] = []
-        self.rerouted: list[tuple[str, str, int]] = []
-
-    def counts(self) -> dict[tuple[str, str], Demand]:
-        return dict(self.jobs)
-
-    def hold(self, owner: str, annex: str, reason: str) -> None:
-        self.held.append((owner, annex, reason))
-
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
-        pass
-
-    def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
-        self.left_behind.append((owner, annex, reason, ended))
-
-    def reroute(self, owner: str, annex: str, ended: int) -> None:
-        self.rerouted.append((owner, annex, ended))
 
 
 class Collector:
@@ -113,7 +89,7 @@ def world(moto_url, tmp_path):  # noqa: F811
     store = Store(str(tmp_path / "state.sqlite"))
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: "token")
-    schedd, collector = Schedd(), Collector()
+    schedd, collector = FakeSchedd(), Collector()
     loop = Reconciler(store, service, cloud, schedd, Publisher(), clock=clock, slots=collector)
     return type(
         "World",

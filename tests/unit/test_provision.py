@@ -144,14 +144,7 @@ def provision_world(moto_url, tmp_path):  # noqa: F811
         **{**world.service.settings.__dict__, "state_dir": str(tmp_path)}
     )
     world.cloud.settings = world.loop.settings = world.service.settings
-    held: list[tuple] = []
-
-    def annotate(owner, annex, attrs, running=False):
-        world.demand.annotated[(owner, annex)] = {**attrs, "_running": running}
-
-    world.demand.annotate = annotate
-    world.service.hold_job = lambda *args: held.append(args)
-    return world, held
+    return world, world.demand.held_jobs
 
 
 def test_job_routed_keeps_user_data_and_launch_uses_it(moto_url, tmp_path):  # noqa: F811
@@ -205,8 +198,10 @@ def test_ended_instances_are_not_replaced_and_the_annex_ends(moto_url, tmp_path)
     world.loop.run_once()
     ids = [i["InstanceId"] for i in live_instances(world, "pilots")]
     assert len(ids) == 2
-    annotated = world.demand.annotated[("alice", "pilots")]
-    assert annotated["_running"] is True  # the job that stands for the annex runs
+    (*_, last) = world.demand.annotations
+    assert (last.owner, last.annex) == ("alice", "pilots")
+    assert last.running is True  # the job that stands for the annex runs
+    annotated = last.attrs
     assert set(annotated["AnnexInstanceIds"].strip('"').split(",")) == set(ids)
     world.ec2.terminate_instances(InstanceIds=ids[:1])  # one pilot finished and powered off
     world.clock.now += 61
