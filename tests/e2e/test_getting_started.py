@@ -23,6 +23,9 @@ import pytest
 import sandbox
 from test_lifecycle import ALICE, annex_instances, htcondor_annex, status
 
+# Serial: it runs install-config and condor_restart on the pool the other tests share.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
+
 DOC = Path(os.environ.get("ANNEX_SRC", "/src")) / "docs" / "getting-started.md"
 MARKER = re.compile(
     r"^<!-- getting-started: (run as=(?P<user>\w+) id=(?P<id>[\w-]+)|not run: .+) -->$"

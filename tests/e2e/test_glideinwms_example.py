@@ -13,8 +13,11 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import sandbox
 from test_lifecycle import ALICE, annex_instances, htcondor_annex
+
+pytestmark = pytest.mark.sandbox
 
 DOC = Path(os.environ.get("ANNEX_SRC", "/src")) / "docs" / "glideinwms.md"
 SECTION = "## A worked request, factory style"

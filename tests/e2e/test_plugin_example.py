@@ -8,6 +8,10 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.sandbox
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 
 

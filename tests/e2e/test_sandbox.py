@@ -42,6 +42,7 @@ def test_alice_runs_a_vanilla_job(annex_pool):
         "hello from alice"
 
 
+@pytest.mark.serial  # writes and removes the pool's knob file: alone, not beside other tests
 def test_pool_knobs_a_test_sets_are_undone(annex_pool, annex_sandbox):
     from annex_gahp.testing import AnnexPool  # noqa: PLC0415
 

@@ -22,6 +22,9 @@ import pytest
 import sandbox
 from test_lifecycle import ALICE, htcondor_annex, unique, wait
 
+# Serial: it reconfigures the pool's job router with a site route.
+pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
+
 CONFIG = Path("/etc/condor/config.d/95-site-route-test.conf")
 HOOK_DIR = Path("/usr/local/libexec/annex-test-site-route")  # root's, not world-writable
 MARKS = Path("/tmp/annex-test-site-route")  # where the hooks (run as the owner) write
