@@ -683,6 +683,7 @@ def from_keywords(
             f"annex_spot_prices = '{','.join(prices)}' is not allowed:"
             " give positive decimal prices such as 0.05"
         )
+    check_image_ids(images, tuple(getattr(settings, "image_parameter_prefixes", _AWS_PUBLIC)))
     region = str(values.get("region", ""))
     if region:
         check_region(region, settings.allowed_regions)
@@ -925,3 +926,39 @@ def check_region(region: str, allowed: tuple[str, ...] = (), knob: str = "annex_
             " (ANNEX_ALLOWED_REGIONS)"
         )
     return region
+
+
+# An image may be named as EC2 itself accepts: `resolve:ssm:<parameter name>`, the parameter
+# holding an ami id (AWS publishes the stock images' ids under /aws/service/).
+SSM_REFERENCE = "resolve:ssm:"
+_AWS_PUBLIC = ("/aws/service/",)
+# SSM's name characters; `..` and `//` refused so a prefix check cannot be talked around.
+_SSM_NAME_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,1010}$")
+
+
+def check_image_reference(
+    image: str, prefixes: tuple[str, ...], knob: str = "annex_image_ids"
+) -> str:
+    """The parameter name of an image reference, refused unless it is well formed and under
+    one of the admin's ANNEX_IMAGE_PARAMETER_PREFIXES (default /aws/service/)."""
+    name = image[len(SSM_REFERENCE) :] if image.startswith(SSM_REFERENCE) else ""
+    if not _SSM_NAME_RE.match(name) or ".." in name or "//" in name:
+        raise InputError(
+            f"{knob} = '{_region_shown(image)}' is not an image reference: give an ami id or"
+            " resolve:ssm:/aws/service/... (letters, digits and _ . - / in the name)"
+        )
+    if not any(name.startswith(p) for p in prefixes if p):
+        raise LimitExceeded(
+            f"{knob} = '{image}' names a parameter outside {','.join(prefixes) or 'nothing'}:"
+            " only those may be read (ANNEX_IMAGE_PARAMETER_PREFIXES)"
+        )
+    return name
+
+
+def check_image_ids(
+    images: tuple[str, ...], prefixes: tuple[str, ...], knob: str = "annex_image_ids"
+) -> None:
+    """Each entry an ami id as given, or a reference check_image_reference accepts."""
+    for image in images:
+        if image.startswith("resolve:"):
+            check_image_reference(image, prefixes, knob)
