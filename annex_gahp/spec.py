@@ -36,6 +36,10 @@ FALSE_WORDS = ("false", "no", "0")
 NAME_RULE = "a letter, then letters, digits or '-', at most 63 characters"
 DURATION_RULE = durations.DURATION_RULE
 EXPIRY_RULE = durations.EXPIRY_RULE
+IMAGE_REFERENCE_RULE = (
+    "has a malformed resolve: reference: use resolve:ssm:/aws/service/<name> (letters, digits"
+    " and _ . - / in the name)"
+)
 
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
@@ -372,6 +376,16 @@ RULES: tuple[Rule, ...] = (
         "strcat(\"annex_spot_prices = '\", AnnexSpotPrices, \"' is not allowed: give positive "
         "decimal prices such as 0.05\")",
         "Spot prices: positive decimals (no spot price: on-demand).",
+    ),
+    Rule(
+        "AnnexImageRefs",
+        "AnnexImageIds is undefined || !(regexp(\"(^|,)resolve:(?!ssm:/[A-Za-z0-9_./-]{1,1010}"
+        "(,|$))\", AnnexImageIds) || regexp(\"(^|,)resolve:ssm:[^,]*([.][.]|//)\", "
+        "AnnexImageIds))",
+        _shown_reason("image_ids", IMAGE_REFERENCE_RULE),
+        "An image named by an SSM parameter, as EC2 takes it: resolve:ssm:/<name>. Which"
+        " parameters may be read (ANNEX_IMAGE_PARAMETER_PREFIXES, default /aws/service/) the"
+        " helper checks.",
     ),
     Rule(
         "AnnexAllowedTypes",
@@ -937,19 +951,18 @@ _SSM_NAME_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,1010}$")
 
 
 def check_image_reference(
-    image: str, prefixes: tuple[str, ...], knob: str = "annex_image_ids"
+    image: str, prefixes: tuple[str, ...], knob: str = "annex_image_ids", shown: str = ""
 ) -> str:
     """The parameter name of an image reference, refused unless it is well formed and under
-    one of the admin's ANNEX_IMAGE_PARAMETER_PREFIXES (default /aws/service/)."""
+    one of the admin's ANNEX_IMAGE_PARAMETER_PREFIXES (default /aws/service/). `shown`: what
+    the refusal quotes (the whole list, as the submit rule does)."""
+    shown = shown or _region_shown(image)
     name = image[len(SSM_REFERENCE) :] if image.startswith(SSM_REFERENCE) else ""
     if not _SSM_NAME_RE.match(name) or ".." in name or "//" in name:
-        raise InputError(
-            f"{knob} = '{_region_shown(image)}' is not an image reference: give an ami id or"
-            " resolve:ssm:/aws/service/... (letters, digits and _ . - / in the name)"
-        )
+        raise InputError(f"{knob} = '{shown}' {IMAGE_REFERENCE_RULE}")
     if not any(name.startswith(p) for p in prefixes if p):
         raise LimitExceeded(
-            f"{knob} = '{image}' names a parameter outside {','.join(prefixes) or 'nothing'}:"
+            f"{knob} = '{shown}' names a parameter outside {','.join(prefixes) or 'nothing'}:"
             " only those may be read (ANNEX_IMAGE_PARAMETER_PREFIXES)"
         )
     return name
@@ -961,4 +974,4 @@ def check_image_ids(
     """Each entry an ami id as given, or a reference check_image_reference accepts."""
     for image in images:
         if image.startswith("resolve:"):
-            check_image_reference(image, prefixes, knob)
+            check_image_reference(image, prefixes, knob, ",".join(images))

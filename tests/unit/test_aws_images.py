@@ -171,7 +171,7 @@ def test_parameter_outside_aws_service_refused_before_any_call(
         "resolve:ssm:/aws/service/x$y",
         "resolve:s3:/aws/service/x",
     ):
-        with pytest.raises(InputError, match="is not an image reference"):
+        with pytest.raises(InputError, match="malformed resolve: reference"):
             spec.from_keywords({"name": "x", "image_ids": hostile}, "alice", helper.settings)
     # The helper checks again where it reads (a record from before, a default knob).
     settings = make_settings(moto_url, default_image_id="resolve:ssm:/htcondor-annex/tokens/x")
