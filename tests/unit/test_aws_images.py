@@ -21,6 +21,7 @@ from aws_fixtures import (  # noqa: F401
 
 from annex_gahp import spec, userdata
 from annex_gahp.cloud.aws.cloud import AwsCloud
+from annex_gahp.cloud.aws.images import Catalog, TypeInfo
 from annex_gahp.errors import InputError, LimitExceeded
 from annex_gahp.reconcile import Reconciler
 from annex_gahp.schedd import Demand
@@ -261,3 +262,16 @@ def test_gpu_discovery_for_a_gpu_type_only(helper: Helper, moto_url: str) -> Non
     assert gpu.last_error == "" and plain.last_error == ""
     assert "use feature : GPUs" in _boot_config(moto_url, gpu)
     assert "use feature : GPUs" not in _boot_config(moto_url, plain)
+
+
+def test_a_type_or_image_ec2_does_not_know_is_left_unchecked(moto_url: str) -> None:  # noqa: F811
+    ec2 = raw_client("ec2", moto_url)
+    calls = count_calls(ec2, "DescribeInstanceTypes")
+    catalog = Catalog(lambda region: ec2)
+    found = catalog.types(REGION, ["m5.large", "nope.large"])
+    assert found == {"m5.large": TypeInfo(("x86_64",), 0), "nope.large": None}
+    assert catalog.architectures(REGION, ["ami-0badc0de"]) == {"ami-0badc0de": None}
+    # The batch, then one call each; asked again, nothing.
+    assert len(calls) == 3
+    catalog.types(REGION, ["nope.large", "m5.large"])
+    assert len(calls) == 3
