@@ -6,6 +6,7 @@ parameters, DescribeInstanceTypes (ProcessorInfo, GpuInfo) and DescribeImages (A
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from aws_fixtures import (  # noqa: F401
 )
 
 from annex_gahp import spec, userdata
+from annex_gahp.cloud.aws import setup
 from annex_gahp.cloud.aws.cloud import AwsCloud
 from annex_gahp.cloud.aws.images import Catalog, TypeInfo
 from annex_gahp.errors import InputError, LimitExceeded
@@ -275,3 +277,20 @@ def test_a_type_or_image_ec2_does_not_know_is_left_unchecked(moto_url: str) -> N
     assert len(calls) == 3
     catalog.types(REGION, ["nope.large", "m5.large"])
     assert len(calls) == 3
+
+
+def test_setup_keeps_a_reference_as_the_base_templates_image(moto_url: str) -> None:  # noqa: F811
+    """EC2 keeps `resolve:ssm:` in a launch template and resolves it at launch; the helper's
+    launches name the resolved id in their overrides, so the setup stores the reference as
+    given and check-setup finds nothing wrong."""
+    settings = make_settings(moto_url, default_image_id=f"resolve:ssm:{AL2023}")
+    clients = setup.admin_clients(settings)
+    knobs = setup.deploy(settings, clients=clients)
+    configured = dataclasses.replace(
+        settings,
+        launch_template=knobs["ANNEX_LAUNCH_TEMPLATE"],
+        instance_profile=knobs["ANNEX_INSTANCE_PROFILE"],
+        security_group=knobs["ANNEX_SECURITY_GROUP"],
+        token_parameter_prefix=knobs["ANNEX_TOKEN_PARAMETER_PREFIX"],
+    )
+    assert setup.check(configured, clients=clients) == []
