@@ -294,3 +294,18 @@ def test_setup_keeps_a_reference_as_the_base_templates_image(moto_url: str) -> N
         token_parameter_prefix=knobs["ANNEX_TOKEN_PARAMETER_PREFIX"],
     )
     assert setup.check(configured, clients=clients) == []
+
+
+def test_the_stack_strategy_pairs_its_groups_too(helper: Helper, moto_url: str) -> None:  # noqa: F811
+    x86, arm = _image(moto_url, "x86_64"), _image(moto_url, "arm64")
+    annex = helper.annex(
+        "mixst",
+        instances=2,
+        strategy="stack",
+        image_ids=f"{x86},{arm}",
+        instance_types="m6g.large,m5.large",
+    )
+    assert annex.last_error == ""
+    assert annex.cloud_resources["images"] == f"{arm},{x86}"
+    launched = set(_launched(moto_url).values())
+    assert launched and launched <= {("m6g.large", arm), ("m5.large", x86)}, launched
