@@ -47,6 +47,9 @@ class Settings:
     token_key_dir: str = "/etc/condor/annex-token-key"  # noqa: S105 - condor's copy, a dir
     token_domain: str = "annex.invalid"  # noqa: S105 - the domain of annex identities
     provision_instance_profile: str = ""  # "": provision-mode instances get no profile
+    # Where `resolve:ssm:` image references may point: AWS's public parameters only, so no
+    # user makes the helper read the pool's own (its tokens live in Parameter Store too).
+    image_parameter_prefixes: tuple[str, ...] = ("/aws/service/",)
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -115,6 +118,7 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         token_key_dir=get("ANNEX_TOKEN_KEY_DIR", "/etc/condor/annex-token-key"),
         token_domain=get("ANNEX_TOKEN_DOMAIN", f"annex.{get('UID_DOMAIN', host)}"),
         provision_instance_profile=get("ANNEX_PROVISION_INSTANCE_PROFILE"),
+        image_parameter_prefixes=_list(get("ANNEX_IMAGE_PARAMETER_PREFIXES", "/aws/service/")),
         allowed_instance_types=_list(get("ANNEX_ALLOWED_INSTANCE_TYPES")),
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),

@@ -36,6 +36,10 @@ FALSE_WORDS = ("false", "no", "0")
 NAME_RULE = "a letter, then letters, digits or '-', at most 63 characters"
 DURATION_RULE = durations.DURATION_RULE
 EXPIRY_RULE = durations.EXPIRY_RULE
+IMAGE_REFERENCE_RULE = (
+    "has a malformed resolve: reference: use resolve:ssm:/aws/service/<name> (letters, digits"
+    " and _ . - / in the name)"
+)
 
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
@@ -374,6 +378,16 @@ RULES: tuple[Rule, ...] = (
         "Spot prices: positive decimals (no spot price: on-demand).",
     ),
     Rule(
+        "AnnexImageRefs",
+        "AnnexImageIds is undefined || !(regexp(\"(^|,)resolve:(?!ssm:/[A-Za-z0-9_./-]{1,1010}"
+        "(,|$))\", AnnexImageIds) || regexp(\"(^|,)resolve:ssm:[^,]*([.][.]|//)\", "
+        "AnnexImageIds))",
+        _shown_reason("image_ids", IMAGE_REFERENCE_RULE),
+        "An image named by an SSM parameter, as EC2 takes it: resolve:ssm:/<name>. Which"
+        " parameters may be read (ANNEX_IMAGE_PARAMETER_PREFIXES, default /aws/service/) the"
+        " helper checks.",
+    ),
+    Rule(
         "AnnexAllowedTypes",
         "AnnexInstanceTypes is undefined || $(ANNEX_SUBMIT_ALLOWED_TYPES) == \"\" || "
         "stringListSubsetMatch(AnnexInstanceTypes, $(ANNEX_SUBMIT_ALLOWED_TYPES), \",\")",
@@ -683,6 +697,7 @@ def from_keywords(
             f"annex_spot_prices = '{','.join(prices)}' is not allowed:"
             " give positive decimal prices such as 0.05"
         )
+    check_image_ids(images, tuple(getattr(settings, "image_parameter_prefixes", _AWS_PUBLIC)))
     region = str(values.get("region", ""))
     if region:
         check_region(region, settings.allowed_regions)
@@ -925,3 +940,38 @@ def check_region(region: str, allowed: tuple[str, ...] = (), knob: str = "annex_
             " (ANNEX_ALLOWED_REGIONS)"
         )
     return region
+
+
+# An image may be named as EC2 itself accepts: `resolve:ssm:<parameter name>`, the parameter
+# holding an ami id (AWS publishes the stock images' ids under /aws/service/).
+SSM_REFERENCE = "resolve:ssm:"
+_AWS_PUBLIC = ("/aws/service/",)
+# SSM's name characters; `..` and `//` refused so a prefix check cannot be talked around.
+_SSM_NAME_RE = re.compile(r"^/[A-Za-z0-9_./-]{1,1010}$")
+
+
+def check_image_reference(
+    image: str, prefixes: tuple[str, ...], knob: str = "annex_image_ids", shown: str = ""
+) -> str:
+    """The parameter name of an image reference, refused unless it is well formed and under
+    one of the admin's ANNEX_IMAGE_PARAMETER_PREFIXES (default /aws/service/). `shown`: what
+    the refusal quotes (the whole list, as the submit rule does)."""
+    shown = shown or _region_shown(image)
+    name = image[len(SSM_REFERENCE) :] if image.startswith(SSM_REFERENCE) else ""
+    if not _SSM_NAME_RE.match(name) or ".." in name or "//" in name:
+        raise InputError(f"{knob} = '{shown}' {IMAGE_REFERENCE_RULE}")
+    if not any(name.startswith(p) for p in prefixes if p):
+        raise LimitExceeded(
+            f"{knob} = '{shown}' names a parameter outside {','.join(prefixes) or 'nothing'}:"
+            " only those may be read (ANNEX_IMAGE_PARAMETER_PREFIXES)"
+        )
+    return name
+
+
+def check_image_ids(
+    images: tuple[str, ...], prefixes: tuple[str, ...], knob: str = "annex_image_ids"
+) -> None:
+    """Each entry an ami id as given, or a reference check_image_reference accepts."""
+    for image in images:
+        if image.startswith("resolve:"):
+            check_image_reference(image, prefixes, knob, ",".join(images))

@@ -48,6 +48,9 @@ class BootContext:
     token_key: str = ""
     # The access point's UID_DOMAIN: the annex starts only jobs whose User is owner@this.
     owner_domain: str = ""
+    # Some instance type of the annex has GPUs (EC2's GpuInfo): the startd discovers them, so
+    # request_gpus jobs match.
+    gpus: bool = False
 
     def validate(self) -> None:
         if not re.match(names.NAME_PATTERN, self.annex):

@@ -128,6 +128,10 @@ _REFUSED = [
     {"AnnexTags": ",".join(f"k{i}=v" for i in range(43))}, {"AnnexTags": "k" * 129 + "=v"},
     {"AnnexTags": "k=v!"}, {"AnnexVpc": "a\tb"}, {"AnnexKeypair": "k" * 256},
     {"TargetAnnexName": "-x"}, {"TargetAnnexName": "a_b"},
+    {"AnnexImageIds": "resolve:ssm:aws/service/x"}, {"AnnexImageIds": "resolve:x"},
+    {"AnnexImageIds": "resolve:ssm:/aws/service/a/../b"},
+    {"AnnexImageIds": "resolve:ssm:/aws/service//b"},
+    {"AnnexImageIds": "resolve:ssm:/aws/service/a$b"},
 ]  # fmt: skip
 
 
@@ -160,7 +164,8 @@ def test_the_rule_table_accepts_a_good_job() -> None:
     job = {"TargetAnnexName": "a1", "AnnexInstances": 2, "AnnexMode": "pool",
            "AnnexStrategy": "stack", "AnnexStackName": "st", "AnnexLease": 3600,
            "AnnexInstanceTypes": "m5.large,c5.large", "AnnexSpotPrices": "0.1,0.2",
-           "AnnexRegion": "us-east-1", "AnnexTags": "team=hep,cost center=42"}  # fmt: skip
+           "AnnexRegion": "us-east-1", "AnnexTags": "team=hep,cost center=42",
+           "AnnexImageIds": "resolve:ssm:/aws/service/debian/13/latest/amd64"}  # fmt: skip
     ad = classad2.ClassAd(job)
     for rule in spec.RULES:
         assert classad2.ExprTree(_expand(f"{rule.guard} || {rule.accept}")).eval(ad) is True, rule

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from annex_gahp import names, pilotdata, spec, tokens, userdata
-from annex_gahp.cloud.aws import fleet, session, stack
+from annex_gahp.cloud.aws import fleet, images, session, stack
 from annex_gahp.errors import InputError
 from annex_gahp.settings import Settings
 from annex_gahp.store import Annex
@@ -52,6 +52,7 @@ class AwsContext:
             lambda service, region: session.client(service, settings, region)
         )
         self.clients: dict[tuple[str, str], Any] = {}
+        self.catalog = images.Catalog(lambda region: self.client("ec2", region))
 
     def _mint_with_project_key(self, identity: str, lifetime: int) -> str:
         return tokens.mint(identity, lifetime, self.settings.token_key, self.settings.token_key_dir)
@@ -97,6 +98,37 @@ class AwsContext:
             len(ids),
         )
 
+    def instance_types(self, annex: Annex) -> tuple[str, ...]:
+        return tuple(spec_from_record(annex).instance_types) or tuple(
+            self.settings.default_instance_types
+        )
+
+    def launch_images(self, annex: Annex) -> tuple[str, ...]:
+        """The annex's images, one per instance type, as ami ids: what `prepare` resolved and
+        recorded (`Resources["images"]`) if it did, so every launch of the annex uses the image
+        its first one did; else resolved now (`resolve:ssm:` references) and paired with the
+        types by architecture. Refused (InputError) when a type fits none of them."""
+        recorded = annex.cloud_resources.get("images", "")
+        if recorded:
+            return tuple(recorded.split(","))
+        given = tuple(spec_from_record(annex).image_ids)
+        knob = "annex_image_ids" if given else "ANNEX_DEFAULT_IMAGE_ID"
+        raw = given or ((self.settings.default_image_id,) if self.settings.default_image_id else ())
+        if not raw:
+            return ()  # the base launch template's image
+        region = annex.region
+        ssm = self.client("ssm", region)
+        prefixes = self.settings.image_parameter_prefixes
+        resolved = tuple(images.resolve(ssm, i, region, prefixes, knob) for i in raw)
+        types = self.instance_types(annex)
+        return images.pair(
+            types,
+            resolved,
+            self.catalog.types(region, types),
+            self.catalog.architectures(region, resolved),
+            knob,
+        )
+
     def user_data(self, annex: Annex, boot: dict[str, str]) -> bytes:
         """The boot script; `boot` says where the token is (TokenStore.boot_fields)."""
         wanted = spec_from_record(annex)
@@ -116,6 +148,9 @@ class AwsContext:
                 aws_endpoint_url=self.settings.endpoint_url,
                 expires=annex.lease_expiration,
                 owner_domain=self.settings.uid_domain,
+                # One boot script for every type of the annex; discovery finds nothing on a
+                # type without GPUs, so any GPU type turns it on.
+                gpus=self.catalog.has_gpus(annex.region, self.instance_types(annex)),
             )
         )
 
@@ -136,12 +171,24 @@ class AwsContext:
             raise InputError(str(exc)) from None
 
     def plan(
-        self, annex: Annex, count: int, request: str, user_data: bytes | str
+        self,
+        annex: Annex,
+        count: int,
+        request: str,
+        user_data: bytes | str,
+        image_ids: tuple[str, ...] | None = None,
     ) -> fleet.LaunchPlan:
+        """`image_ids`: what launch_images gave; None: what `prepare` recorded, else the
+        spec's (or the default) as written."""
         wanted = spec_from_record(annex)
-        image_ids = tuple(wanted.image_ids) or (
-            (self.settings.default_image_id,) if self.settings.default_image_id else ()
-        )
+        recorded = annex.cloud_resources.get("images", "")
+        if image_ids is None:
+            image_ids = (
+                tuple(recorded.split(","))
+                if recorded
+                else tuple(wanted.image_ids)
+                or ((self.settings.default_image_id,) if self.settings.default_image_id else ())
+            )
         return fleet.LaunchPlan(
             annex=annex.name,
             owner=annex.owner,
@@ -149,7 +196,7 @@ class AwsContext:
             pool_id=self.settings.pool_id,
             expires=annex.lease_expiration,
             count=count,
-            instance_types=tuple(wanted.instance_types) or self.settings.default_instance_types,
+            instance_types=self.instance_types(annex),
             image_ids=image_ids,
             subnets=tuple(wanted.subnets),
             vpc=wanted.vpc,

@@ -24,13 +24,15 @@ class FleetBackend:
         """Token and the annex's launch template; idempotent, so redone after a crash."""
         # Provision mode: nothing of this pool goes to the instances, so no token either.
         provision = spec_from_record(annex).mode == "provision"
+        # Resolved and checked before anything else is made: a refusal leaves nothing behind.
+        images = self.ctx.launch_images(annex)
         location = "" if provision else self.tokens.store_token(annex)
         boot = self.tokens.store.boot_fields(location) if location else {}
-        plan = self.ctx.plan(annex, 0, "", self.ctx.user_data(annex, boot))
+        plan = self.ctx.plan(annex, 0, "", self.ctx.user_data(annex, boot), images)
         template = fleet.ensure_annex_template(
             self.ctx.client("ec2", annex.region), plan, self.ctx.settings.launch_template
         )
-        return {"launch_template": template, "token": location}
+        return {"launch_template": template, "token": location, "images": ",".join(images)}
 
     def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
         # The annex's own template (made by prepare) carries the user data; naming it saves the

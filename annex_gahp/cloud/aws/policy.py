@@ -153,6 +153,14 @@ def runtime_policy_document(
             "Resource": scoped(token_parameters),
         },
         {
+            # `resolve:ssm:` image references (ANNEX_IMAGE_PARAMETER_PREFIXES): AWS's public
+            # parameters only, which live in no account.
+            "Sid": "PublicImageParameters",
+            "Effect": "Allow",
+            "Action": "ssm:GetParameter",
+            "Resource": scoped("arn:aws:ssm:*:*:parameter/aws/service/*"),
+        },
+        {
             # The account and partition of the instance ARNs the instance tokens are tagged with
             # (AWS needs no permission for it; the emulator's action-level check does).
             "Sid": "WhoAmI",

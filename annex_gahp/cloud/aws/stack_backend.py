@@ -92,17 +92,19 @@ class StackBackend:
         launch's recorded intent. Idempotent, so redone after a crash."""
         name = self._stack_name(annex)
         made = annex.cloud_resources
+        # Resolved (or read back) and checked first: a refusal leaves nothing behind.
+        images = ",".join(self.ctx.launch_images(annex))
         if (made.get("stack") or made.get("template_id")) == name and recorded_token(
             annex
         ) == self.buckets.location(annex):
             # Stored when the stack was first asked for, and again by every lease extension:
             # a grow, or a cycle waiting for a group's instances, does not mint and upload it
             # again.
-            return {"stack": name, "token": recorded_token(annex)}
+            return {"stack": name, "token": recorded_token(annex), "images": images}
         # Provision mode: nothing of this pool goes to the instances, so no token either.
         provision = spec_from_record(annex).mode == "provision"
         location = "" if provision else self.tokens.store_token(annex)
-        return {"stack": name, "token": location}
+        return {"stack": name, "token": location, "images": images}
 
     def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
         """Create the annex's stack, or set its groups' capacity: the stack is asked for the
