@@ -17,13 +17,13 @@ from typing import Any, Protocol
 
 from annex_gahp import faults, lifecycle, names, pilotdata, spec
 from annex_gahp.errors import AnnexError
+from annex_gahp.lifecycle import Event, InstanceEvent, RetireReason
 from annex_gahp.schedd import Demand
-from annex_gahp.service import AnnexService, spec_from_record
+from annex_gahp.service import AnnexService
 from annex_gahp.store import Annex, Op, Store
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("pending", "running")
 # How an annex's LastError starts while its region cannot be observed.
 _UNSEEN = "could not look at region"
 # An instance we launched may not show in describe at once (eventual consistency).
@@ -185,18 +185,19 @@ class Reconciler:
         """A lost state file must not mean lost instances: rebuild annexes from their tags."""
         groups: dict[tuple[str, str], list[Observed]] = defaultdict(list)
         for o in observed:
-            if o.state in LIVE_STATES and all(o.key):
+            if o.state in lifecycle.INSTANCE_LIVE and all(o.key):
                 groups[o.key].append(o)
         now = int(self.clock())
         for (owner, name), members in groups.items():
             if self.store.live(owner, name):
                 continue
             expires = max(o.expires for o in members) or now + self.settings.default_lease
-            annex = self.store.insert_annex(
+            annex = lifecycle.create(
+                self.store,
+                Event.ADOPT,
                 owner=owner,
                 name=name,
-                state=names.RUNNING,
-                spec={"name": name, "owner": owner, "instances": len(members)},
+                spec=spec.AnnexSpec(name=name, owner=owner, instances=len(members)),
                 region=members[0].region,
                 requested=len(members),
                 lease_expiration=expires,
@@ -323,21 +324,21 @@ class Reconciler:
         from an older version) has nothing in the cloud, so it retires without a call."""
         now = int(self.clock())
         if annex.state in lifecycle.ACTIVE and now >= annex.lease_expiration:
-            annex = self.service.retire(annex, "lease", now=now)
+            annex = self._retire_for(annex, RetireReason.LEASE, now)
         changes: dict[str, Any] = {}
         try:
             spec.check_region(annex.region)
         except AnnexError:
             if annex.state == names.RETIRING:
                 pilotdata.remove(self.settings.state_dir, annex.id)
-                annex = self.store.update_annex(
-                    annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
-                )
+                annex = lifecycle.record(self.store, annex, Event.GONE, retired_at=now)
                 self._forget(annex)
                 log.info("annex %s retired (%s)", annex.key, annex.retire_reason)
                 return annex
             if annex.state in (names.REQUESTED, names.PROVISIONING):
-                changes["state"] = lifecycle.next_state(annex.state, "launch_failed")
+                if annex.last_error != why:
+                    changes["last_error"] = why
+                return lifecycle.record(self.store, annex, Event.LAUNCH_FAILED, **changes)
         if annex.last_error != why:
             changes["last_error"] = why
         return self.store.update_annex(annex.id, **changes) if changes else annex
@@ -353,7 +354,7 @@ class Reconciler:
         if annex.last_error.startswith(_UNSEEN):  # its region answers again
             annex = self.store.update_annex(annex.id, last_error="")
         self._record(annex.id, seen, now)
-        live = [o for o in seen if o.state in LIVE_STATES]
+        live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
         if annex.state in lifecycle.ACTIVE:
             annex = self._policy(annex, live, demand, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:
@@ -373,7 +374,7 @@ class Reconciler:
         demand: dict[tuple[str, str], Demand] | None,
         now: int,
     ) -> Annex:
-        provision = spec_from_record(annex.spec).mode == "provision"
+        provision = annex.spec.mode == "provision"
         # Pool mode: the jobs are held two cycles before the end, while their startds still
         # answer. A shadow whose startd is already gone waits out its JobLeaseDuration (40 min
         # by default) before it lets a held job go, so a condor_release would not run the job
@@ -385,11 +386,13 @@ class Reconciler:
             annex = self.store.get(annex.id) or annex
             if now >= annex.lease_expiration - ahead:
                 try:
-                    self.demand.hold(annex.owner, annex.name, ended_message(annex, "lease"))
+                    self.demand.hold(
+                        annex.owner, annex.name, ended_message(annex, RetireReason.LEASE.value)
+                    )
                 except Exception as err:  # the schedd's failure must not keep the lease alive
                     log.warning("could not hold the jobs of %s: %s", annex.key, _one_line(err))
         if now >= annex.lease_expiration:
-            return self.service.retire(annex, "lease", now=now)
+            return self._retire_for(annex, RetireReason.LEASE, now)
         if demand is None:
             return annex
         wanted = demand.get((annex.owner, annex.name), Demand())
@@ -405,10 +408,21 @@ class Reconciler:
             changes["idle_since"] = now
         if changes:
             annex = self.store.update_annex(annex.id, **changes)
-        timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
+        timeout = annex.spec.idle_timeout or self.settings.idle_timeout
         if annex.idle_since is not None and now - annex.idle_since >= timeout:
-            return self.service.retire(annex, "idle", now=now)
+            return self._retire_for(annex, RetireReason.IDLE, now)
         return annex
+
+    def _retire_for(self, annex: Annex, reason: RetireReason, now: int) -> Annex:
+        annex, retired = lifecycle.retire(self.store, annex, reason, now=now)
+        if retired:
+            self.service.wake()
+        return annex
+
+    def _record_terminating(self, annex: Annex, ids: list[str], now: int) -> None:
+        """Recorded at once: still within the launch grace, they would count as live."""
+        state = lifecycle.instance_next(lifecycle.I_RUNNING, InstanceEvent.TERMINATE)
+        self.store.record_instances(annex.id, "", [(i, state, "") for i in ids], now)
 
     def _terminate(self, region: str, ids: list[str]) -> None:
         """Terminate, then drop the instances' startd ads from the collector: a startd that
@@ -475,7 +489,7 @@ class Reconciler:
             for instance in unclaimed:
                 self._busy_at[instance] = now
             return annex, live
-        timeout = spec_from_record(annex.spec).idle_timeout or self.settings.idle_timeout
+        timeout = annex.spec.idle_timeout or self.settings.idle_timeout
         running = {o.id for o in live if o.state == "running"}
         ids = sorted(i for i, since in unclaimed.items() if i in running and now - since >= timeout)
         if not ids:
@@ -483,7 +497,7 @@ class Reconciler:
         have = len(live) + len(self._recent(annex, live, now))
         self._terminate(annex.region, ids)
         # Recorded at once, so the launch-grace count in _converge does not see them as live.
-        self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
+        self._record_terminating(annex, ids, now)
         changes: dict[str, Any] = {}
         if annex.demand_idle:
             changes["last_error"] = (
@@ -533,7 +547,7 @@ class Reconciler:
                 last = self.store.last_retired(owner, name)
                 if last is None or last.retired_at is None:
                     continue  # never had an annex: the route's hook creates (or refuses) it
-                if spec_from_record(last.spec).mode != "pool":
+                if last.spec.mode != "pool":
                     continue  # provision mode: its job stands for the annex and ends with it
                 if last.retire_reason in ENDINGS:
                     hold_left(owner, name, ended_message(last, last.retire_reason), last.retired_at)
@@ -549,7 +563,9 @@ class Reconciler:
         return [
             i.id
             for i in self.store.instances(annex.id)
-            if i.id not in known and i.state in LIVE_STATES and now - i.launched < SEEN_GRACE
+            if i.id not in known
+            and i.state in lifecycle.INSTANCE_LIVE
+            and now - i.launched < SEEN_GRACE
         ]
 
     def _start_local_jobs(self) -> None:
@@ -576,14 +592,14 @@ class Reconciler:
         launched = len(self.store.instances(annex.id))
         if launched and launched >= annex.requested:
             log.info("annex %s: all %d instance(s) ended by themselves", annex.key, launched)
-            return self.service.retire(annex, "ended")
+            return self._retire_for(annex, RetireReason.ENDED, int(self.clock()))
         if not launched and annex.state == names.FAILED:
-            return self.service.retire(annex, "failed")
+            return self._retire_for(annex, RetireReason.FAILED, int(self.clock()))
         return None
 
     def _converge(self, annex: Annex, live: list[Observed], now: int) -> Annex:
         have = len(live) + len(self._recent(annex, live, now))
-        if spec_from_record(annex.spec).mode == "provision":
+        if annex.spec.mode == "provision":
             ended = self._provision_ended(annex, have)
             if ended is not None:
                 return ended
@@ -591,7 +607,7 @@ class Reconciler:
             # not replaced, as a grid-universe ec2 job's VM is not.
             have = max(have, len(self.store.instances(annex.id)))
         running = sum(1 for o in live if o.state == "running")
-        if have < annex.requested and self._may_launch(annex, now):
+        if have < annex.requested and lifecycle.may_launch(annex, now):
             annex = self._launch(annex, annex.requested - have, now)
         elif have > annex.requested:
             surplus = sorted(live, key=lambda o: (o.state == "running", o.id))
@@ -599,24 +615,18 @@ class Reconciler:
             self._terminate(annex.region, ids)
             # Recorded at once: still within the launch grace, they would count as live and
             # the next cycle would shrink again (by the live instances this time).
-            self.store.record_instances(annex.id, "", [(i, "shutting-down", "") for i in ids], now)
+            self._record_terminating(annex, ids, now)
             log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
         if live and annex.state in (names.REQUESTED, names.FAILED):
             # Its instances exist but the launch's state change was never written: the helper
             # died between CreateFleet and recording it, and the restart adopted them.
-            annex = self.store.update_annex(
-                annex.id, state=lifecycle.next_state(annex.state, "launch")
-            )
+            annex = lifecycle.record(self.store, annex, Event.LAUNCH)
         if running and annex.state == names.PROVISIONING:
-            annex = self.store.update_annex(annex.id, state=lifecycle.next_state(annex.state, "up"))
+            annex = lifecycle.record(self.store, annex, Event.UP)
         stale = [o.id for o in live if o.expires != annex.lease_expiration]
         if stale:
             self.cloud.set_expiry(annex, stale)
         return annex
-
-    def _may_launch(self, annex: Annex, now: int) -> bool:
-        """Not before the back-off after failed attempts has passed (lifecycle.retry_delay)."""
-        return annex.retry_at is None or now >= annex.retry_at
 
     def _launch(self, annex: Annex, count: int, now: int) -> Annex:
         try:
@@ -662,8 +672,9 @@ class Reconciler:
             op.id,
             result={"instances": outcome.instance_ids, "errors": outcome.errors},
         )
+        pending = lifecycle.instance_next(lifecycle.I_NEW, InstanceEvent.LAUNCHED)
         self.store.record_instances(
-            annex.id, op.request, [(i, "pending", "") for i in outcome.instance_ids], now
+            annex.id, op.request, [(i, pending, "") for i in outcome.instance_ids], now
         )
         faults.checkpoint("create.finished")
         log.info(
@@ -677,34 +688,22 @@ class Reconciler:
         if not outcome.instance_ids and not outcome.accepted:
             return self._launch_failed(annex, "; ".join(outcome.errors) or "no capacity", now)
         error = "; ".join(outcome.errors)
-        return self.store.update_annex(
-            annex.id,
-            state=lifecycle.next_state(annex.state, "launch"),
-            last_error=error,
-            launch_failures=0,
-            retry_at=None,
+        return lifecycle.record(
+            self.store, annex, Event.LAUNCH, last_error=error, **lifecycle.LAUNCHED
         )
 
     def _launch_failed(self, annex: Annex, error: str, now: int) -> Annex:
         """Count the failed attempt and set when the next may be made; LastError says both,
         unless nothing will be tried again (a provision-mode annex that got no instance ends:
         _provision_ended)."""
-        failures = annex.launch_failures + 1
-        retry_at = now + lifecycle.retry_delay(failures, self.settings.reconcile_interval)
-        ends = spec_from_record(annex.spec).mode == "provision" and not self.store.instances(
-            annex.id
-        )
+        fields = lifecycle.launch_failed(annex, now, self.settings.reconcile_interval)
+        failures, retry_at = fields["launch_failures"], fields["retry_at"]
+        ends = annex.spec.mode == "provision" and not self.store.instances(annex.id)
         if not ends:
             when = time.strftime("%H:%M:%S UTC", time.gmtime(retry_at))
             error = f"{error} (attempt {failures} failed; next attempt at {when})"
         log.warning("annex %s: launch failed: %s", annex.key, error)
-        return self.store.update_annex(
-            annex.id,
-            state=lifecycle.next_state(annex.state, "launch_failed"),
-            last_error=error,
-            launch_failures=failures,
-            retry_at=retry_at,
-        )
+        return lifecycle.record(self.store, annex, Event.LAUNCH_FAILED, last_error=error, **fields)
 
     def _retire(self, annex: Annex, live: list[Observed], now: int) -> Annex:
         if live:
@@ -716,15 +715,17 @@ class Reconciler:
         pilotdata.remove(self.settings.state_dir, annex.id)
         # Its instances are gone (none is live): their records say so, for the last report.
         records = self.store.instances(annex.id)
-        ended = [(i.id, "terminated", "") for i in records if i.state in LIVE_STATES]
+        ended = [
+            (i.id, lifecycle.instance_next(i.state, InstanceEvent.GONE), "")
+            for i in records
+            if i.state in lifecycle.INSTANCE_LIVE
+        ]
         if ended:
             self.store.record_instances(annex.id, "", ended, now)
         faults.checkpoint("retire.released")
-        annex = self.store.update_annex(
-            annex.id, state=lifecycle.next_state(annex.state, "gone"), retired_at=now
-        )
+        annex = lifecycle.record(self.store, annex, Event.GONE, retired_at=now)
         self._forget(annex)
-        if spec_from_record(annex.spec).mode == "provision" and annex.demand_idle:
+        if annex.spec.mode == "provision" and annex.demand_idle:
             # A provision job that has not started yet starts on a state other than
             # requested/provisioning: tell it this one, or it would wait for good.
             self._annotate_jobs(annex, self.service.describe(annex))
@@ -744,7 +745,7 @@ class Reconciler:
         now = int(self.clock())
         orphans: dict[str, list[str]] = defaultdict(list)
         for o in observed:
-            if o.state not in LIVE_STATES:
+            if o.state not in lifecycle.INSTANCE_LIVE:
                 continue
             try:
                 if self._is_orphan(o, now):
@@ -846,12 +847,12 @@ _JOB_VISIBLE = (
 
 
 # Ends after which the jobs left behind are held rather than bringing the annex back.
-ENDINGS = ("lease", "deleted")
+ENDINGS = (RetireReason.LEASE.value, RetireReason.DELETED.value)
 
 
 def ended_message(annex: Annex, reason: str) -> str:
     """The hold reason for jobs whose annex ended: which annex, when, and what to do."""
-    if reason == "lease":
+    if reason == RetireReason.LEASE.value:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
         what = f"the lease of annex {annex.name} ends at {when}, and its instances with it"
         keep = (

@@ -42,18 +42,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Caller, dict[str, str]], dict[str, str]]
 
 
-def spec_to_record(value: spec.AnnexSpec) -> dict[str, Any]:
-    return dataclasses.asdict(value)
-
-
-def spec_from_record(record: Mapping[str, Any]) -> spec.AnnexSpec:
-    def tuples(item: Any) -> Any:
-        if isinstance(item, list):
-            return tuple(tuples(x) for x in item)
-        return item
-
-    known = {f.name for f in dataclasses.fields(spec.AnnexSpec)}
-    return spec.AnnexSpec(**{k: tuples(v) for k, v in record.items() if k in known})
+def spec_from_record(value: spec.AnnexSpec) -> spec.AnnexSpec:
+    """Annex.spec is typed now (store.py converts it); kept for cloud.py until the cloud
+    package replaces it."""
+    return value
 
 
 def classad_literal(value: Any) -> str:
@@ -254,11 +246,12 @@ class AnnexService:
                     self._require_waiting(job)  # the live annex ended between the two looks
                 region = self._checked_region(wanted.region)
                 requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
-                annex = self.store.insert_annex(
+                annex = lifecycle.create(
+                    self.store,
+                    lifecycle.Event.REQUEST,
                     owner=wanted.owner,
                     name=wanted.name,
-                    state=names.REQUESTED,
-                    spec=spec_to_record(wanted),
+                    spec=wanted,
                     region=region,
                     requested=requested,
                     lease_expiration=wanted.expires_at(now, self.settings),
@@ -288,7 +281,7 @@ class AnnexService:
                 f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
                 "it is gone, or use another annex_name"
             )
-        merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+        merged = spec.merge(live.spec, wanted, self.settings)
         if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
             pilotdata.save(self.settings.state_dir, live.id, user_data)
             self.wake()
@@ -296,8 +289,8 @@ class AnnexService:
         requested = max(requested, live.requested)
         lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
         changes: dict[str, Any] = {}
-        if merged != spec_from_record(live.spec):
-            changes["spec"] = spec_to_record(merged)
+        if merged != live.spec:
+            changes["spec"] = merged
         if requested != live.requested:
             changes["requested"] = requested
         if lease != live.lease_expiration:
@@ -361,10 +354,10 @@ class AnnexService:
         last = self.store.last_retired(wanted.owner, wanted.name)
         if not last or not last.retired_at or qdate > last.retired_at:
             return
-        if last.retire_reason == "lease":
+        if last.retire_reason == lifecycle.RetireReason.LEASE.value:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.lease_expiration))
             ended = f"reached the end of its lease at {when}"
-        elif last.retire_reason == "deleted":
+        elif last.retire_reason == lifecycle.RetireReason.DELETED.value:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.retired_at))
             ended = f"was deleted at {when}"
         else:
@@ -491,32 +484,19 @@ class AnnexService:
     def delete(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
         if annex.state != names.RETIRED:  # (by id= a retired one is found too: nothing to do)
-            annex = self.retire(annex, "deleted")
+            annex = self.retire(annex, lifecycle.RetireReason.DELETED)
         return {"name": annex.name, "state": annex.state}
 
-    def retire(self, annex: Annex, reason: str, *, now: int | None = None) -> Annex:
-        """Retire the annex. `annex` is the view the decision was made on: a policy decision
-        (lease, idle) is checked again against the record inside the write, and does not hold
-        if the record changed since (lifecycle.retire_still_due: an acknowledged extend wins)."""
+    def retire(
+        self, annex: Annex, reason: lifecycle.RetireReason | str, *, now: int | None = None
+    ) -> Annex:
+        """Retire the annex (lifecycle.retire) and wake the loop to end its instances."""
         now = int(self._clock()) if now is None else now
-        with self.store.transaction():
-            current = self.store.get(annex.id) or annex
-            if current.state == names.RETIRED:
-                return current
-            if not lifecycle.retire_still_due(reason, annex, current, now):
-                log.info(
-                    "annex %s: %s retirement dropped, the record changed since it was decided",
-                    annex.key,
-                    reason,
-                )
-                return current
-            state = lifecycle.next_state(current.state, "retire")
-            if current.state == state and current.retire_reason:
-                return current
-            annex = self.store.update_annex(annex.id, state=state, retire_reason=reason)
-        log.info("annex %s retiring: %s", annex.key, reason)
-        faults.checkpoint("retire.recorded")
-        self.wake()
+        annex, retired = lifecycle.retire(
+            self.store, annex, lifecycle.RetireReason(reason), now=now
+        )
+        if retired:
+            self.wake()
         return annex
 
     def status(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
@@ -538,9 +518,9 @@ class AnnexService:
 
     def describe(self, annex: Annex) -> dict[str, Any]:
         """The annex as the collector ad, the CLI and the job ads see it."""
-        live = [i for i in self.store.instances(annex.id) if i.state in ("pending", "running")]
+        live = [i for i in self.store.instances(annex.id) if i.state in lifecycle.INSTANCE_LIVE]
         running = sum(1 for i in live if i.state == "running")
-        current = spec_from_record(annex.spec)
+        current = annex.spec
         return {
             "AnnexName": annex.name,
             "Owner": annex.owner,
