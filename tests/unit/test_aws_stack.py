@@ -341,7 +341,18 @@ class Demand_:
     def hold(self, owner: str, annex: str, reason: str) -> None:
         pass
 
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+    def annotate(
+        self, owner: str, annex: str, attrs: dict[str, str], running: bool = False
+    ) -> None:
+        pass
+
+    def reschedule(self) -> None:
+        pass
+
+    def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
+        pass
+
+    def reroute(self, owner: str, annex: str, ended: int) -> None:
         pass
 
 
@@ -361,7 +372,9 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-for-{identity}")
     demand = Demand_()
-    loop = Reconciler(store, service, cloud, demand, Publisher(), clock=clock)
+    loop = Reconciler(
+        store, settings, cloud, demand, Publisher(), clock=clock, resolve_region=lambda r, s: REGION
+    )
     cfn = cloud._client("cloudformation", REGION)
     calls: list[str] = []
     for op in ("CreateStack", "DeleteStack", "UpdateStack"):
@@ -536,7 +549,14 @@ def test_an_annex_rebuilt_from_tags_still_gets_its_stack_deleted(moto_url: str, 
         store = Store(path)
         service = AnnexService(store, settings, clock=Clock(), resolve_region=lambda r, s: REGION)
         cloud = AwsCloud(settings, mint=lambda identity, lifetime: "tok")
-        return store, service, cloud, Reconciler(store, service, cloud, Demand_(), Publisher())
+        return (
+            store,
+            service,
+            cloud,
+            Reconciler(
+                store, settings, cloud, Demand_(), Publisher(), resolve_region=lambda r, s: REGION
+            ),
+        )
 
     store, service, _, loop = world(str(tmp_path / "first.sqlite"))
     wanted = spec.from_keywords(

@@ -59,7 +59,18 @@ class Schedd:
     def hold(self, owner: str, annex: str, reason: str) -> None:
         self.held.append((owner, annex))
 
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+    def annotate(
+        self, owner: str, annex: str, attrs: dict[str, str], running: bool = False
+    ) -> None:
+        pass
+
+    def reschedule(self) -> None:
+        pass
+
+    def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
+        pass
+
+    def reroute(self, owner: str, annex: str, ended: int) -> None:
         pass
 
 
@@ -94,7 +105,13 @@ class World:
         self.cloud = AwsCloud(self.settings, mint=lambda identity, lifetime: "token")
         self.schedd = Schedd()
         self.loop = Reconciler(
-            self.store, self.service, self.cloud, self.schedd, Publisher(), clock=self.clock
+            self.store,
+            self.settings,
+            self.cloud,
+            self.schedd,
+            Publisher(),
+            clock=self.clock,
+            resolve_region=lambda r, s: r or REGION,
         )
 
     def want(self, owner: str, name: str, instances: int = 1, **keywords: Any):

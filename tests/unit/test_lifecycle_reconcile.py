@@ -46,7 +46,12 @@ class Schedd:
     def hold(self, owner: str, annex: str, reason: str) -> None:
         self.held.append((owner, annex, reason))
 
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+    def annotate(
+        self, owner: str, annex: str, attrs: dict[str, str], running: bool = False
+    ) -> None:
+        pass
+
+    def reschedule(self) -> None:
         pass
 
     def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
@@ -114,7 +119,16 @@ def world(moto_url, tmp_path):  # noqa: F811
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: "token")
     schedd, collector = Schedd(), Collector()
-    loop = Reconciler(store, service, cloud, schedd, Publisher(), clock=clock, slots=collector)
+    loop = Reconciler(
+        store,
+        settings,
+        cloud,
+        schedd,
+        Publisher(),
+        clock=clock,
+        slots=collector,
+        resolve_region=lambda r, s: REGION,
+    )
     return type(
         "World",
         (),

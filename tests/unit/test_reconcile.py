@@ -42,8 +42,19 @@ class RecordingDemand:
     def hold(self, owner: str, annex: str, reason: str) -> None:
         self.held.append((owner, annex, reason))
 
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
+    def annotate(
+        self, owner: str, annex: str, attrs: dict[str, str], running: bool = False
+    ) -> None:
         self.annotated[(owner, annex)] = dict(attrs)
+
+    def reschedule(self) -> None:
+        pass
+
+    def hold_left_behind(self, owner: str, annex: str, reason: str, ended: int) -> None:
+        pass
+
+    def reroute(self, owner: str, annex: str, ended: int) -> None:
+        pass
 
 
 class RecordingPublisher:
@@ -93,7 +104,9 @@ def build(moto_url: str, tmp_path, store: Store | None = None, clock: Clock | No
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-for-{identity}")
     demand, publisher = RecordingDemand(), RecordingPublisher()
-    loop = Reconciler(store, service, cloud, demand, publisher, clock=clock)
+    loop = Reconciler(
+        store, settings, cloud, demand, publisher, clock=clock, resolve_region=lambda r, s: REGION
+    )
     calls: list[str] = []
     cloud._client("ec2", REGION).meta.events.register(
         "before-call.ec2.CreateFleet", lambda **kw: calls.append("CreateFleet")
