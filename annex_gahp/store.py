@@ -410,14 +410,10 @@ class Store:
                 ),
             )
 
-    def open_ops(self, annex_id: int | None = None) -> list[Op]:
-        query = "SELECT * FROM ops WHERE finished IS NULL"
-        params: tuple[Any, ...] = ()
-        if annex_id is not None:
-            query += " AND annex_id=?"
-            params = (annex_id,)
+    def open_ops(self) -> list[Op]:
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY id", params).fetchall()
+            query = "SELECT * FROM ops WHERE finished IS NULL ORDER BY id"
+            rows = self._db.execute(query).fetchall()
         return [_op(row) for row in rows]
 
     def ops(self, annex_id: int) -> list[Op]:
