@@ -63,7 +63,7 @@ def describe(store: Store, annex: Annex) -> dict[str, Any]:
         # Failed launch attempts in a row, and when the next one is due (epoch seconds;
         # absent from the ad when none is waiting): lifecycle.retry_delay.
         "LaunchFailures": annex.launch_failures,
-        "NextLaunchAttempt": annex.retry_at if annex.launch_failures else None,
+        "NextLaunchAttempt": annex.retry_at if lifecycle.backing_off(annex) else None,
     }
 
 
