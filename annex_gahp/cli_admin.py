@@ -19,7 +19,7 @@ from annex_gahp import settings as settings_module
 from annex_gahp.errors import AnnexError, SetupError
 from annex_gahp.settings import Settings
 
-# Same as annex_gahp.aws.setup.DEFAULT_CONFIG_PATH; repeated so that registering the verbs
+# Same as annex_gahp.cloud.aws.setup.DEFAULT_CONFIG_PATH; repeated so that registering the verbs
 # does not import boto3 for every other `htcondor-annex` verb.
 DEFAULT_CONFIG_PATH = "/etc/condor/config.d/15-annex-setup.conf"
 
@@ -66,7 +66,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         if args.token_key and not args.write_config:
             return 0
 
-    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+    from annex_gahp.cloud.aws import setup  # noqa: PLC0415 - boto3 only when needed
 
     try:
         knobs = setup.deploy(_settings(args), args.stack_name, vpc_id=args.vpc_id or "")
@@ -89,7 +89,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+    from annex_gahp.cloud.aws import setup  # noqa: PLC0415 - boto3 only when needed
 
     try:
         problems = setup.check(_settings(args), args.stack_name)
@@ -103,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from annex_gahp.aws import setup  # noqa: PLC0415 - boto3 only when needed
+    from annex_gahp.cloud.aws import setup  # noqa: PLC0415 - boto3 only when needed
 
     try:
         removed = setup.teardown(_settings(args), args.stack_name, force=args.force)

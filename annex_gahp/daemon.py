@@ -272,7 +272,7 @@ class Helper:
     """The long-running parts, wired together."""
 
     def __init__(self, cfg: settings_mod.Settings) -> None:
-        from annex_gahp.cloud import AwsCloud  # noqa: PLC0415
+        from annex_gahp.cloud.aws.cloud import AwsCloud  # noqa: PLC0415
         from annex_gahp.collector import AnnexSlots, Publisher  # noqa: PLC0415
         from annex_gahp.reconcile import Reconciler  # noqa: PLC0415
         from annex_gahp.schedd import ScheddDemand  # noqa: PLC0415

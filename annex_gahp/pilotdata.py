@@ -3,8 +3,8 @@
 The translate hook (running as the job's owner) reads the file named by annex_user_data_file
 with `read_file()` and sends it base64-encoded (`encode()`); the helper checks it again
 (`decode()`), keeps it in a file of its own under ANNEX_STATE_DIR (`save()`/`load()`, mode
-0600, never logged), and cloud.py puts it into the annex's launch template, rendered with
-jinja2 first when the job asked for that (`render()`: never in the helper itself, but in
+0600, never logged), and cloud/aws/context.py puts it into the annex's launch template, rendered
+with jinja2 first when the job asked for that (`render()`: never in the helper itself, but in
 pilotrender.py's confined child, jinja2's sandbox; `check()` does the same when the job is
 handed over, so a bad template is refused before anything is recorded).
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from annex_gahp import lifecycle, names, spec
 from annex_gahp import settings as settings_mod
+from annex_gahp.cloud import Cloud, Observed
 from annex_gahp.controllers import (
     Context,
     DemandSource,
@@ -40,55 +40,6 @@ log = logging.getLogger(__name__)
 
 # How an annex's LastError starts while its region cannot be observed.
 _UNSEEN = "could not look at region"
-
-
-@dataclass(frozen=True)
-class Observed:
-    """One instance as the cloud reports it, reduced to what decisions need."""
-
-    id: str
-    state: str
-    instance_type: str
-    region: str
-    tags: dict[str, str]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.tags.get(names.TAG_OWNER, ""), self.tags.get(names.TAG_NAME, ""))
-
-    @property
-    def request(self) -> str:
-        return self.tags.get(names.TAG_REQUEST, "")
-
-    @property
-    def expires(self) -> int:
-        try:
-            return int(self.tags.get(names.TAG_EXPIRES, "0"))
-        except ValueError:
-            return 0
-
-
-@dataclass(frozen=True)
-class LaunchOutcome:
-    instance_ids: list[str]
-    errors: list[str] = field(default_factory=list)
-    # The cloud took the request even if no instance id is known yet (an Auto Scaling group
-    # launches in its own time): not a failure when `instance_ids` is empty.
-    accepted: bool = False
-
-
-class Cloud(Protocol):
-    def observe(self, regions: Iterable[str]) -> list[Observed]: ...
-
-    def prepare(self, annex: Annex) -> dict[str, str]: ...
-
-    def launch(self, annex: Annex, count: int, request: str) -> LaunchOutcome: ...
-
-    def terminate(self, region: str, ids: list[str]) -> None: ...
-
-    def set_expiry(self, annex: Annex, ids: list[str]) -> None: ...
-
-    def release(self, annex: Annex) -> None: ...
 
 
 class Reconciler:
@@ -130,6 +81,10 @@ class Reconciler:
     @property
     def cloud(self) -> Cloud:
         return self.ctx.cloud
+
+    @cloud.setter
+    def cloud(self, value: Cloud) -> None:
+        self.ctx.cloud = value
 
     # --- start-up ------------------------------------------------------------------------
 

@@ -45,12 +45,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Caller, dict[str, str]], dict[str, str]]
 
 
-def spec_from_record(value: spec.AnnexSpec) -> spec.AnnexSpec:
-    """Annex.spec is typed now (store.py converts it); kept for cloud.py until the cloud
-    package replaces it."""
-    return value
-
-
 # The ClassAd quoting of hook answers (annex_status.classad_literal), for the handlers.
 classad_literal = annex_status.classad_literal
 

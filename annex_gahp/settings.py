@@ -125,6 +125,6 @@ def load(lookup: ParamLookup | None = None) -> Settings:
 def resolve_region(job_region: str, settings: Settings) -> str:
     """The region an annex runs in: the job's, else ANNEX_AWS_REGION, else the helper's AWS
     config, else us-west-1 (the cloud's session knows the AWS config)."""
-    from annex_gahp.aws.session import resolve_region as from_aws  # noqa: PLC0415 - boto3
+    from annex_gahp.cloud.aws.session import resolve_region as from_aws  # noqa: PLC0415 - boto3
 
     return from_aws(job_region, settings)

@@ -11,12 +11,11 @@ Stdlib only (plus this package's stdlib-only modules).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import time
 from collections.abc import Mapping
 
-from annex_gahp import names
+from annex_gahp import cloud, names
 from annex_gahp.errors import InputError, LimitExceeded
 
 # Keyword names without the `annex_` prefix, in contract order.
@@ -435,22 +434,23 @@ def from_keywords(
             "annex_user_data_template only applies to annex_mode = provision:"
             " remove it, or add annex_mode = provision"
         )
-    if strategy != "stack" and "stack_name" in values:
-        raise InputError(
-            "annex_stack_name only applies to annex_strategy = stack:"
-            " remove it, or add annex_strategy = stack"
-        )
+    for key, only in cloud.ONLY_FOR.items():
+        if strategy != only and key in values:
+            raise InputError(
+                f"annex_{key} only applies to annex_strategy = {only}:"
+                f" remove it, or add annex_strategy = {only}"
+            )
     stack_name = str(values.get("stack_name", ""))
     if stack_name and not _STACK_RE.match(stack_name):
         raise InputError(
             f"annex_stack_name = '{stack_name}' is not a valid stack name:"
             " use a letter, then letters, digits or '-', at most 128 characters"
         )
-    if strategy == "stack" and "vpc" in values:
-        raise InputError(
-            "annex_vpc is not supported with annex_strategy = stack: give annex_subnets in that"
-            " VPC instead, or use annex_strategy = fleet"
-        )
+    for key, instead in cloud.REFUSED.get(strategy, {}).items():
+        if key in values:
+            raise InputError(
+                f"annex_{key} is not supported with annex_strategy = {strategy}: {instead}"
+            )
 
     types = _split(str(values.get("instance_types", "")))
     images = _split(str(values.get("image_ids", "")))
@@ -682,23 +682,6 @@ def _conflict(existing: AnnexSpec, key: str, mine: str, theirs: str) -> str:
 _REGION_SHAPE_RE = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
-@functools.cache
-def _aws_regions() -> tuple[frozenset[str], tuple[re.Pattern[str], ...]]:
-    """The regions botocore's own endpoint data knows (every partition), and each partition's
-    region pattern (for regions newer than the installed botocore). Read from files shipped
-    with botocore: no AWS call."""
-    import botocore.loaders  # noqa: PLC0415 - only the helper checks regions; boto is heavy
-
-    data = botocore.loaders.create_loader().load_data("endpoints")
-    known: set[str] = set()
-    patterns = []
-    for partition in data.get("partitions", []):
-        known.update(partition.get("regions", {}))
-        if partition.get("regionRegex"):
-            patterns.append(re.compile(partition["regionRegex"], re.ASCII))
-    return frozenset(known), tuple(patterns)
-
-
 def _region_shown(value: str) -> str:
     """A hostile value bounded and printable, for a one-line refusal."""
     shown = value.encode("unicode_escape").decode("ascii")
@@ -709,7 +692,9 @@ def check_region(region: str, allowed: tuple[str, ...] = (), knob: str = "annex_
     """Refuse, before anything is recorded, a region AWS does not have or the admin's
     ANNEX_ALLOWED_REGIONS leaves out. `knob` is what the refusal names: the submit keyword, or
     the config knob the region came from."""
-    known, patterns = _aws_regions()
+    from annex_gahp.cloud.aws.regions import known_regions  # noqa: PLC0415 - botocore
+
+    known, patterns = known_regions()
     if not (
         _REGION_SHAPE_RE.match(region)
         and (region in known or any(p.match(region) for p in patterns))

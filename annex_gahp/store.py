@@ -27,13 +27,19 @@ from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-# Columns added since version 1, as (name, definition): a version 1 file gets them when it is
-# opened (ADD COLUMN keeps every row, with the default), and is then version 2.
+SCHEMA_VERSION = 3
+# Columns added since version 1, as (name, definition): an older file gets them when it is
+# opened (ADD COLUMN keeps every row, with the default), and is then the current version.
 _ADDED_COLUMNS = (
     ("launch_failures", "INTEGER NOT NULL DEFAULT 0"),
     ("retry_at", "INTEGER"),
+    ("cloud_resources", "TEXT NOT NULL DEFAULT '{}'"),
 )
+# Version 3 keeps what the cloud backend's `prepare` made in one JSON dict only the backend
+# reads (cloud_resources); versions 1 and 2 had two columns that meant a launch template and an
+# SSM parameter, or a stack name and an s3:// URL. Their values move into the dict under their
+# old names (the backends read those too) and the columns stay unread.
+_LEGACY_RESOURCE_COLUMNS = ("template_id", "token_parameter")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,8 +61,7 @@ CREATE TABLE IF NOT EXISTS annexes (
     retired_at INTEGER,
     last_error TEXT NOT NULL DEFAULT '',
     binding_limit TEXT NOT NULL DEFAULT '',
-    template_id TEXT NOT NULL DEFAULT '',
-    token_parameter TEXT NOT NULL DEFAULT '',
+    cloud_resources TEXT NOT NULL DEFAULT '{}',
     adopted INTEGER NOT NULL DEFAULT 0,
     launch_failures INTEGER NOT NULL DEFAULT 0,
     retry_at INTEGER
@@ -110,8 +115,8 @@ class Annex:
     retired_at: int | None
     last_error: str
     binding_limit: str
-    template_id: str
-    token_parameter: str
+    # What the cloud backend's prepare made for the annex (cloud.Resources); only it reads it.
+    cloud_resources: dict[str, str]
     adopted: int
     # Failed launch attempts in a row, and when the next may be made (lifecycle.retry_delay).
     launch_failures: int
@@ -170,8 +175,9 @@ def _spec(text: str, owner: str, name: str) -> AnnexSpec:
 
 
 def _annex(row: sqlite3.Row) -> Annex:
-    values = dict(row)
+    values = {k: v for k, v in dict(row).items() if k not in _LEGACY_RESOURCE_COLUMNS}
     values["spec"] = _spec(values["spec"], values["owner"], values["name"])
+    values["cloud_resources"] = json.loads(values["cloud_resources"])
     return Annex(**values)
 
 
@@ -220,7 +226,7 @@ class Store:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) == 1:
+        elif int(row[0]) in (1, 2):
             self._add_columns()
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -233,6 +239,12 @@ class Store:
             for name, definition in _ADDED_COLUMNS:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE annexes ADD COLUMN {name} {definition}")
+            if set(_LEGACY_RESOURCE_COLUMNS) <= have:
+                self._db.execute(
+                    "UPDATE annexes SET cloud_resources = json_object("
+                    "'template_id', template_id, 'token_parameter', token_parameter)"
+                    " WHERE template_id != '' OR token_parameter != ''"
+                )
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -335,6 +347,8 @@ class Store:
             raise ValueError(f"not updatable: {sorted(unknown)}")
         if "spec" in fields:
             fields["spec"] = _spec_text(fields["spec"])
+        if "cloud_resources" in fields:
+            fields["cloud_resources"] = json.dumps(fields["cloud_resources"], sort_keys=True)
         fields.setdefault("updated", int(time.time()))
         with self.transaction() as db:
             assignments = ", ".join(f"{name}=?" for name in fields)

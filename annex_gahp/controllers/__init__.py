@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from annex_gahp import lifecycle
 
 if TYPE_CHECKING:
-    from annex_gahp.reconcile import Cloud, Observed
+    from annex_gahp.cloud import Cloud, Observed
     from annex_gahp.schedd import Demand
     from annex_gahp.settings import Settings
     from annex_gahp.store import Annex, Store

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from annex_gahp import faults, lifecycle
 from annex_gahp.controllers import Context
 from annex_gahp.errors import AnnexError
 from annex_gahp.lifecycle import Event, InstanceEvent, RetireReason
 from annex_gahp.store import Annex
+
+if TYPE_CHECKING:
+    from annex_gahp.cloud import LaunchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ class Actions:
         """Terminate, then drop the instances' startd ads from the collector: a startd that
         dies with its instance leaves ads behind for CLASSAD_LIFETIME, and the negotiator would
         keep matching jobs of the same annex name to slots that are gone."""
-        self.ctx.cloud.terminate(region, ids)
+        self.ctx.cloud.remove(region, ids)
         if self.ctx.slots is not None and ids:
             try:
                 self.ctx.slots.invalidate(ids)
@@ -60,8 +64,11 @@ class Actions:
 
     # --- launching -------------------------------------------------------------------------
 
-    def launch(self, annex: Annex, count: int, now: int) -> Annex:
+    def launch(self, annex: Annex, have: int, now: int) -> Annex:
+        """Ask the cloud for the annex's capacity (`have` of its `requested` are seen), with
+        the intent written first."""
         store, cloud = self.ctx.store, self.ctx.cloud
+        count = annex.requested - have
         try:
             prepared = cloud.prepare(annex)
         except AnnexError as err:
@@ -75,20 +82,15 @@ class Actions:
             log.exception("annex %s: preparing the launch failed", annex.key)
             what = f"internal error ({type(err).__name__}: {err}); see ANNEX_GAHP_LOG"
             return self.launch_failed(annex, what, now)
-        if prepared and (
-            prepared.get("template_id") != annex.template_id
-            or prepared.get("token_parameter") != annex.token_parameter
-        ):
-            annex = store.update_annex(
-                annex.id,
-                template_id=prepared.get("template_id", ""),
-                token_parameter=prepared.get("token_parameter", ""),
-            )
+        if prepared != annex.cloud_resources:
+            # Recorded before anything that creates instances: a crash after this point
+            # leaves a record that names what to clean up.
+            annex = store.update_annex(annex.id, cloud_resources=prepared)
         faults.checkpoint("create.prepared")
         op = store.begin_op(annex.id, "launch", {"count": count, "region": annex.region})
         faults.checkpoint("create.intent")
         try:
-            outcome = cloud.launch(annex, count, op.request)
+            outcome: LaunchOutcome = cloud.ensure(annex, annex.requested, have, op.request)
         except AnnexError as err:
             store.finish_op(op.id, error=str(err))
             return self.launch_failed(annex, str(err), now)
@@ -118,8 +120,8 @@ class Actions:
             op.request,
             f"; {'; '.join(outcome.errors)}" if outcome.errors else "",
         )
-        if not outcome.instance_ids and not outcome.accepted:
-            return self.launch_failed(annex, "; ".join(outcome.errors) or "no capacity", now)
+        if outcome.failed:
+            return self.launch_failed(annex, "; ".join(outcome.errors), now)
         error = "; ".join(outcome.errors)
         return lifecycle.record(store, annex, Event.LAUNCH, last_error=error, **lifecycle.LAUNCHED)
 

@@ -16,7 +16,7 @@ from annex_gahp.schedd import Demand
 from annex_gahp.store import Annex
 
 if TYPE_CHECKING:
-    from annex_gahp.reconcile import Observed
+    from annex_gahp.cloud import Observed
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from annex_gahp.lifecycle import Event, InstanceEvent
 from annex_gahp.store import Annex, Op
 
 if TYPE_CHECKING:
-    from annex_gahp.reconcile import Observed
+    from annex_gahp.cloud import Observed
 
 log = logging.getLogger(__name__)
 

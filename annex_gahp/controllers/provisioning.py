@@ -14,7 +14,7 @@ from annex_gahp.lifecycle import Event, RetireReason
 from annex_gahp.store import Annex
 
 if TYPE_CHECKING:
-    from annex_gahp.reconcile import Observed
+    from annex_gahp.cloud import Observed
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Provisioning:
             have = max(have, len(store.instances(annex.id)))
         running = sum(1 for o in live if o.state == lifecycle.I_RUNNING)
         if have < annex.requested and lifecycle.may_launch(annex, now):
-            annex = self.actions.launch(annex, annex.requested - have, now)
+            annex = self.actions.launch(annex, have, now)
         elif have > annex.requested:
             surplus = sorted(live, key=lambda o: (o.state == lifecycle.I_RUNNING, o.id))
             ids = [o.id for o in surplus[: have - annex.requested]]
@@ -51,7 +51,7 @@ class Provisioning:
             annex = lifecycle.record(store, annex, Event.UP)
         stale = [o.id for o in live if o.expires != annex.lease_expiration]
         if stale:
-            self.ctx.cloud.set_expiry(annex, stale)
+            self.ctx.cloud.extend(annex, stale)
         return annex
 
     def _provision_ended(self, annex: Annex, have: int) -> Annex | None:

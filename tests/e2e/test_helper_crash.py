@@ -36,7 +36,7 @@ import sandbox as sb
 
 from annex_gahp import client, names
 from annex_gahp import settings as settings_mod
-from annex_gahp.aws import fleet, secrets
+from annex_gahp.cloud.aws import fleet, secrets
 
 pytestmark = pytest.mark.sandbox
 

@@ -28,7 +28,7 @@ import sandbox
 SRC = Path(os.environ.get("ANNEX_SRC", "/src"))
 sys.path.insert(0, str(SRC))
 from annex_gahp import names  # noqa: E402
-from annex_gahp.aws.secrets import INSTANCE_TAG  # noqa: E402
+from annex_gahp.cloud.aws.secrets import INSTANCE_TAG  # noqa: E402
 
 HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
 ALICE = "alice"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(SRC))
 
 import burst_demo  # noqa: E402
 
-from annex_gahp.aws import stack  # noqa: E402
+from annex_gahp.cloud.aws import stack  # noqa: E402
 
 pytestmark = pytest.mark.sandbox
 OWNER = "alice"

@@ -127,7 +127,7 @@ AWS_IMAGE = "ami-0123456789abcdef0"
 
 def aws_setup_template() -> dict[str, Any]:
     """The admin's setup stack, rendered for AWS (no endpoint_url: not the emulator's form)."""
-    from annex_gahp.aws import setup  # noqa: PLC0415 - only the lint tests need it
+    from annex_gahp.cloud.aws import setup  # noqa: PLC0415 - only the lint tests need it
 
     stack_name = setup.default_stack_name("cm.example.org:9618")
     settings = make_settings(
@@ -143,7 +143,7 @@ def aws_annex_template() -> dict[str, Any]:
     """An annex's stack (stack strategy), two instance types, as the loop renders it."""
     import time  # noqa: PLC0415
 
-    from annex_gahp.aws import fleet, stack  # noqa: PLC0415
+    from annex_gahp.cloud.aws import fleet, stack  # noqa: PLC0415
 
     plan = fleet.LaunchPlan(
         annex="a1",

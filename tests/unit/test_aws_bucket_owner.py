@@ -15,7 +15,7 @@ from aws_fixtures import REGION, moto_server_url, moto_url, raw_client  # noqa: 
 from botocore.awsrequest import AWSResponse
 
 from annex_gahp import names
-from annex_gahp.aws import secrets, stack
+from annex_gahp.cloud.aws import secrets, stack
 from annex_gahp.errors import CloudError
 
 POOL = "cm.bucket:9618"

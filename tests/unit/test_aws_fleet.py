@@ -21,7 +21,7 @@ from aws_fixtures import (
 from botocore.awsrequest import AWSResponse
 
 from annex_gahp import names
-from annex_gahp.aws import fleet, instances, session
+from annex_gahp.cloud.aws import fleet, instances, session
 from annex_gahp.errors import CloudError, InputError
 
 POOL = "cm.test:9618"
@@ -46,7 +46,7 @@ def plan(**changes: Any) -> fleet.LaunchPlan:
 @pytest.fixture
 def ec2(settings):  # noqa: F811
     # A pacer of its own per test: the process-wide one would make later tests wait.
-    return session.client("ec2", settings, pacer=session.Pacer())
+    return session.client("ec2", settings)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from aws_fixtures import REGION, free_port, make_settings
 from botocore.exceptions import ClientError
 
 from annex_gahp import names, userdata
-from annex_gahp.aws import fleet, instances, policy, secrets, session, setup, stack
+from annex_gahp.cloud.aws import fleet, instances, policy, secrets, session, setup, stack
 from annex_gahp.errors import CloudError
 
 POOL = "cm.test:9618"
@@ -113,7 +113,7 @@ def _world(enforcing_moto: str) -> dict[str, Any]:
     settings = make_settings(enforcing_moto, pool_id=POOL, default_image_id=image)
 
     def client(service: str) -> Any:
-        return session.client(service, settings, boto_session=admin, pacer=session.Pacer())
+        return session.client(service, settings, boto_session=admin)
 
     clients = setup.AdminClients(
         cloudformation=client("cloudformation"),
@@ -144,7 +144,7 @@ def images_of(ec2: Any) -> str:
 
 def runtime_client(world: dict[str, Any], service: str) -> Any:
     return session.client(
-        service, world["settings"], boto_session=world["runtime"], pacer=session.Pacer()
+        service, world["settings"], boto_session=world["runtime"]
     )
 
 
@@ -449,7 +449,8 @@ def test_stack_conditions_match_the_templates() -> None:
 def test_docs_show_the_generated_policy() -> None:
     doc = Path(__file__).parents[2] / "docs" / "iam.md"
     text = doc.read_text()
-    assert policy.docs_policy_json(POOL_DOC) in text, "regenerate: python3 -m annex_gahp.aws.policy"
+    regenerate = "regenerate: python3 -m annex_gahp.cloud.aws.policy"
+    assert policy.docs_policy_json(POOL_DOC) in text, regenerate
 
 
 POOL_DOC = "cm.example.org:9618"

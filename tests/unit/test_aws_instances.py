@@ -17,14 +17,14 @@ from aws_fixtures import (  # noqa: F401
 )
 
 from annex_gahp import names
-from annex_gahp.aws import instances, session
+from annex_gahp.cloud.aws import instances, session
 
 POOL = "cm.test:9618"
 
 
 @pytest.fixture
 def ec2(settings):  # noqa: F811
-    return session.client("ec2", settings, pacer=session.Pacer())
+    return session.client("ec2", settings)
 
 
 def _launch(raw: Any, image: str, count: int, tags: dict[str, str], **extra: Any) -> list[str]:

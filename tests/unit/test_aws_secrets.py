@@ -7,14 +7,14 @@ import logging
 import pytest
 from aws_fixtures import moto_server_url, moto_url, raw_client, settings  # noqa: F401
 
-from annex_gahp.aws import secrets, session
+from annex_gahp.cloud.aws import secrets, session
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.test-token-value.sig"  # noqa: S105 - a fake token
 
 
 @pytest.fixture
 def ssm(settings):  # noqa: F811
-    return session.client("ssm", settings, pacer=session.Pacer())
+    return session.client("ssm", settings)
 
 
 def test_parameter_name_is_safe() -> None:

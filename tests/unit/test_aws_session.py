@@ -1,4 +1,4 @@
-"""aws/session.py: region order, credential-file refusal, pacing, error mapping."""
+"""aws/session.py: region order, credential-file refusal, error mapping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from aws_fixtures import make_settings, moto_server_url, moto_url  # noqa: F401
 from botocore.exceptions import ClientError
 
-from annex_gahp.aws import session
+from annex_gahp.cloud.aws import session
 from annex_gahp.errors import CloudError, CredentialsError
 
 
@@ -62,44 +62,6 @@ def test_home_credentials_file_checked(monkeypatch, tmp_path) -> None:
         session.check_credentials_file()
 
 
-def test_token_bucket_rates() -> None:
-    bucket = session.TokenBucket(burst=5, rate=2)
-    waits = [bucket.take(now=100.0) for _ in range(7)]
-    assert waits[:5] == [0.0] * 5
-    assert waits[5] == pytest.approx(0.5)
-    assert waits[6] == pytest.approx(1.0)
-    # After a quiet second, two more tokens are back (minus the debt of 2 already handed out).
-    assert bucket.take(now=103.0) == 0.0
-
-
-def test_call_classes() -> None:
-    assert session.call_class("CreateFleet") == "launch"
-    assert session.call_class("RunInstances") == "launch"
-    assert session.call_class("DescribeInstances") == "describe"
-    assert session.call_class("TerminateInstances") == "mutating"
-    assert session.CALL_CLASSES["launch"] == (5, 2)
-    assert session.CALL_CLASSES["mutating"] == (50, 5)
-    assert session.CALL_CLASSES["describe"] == (100, 20)
-
-
-@pytest.mark.slow
-def test_pacing_applies_to_real_calls(moto_url: str) -> None:  # noqa: F811
-    pacer = session.Pacer({"launch": (1, 1), "mutating": (1, 1), "describe": (2, 0.5)})
-    ec2 = session.client("ec2", make_settings(moto_url), pacer=pacer)
-    waited = []
-    original = pacer.wait
-
-    def spy(region: str, operation: str) -> float:
-        waited.append(original(region, operation))
-        return waited[-1]
-
-    pacer.wait = spy  # type: ignore[method-assign]
-    for _ in range(3):
-        ec2.describe_instances()
-    assert waited[:2] == [0.0, 0.0]
-    assert waited[2] > 0.5  # the third call within a second waited for its token
-
-
 def test_client_error_becomes_cloud_error(moto_url: str) -> None:  # noqa: F811
     ec2 = session.client("ec2", make_settings(moto_url))
     with pytest.raises(CloudError) as caught, session.aws_errors("terminate"):
@@ -137,55 +99,6 @@ def test_clients_share_one_copy_of_each_model(moto_url: str) -> None:  # noqa: F
     assert east.meta.service_model._service_description is (
         west.meta.service_model._service_description
     )
-    assert ssm.meta.service_model.documentation == ""
-    assert ssm.meta.service_model.operation_model("PutParameter").documentation == ""
-
-
-def test_ec2_clients_know_only_the_listed_operations(moto_url: str) -> None:  # noqa: F811
-    ec2 = session.client("ec2", make_settings(moto_url))
-    assert set(ec2.meta.service_model.operation_names) == session.OPERATIONS["ec2"]
-    assert not hasattr(ec2, "run_instances")
-    # Every shape the kept operations use is there: a real call, pagination, a waiter.
-    pages = ec2.get_paginator("describe_launch_templates").paginate()
-    assert [p["LaunchTemplates"] for p in pages] == [[]]
-    ec2.get_waiter("instance_terminated")
-    assert ec2.meta.service_model.shape_for("RequestLaunchTemplateData").members
-
-
-def _ec2_uses_in_package() -> set[str]:
-    """EC2 operations the package's code names on its clients: `ec2.x`, `clients.ec2.x`,
-    get_paginator("x") and get_waiter("x") on them (lease_enforcer.py makes its own client)."""
-    import pathlib  # noqa: PLC0415
-    import re  # noqa: PLC0415
-
-    import botocore.loaders  # noqa: PLC0415
-    import botocore.waiter  # noqa: PLC0415
-    from botocore import xform_name  # noqa: PLC0415
-
-    loader = botocore.loaders.Loader()
-    by_method = {
-        xform_name(name): name
-        for name in loader.load_service_model("ec2", "service-2")["operations"]
-    }
-    waiters = botocore.waiter.WaiterModel(loader.load_service_model("ec2", "waiters-2"))
-    root = pathlib.Path(session.__file__).parent.parent
-    used: set[str] = set()
-    for path in root.rglob("*.py"):
-        if path.name == "lease_enforcer.py":
-            continue
-        text = path.read_text()
-        for method in re.findall(r"\bec2\.([a-z_]+)\b", text):
-            if method in by_method:
-                used.add(by_method[method])
-        for method in re.findall(r"\bec2\.get_paginator\(\s*\"([a-z_]+)\"", text):
-            used.add(by_method[method])
-        for name in re.findall(r"\bec2\.get_waiter\(\s*\"([a-z_]+)\"", text):
-            waiter = "".join(part.title() for part in name.split("_"))  # InstanceTerminated
-            used.add(waiters.get_waiter(waiter).operation)
-    return used
-
-
-def test_every_ec2_operation_the_package_uses_is_listed() -> None:
-    used = _ec2_uses_in_package()
-    assert {"CreateFleet", "DescribeInstances", "DescribeSecurityGroups"} <= used  # it looks
-    assert used <= session.OPERATIONS["ec2"], sorted(used - session.OPERATIONS["ec2"])
+    assert east.meta.service_model._service_description is not (
+        ssm.meta.service_model._service_description
+    )

@@ -20,7 +20,7 @@ from aws_fixtures import (  # noqa: F401
 )
 
 from annex_gahp import names
-from annex_gahp.aws import fleet, instances, lease_enforcer, secrets, session, setup
+from annex_gahp.cloud.aws import fleet, instances, lease_enforcer, secrets, session, setup
 from annex_gahp.errors import SetupError
 
 
@@ -98,7 +98,7 @@ def test_setup_check_teardown(knobs_settings, tmp_path) -> None:
     assert any("HttpTokens is None, should be 'required'" in p for p in problems), problems
 
     # Teardown refuses while an annex runs, then is forced.
-    ec2 = session.client("ec2", configured, pacer=session.Pacer())
+    ec2 = session.client("ec2", configured)
     plan = fleet.LaunchPlan(
         annex="a1",
         owner="alice",

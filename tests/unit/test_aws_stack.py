@@ -30,8 +30,8 @@ from aws_fixtures import (  # noqa: F401
 from botocore.exceptions import ClientError
 
 from annex_gahp import names, spec, userdata
-from annex_gahp.aws import fleet, instances, lease_enforcer, policy, secrets, stack
-from annex_gahp.cloud import AwsCloud
+from annex_gahp.cloud.aws import fleet, instances, lease_enforcer, policy, secrets, stack
+from annex_gahp.cloud.aws.cloud import AwsCloud
 from annex_gahp.errors import CloudError
 from annex_gahp.reconcile import Reconciler
 from annex_gahp.schedd import Demand
@@ -407,12 +407,12 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     annex = store.get(annex.id)
     assert calls == ["CreateStack"], calls
     assert annex.state == names.PROVISIONING and annex.last_error == ""
-    name = annex.template_id
+    name = annex.cloud_resources["stack"]
     assert name == stack.stack_name(POOL, "alice", "st")
     # The bucket's name has a random suffix (issue #12: a predictable name can be taken by
     # another account first); the record keeps it.
-    bucket = stack.parse_location(annex.token_parameter)[0]
-    assert annex.token_parameter == f"s3://{bucket}/token"
+    bucket = stack.parse_location(annex.cloud_resources["token"])[0]
+    assert annex.cloud_resources["token"] == f"s3://{bucket}/token"
     assert re.fullmatch(r"htcondor-annex-[a-z0-9-]+-st-[0-9a-f]{16}", bucket), bucket
     assert bucket != stack.bucket_name(settings.central_manager, POOL, "alice", "st")
     s3 = raw_client("s3", moto_url)
@@ -503,7 +503,7 @@ def test_stack_create_failure_shows_as_an_error(moto_url: str) -> None:  # noqa:
 def test_teardown_deletes_annex_stacks_and_token_buckets(moto_url: str) -> None:  # noqa: F811
     """Teardown refuses while a stack annex exists; forced, it deletes the stack (taking the
     instances with it: none is terminated behind its group's back) and the token bucket."""
-    from annex_gahp.aws import setup  # noqa: PLC0415
+    from annex_gahp.cloud.aws import setup  # noqa: PLC0415
     from annex_gahp.errors import SetupError  # noqa: PLC0415
 
     settings = make_settings(moto_url, pool_id=POOL, central_manager=POOL)

@@ -16,7 +16,7 @@ from aws_fixtures import (  # noqa: F401
     settings,
 )
 
-from annex_gahp.aws import fleet, session
+from annex_gahp.cloud.aws import fleet, session
 from annex_gahp.errors import InputError
 
 
@@ -37,7 +37,7 @@ def plan(**changes: Any) -> fleet.LaunchPlan:
 
 @pytest.fixture
 def ec2(settings):  # noqa: F811
-    return session.client("ec2", settings, pacer=session.Pacer())
+    return session.client("ec2", settings)
 
 
 @pytest.fixture

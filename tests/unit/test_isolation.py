@@ -21,7 +21,7 @@ from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noq
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from annex_gahp import lifecycle, names, spec
-from annex_gahp.cloud import AwsCloud
+from annex_gahp.cloud.aws.cloud import AwsCloud
 from annex_gahp.errors import InputError, LimitExceeded
 from annex_gahp.gahp import Caller
 from annex_gahp.reconcile import Reconciler

@@ -17,7 +17,7 @@ from aws_fixtures import REGION, count_calls, moto_server_url, moto_url  # noqa:
 from test_reconcile import build, want
 
 from annex_gahp import lifecycle, names
-from annex_gahp.aws import fleet
+from annex_gahp.cloud.aws import fleet
 from annex_gahp.controllers import status
 from annex_gahp.errors import CloudError
 from annex_gahp.gahp import Caller
@@ -51,13 +51,13 @@ def broken_template(monkeypatch):
 def counting(world):
     """Count the tokens minted, and the SSM PutParameter calls (one or two per store)."""
     minted: list[int] = []
-    mint = world.cloud._mint
+    mint = world.cloud.ctx.mint
 
     def counted(identity, lifetime):
         minted.append(lifetime)
         return mint(identity, lifetime)
 
-    world.cloud._mint = counted
+    world.cloud.ctx.mint = counted
     return minted, count_calls(world.cloud._client("ssm", REGION), "PutParameter")
 
 
@@ -104,7 +104,8 @@ def test_a_failing_setup_backs_off_and_stores_the_token_once(moto_url, tmp_path,
     assert world.fleet_calls == ["CreateFleet"]
     # The stored token still outlives the lease: not minted nor stored again; the launched
     # instances get their own copies of it (issue 12), one put each.
-    annex_puts = [p for p in puts if p["Name"] == world.cloud._token_parameter(annex)]
+    tokens = world.cloud.backends["fleet"].tokens
+    annex_puts = [p for p in puts if p["Name"] == tokens.store.location(annex)]
     assert len(minted) == 1 and len(annex_puts) == 1
     copies = {p["Name"].rsplit("/", 1)[1] for p in puts if p not in annex_puts}
     assert copies and all(c.startswith("i-") for c in copies), copies
@@ -167,14 +168,15 @@ def test_a_longer_lease_stores_a_new_token_the_same_lease_does_not(moto_url, tmp
     world = build(moto_url, tmp_path)
     minted, puts = counting(world)
     annex = want(world)
-    world.cloud._store_token(annex)
-    world.cloud._store_token(annex)  # e.g. re-tagging instances, the lease unchanged
+    tokens = world.cloud.backends["fleet"].tokens
+    tokens.store_token(annex)
+    tokens.store_token(annex)  # e.g. re-tagging instances, the lease unchanged
     assert (len(minted), len(puts)) == (1, 1)
     longer = world.store.update_annex(annex.id, lease_expiration=annex.lease_expiration + 600)
-    world.cloud._store_token(longer)  # an extension: the stored token would end too early
+    tokens.store_token(longer)  # an extension: the stored token would end too early
     assert (len(minted), len(puts)) == (2, 3)  # a replacement: refused new, then overwritten
     world.cloud.release(longer)  # the parameter is deleted: a new annex stores its own
-    world.cloud._store_token(longer)
+    tokens.store_token(longer)
     assert (len(minted), len(puts)) == (3, 4)
 
 

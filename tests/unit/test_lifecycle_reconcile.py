@@ -12,7 +12,7 @@ import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
 
 from annex_gahp import lifecycle, names, spec
-from annex_gahp.cloud import AwsCloud
+from annex_gahp.cloud.aws.cloud import AwsCloud
 from annex_gahp.errors import InputError
 from annex_gahp.reconcile import Reconciler
 from annex_gahp.schedd import Demand

@@ -20,7 +20,7 @@ from aws_fixtures import moto_server_url, moto_url  # noqa: F401
 from test_provision import ALICE, _job_ad, live_instances, provision_world
 
 from annex_gahp import names, pilotdata, pilotrender
-from annex_gahp.cloud import pilot_variables
+from annex_gahp.cloud.aws.cloud import pilot_variables
 from annex_gahp.errors import InputError
 from annex_gahp.gahp import Caller
 from annex_gahp.schedd import Demand

@@ -15,7 +15,7 @@ import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
 
 from annex_gahp import names, spec
-from annex_gahp.cloud import AwsCloud
+from annex_gahp.cloud.aws.cloud import AwsCloud
 from annex_gahp.reconcile import Reconciler
 from annex_gahp.schedd import Demand
 from annex_gahp.service import AnnexService
@@ -168,10 +168,10 @@ def test_killed_after_the_call_adopts_instead_of_launching_again(moto_url, tmp_p
     world = build(moto_url, tmp_path)
     annex = want(world)
     prepared = world.cloud.prepare(annex)
-    annex = world.store.update_annex(annex.id, template_id=prepared["template_id"])
+    annex = world.store.update_annex(annex.id, cloud_resources=prepared)
     # What the loop does, cut short after the cloud answered: intent written, result not.
     op = world.store.begin_op(annex.id, "launch", {"count": 2, "region": REGION})
-    world.cloud.launch(annex, 2, op.request)
+    world.cloud.ensure(annex, 2, 0, op.request)
     world.store.close()
 
     again = build(moto_url, tmp_path, store=Store(str(tmp_path / "state.sqlite")))

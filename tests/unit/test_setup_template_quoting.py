@@ -8,7 +8,7 @@ import json
 import pytest
 from aws_fixtures import make_settings
 
-from annex_gahp.aws import setup
+from annex_gahp.cloud.aws import setup
 
 HOSTILE = [
     'ap"1',

@@ -21,7 +21,7 @@ import classad2
 import pytest
 
 from annex_gahp import daemon, tokenkey, tokens, userdata
-from annex_gahp.aws import fleet, policy, secrets, setup
+from annex_gahp.cloud.aws import fleet, policy, secrets, setup
 from annex_gahp.errors import SetupError
 
 SRC = Path(__file__).resolve().parents[2]
@@ -218,7 +218,7 @@ def test_provision_template_has_no_instance_profile_unless_the_admin_names_one()
 
 
 def test_cloud_plans_provision_annexes_without_a_profile() -> None:
-    text = (SRC / "annex_gahp" / "cloud.py").read_text()
+    text = (SRC / "annex_gahp" / "cloud" / "aws" / "context.py").read_text()
     assert 'self.settings.provision_instance_profile if wanted.mode == "provision"' in text
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+from annex_gahp.cloud.aws.session import aws_errors, cloud_error, error_code
 
 log = logging.getLogger(__name__)
 

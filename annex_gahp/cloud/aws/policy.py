@@ -61,7 +61,7 @@ def token_parameter_arn(path: str) -> dict[str, str]:
 def token_bucket_arns(central_manager: str, *, literal: bool = False) -> dict[str, Any]:
     """The stack strategy's token buckets (aws/stack.bucket_name): {"buckets": ..., "objects":
     ...} as CloudFormation values, or as plain ARNs (`literal`, for the docs)."""
-    from annex_gahp.aws.stack import bucket_prefix  # noqa: PLC0415 - keep this module light
+    from annex_gahp.cloud.aws.stack import bucket_prefix  # noqa: PLC0415 - keep this module light
 
     prefix = bucket_prefix(central_manager)
     if literal:
@@ -287,7 +287,7 @@ def instance_role_policy_document(
     gets the instance's credentials reads that one instance's token, never another annex's.
     S3 (stack strategy): likewise, an object of the pool's token buckets only when its
     INSTANCE_TAG object tag is the calling instance's ARN."""
-    from annex_gahp.aws.secrets import INSTANCE_TAG  # noqa: PLC0415 - keep this module light
+    from annex_gahp.cloud.aws.secrets import INSTANCE_TAG  # noqa: PLC0415 - keep this module light
 
     statements: list[dict[str, Any]] = [
         {
@@ -369,7 +369,7 @@ def docs_policy(
 ) -> dict[str, Any]:
     """The runtime policy as docs/iam.md shows it: placeholders where the stack has ARNs.
     The central manager (which names the token buckets) is the pool id unless given."""
-    from annex_gahp.aws.secrets import pool_path  # noqa: PLC0415 - keep this module light
+    from annex_gahp.cloud.aws.secrets import pool_path  # noqa: PLC0415 - keep this module light
 
     return runtime_policy_document(
         pool_id=pool_id,
@@ -385,5 +385,5 @@ def docs_policy_json(pool_id: str) -> str:
 
 
 if __name__ == "__main__":
-    # `python3 -m annex_gahp.aws.policy [POOL_ID]` prints what docs/iam.md shows.
+    # `python3 -m annex_gahp.cloud.aws.policy [POOL_ID]` prints what docs/iam.md shows.
     print(docs_policy_json(sys.argv[1] if len(sys.argv) > 1 else "cm.example.org:9618"))

@@ -25,8 +25,8 @@ import jinja2
 from botocore.exceptions import ClientError, WaiterError
 
 from annex_gahp import names
-from annex_gahp.aws import instances, policy, secrets, session
-from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+from annex_gahp.cloud.aws import instances, policy, secrets, session
+from annex_gahp.cloud.aws.session import aws_errors, cloud_error, error_code
 from annex_gahp.errors import SetupError
 from annex_gahp.settings import Settings
 
@@ -104,7 +104,7 @@ def render_template(settings: Settings, stack_name: str, *, vpc_id: str = "") ->
         lstrip_blocks=True,
     )
     token_path = secrets.pool_path(settings.token_parameter_prefix, settings.pool_id)
-    enforcer = resources.files("annex_gahp").joinpath("aws/lease_enforcer.py").read_text()
+    enforcer = resources.files("annex_gahp").joinpath("cloud/aws/lease_enforcer.py").read_text()
     if len(enforcer) > 4096:
         raise AssertionError("lease_enforcer.py outgrew CloudFormation's inline ZipFile limit")
     text = env.get_template("setup-stack.json.j2").render(
@@ -140,20 +140,7 @@ def _describe_stack(cfn: Any, stack_name: str) -> dict[str, Any] | None:
         raise cloud_error(err, f"describe stack {stack_name}") from None
 
 
-def _wait(cfn: Any, waiter: str, stack_name: str) -> None:
-    try:
-        cfn.get_waiter(waiter).wait(
-            StackName=stack_name, WaiterConfig={"Delay": 5, "MaxAttempts": 360}
-        )
-    except WaiterError as err:
-        reasons = (
-            session.stack_failure_reasons(cfn, stack_name)
-            or "see the stack's events in CloudFormation"
-        )
-        raise SetupError(
-            f"stack {stack_name}: {waiter.replace('_', ' ')} failed "
-            f"({err.kwargs.get('reason', '')}): {reasons}"
-        ) from None
+_wait = session.wait_for_stack
 
 
 def _outputs(stack: dict[str, Any]) -> dict[str, str]:
@@ -437,24 +424,31 @@ def teardown(
     clients = clients or admin_clients(settings)
     stack_name = stack_name or default_stack_name(settings.pool_id)
     removed: dict[str, list[str]] = {"instances": [], "launch_templates": [], "parameters": []}
+    # What the strategies made besides instances (e.g. annex stacks) goes through them.
+    from annex_gahp.cloud.aws.cloud import AwsCloud  # noqa: PLC0415 - only teardown needs it
+
+    cloud = AwsCloud(
+        settings,
+        make_client=lambda service, region: (
+            getattr(clients, service, None) or session.client(service, settings, region)
+        ),
+        home_region=clients.region,
+    )
     live = instances.describe_pool(clients.ec2, settings.pool_id)
-    annex_stacks = _annex_stacks(clients.cloudformation, settings.pool_id, stack_name)
-    if (live or annex_stacks) and not force:
-        annexes = sorted({f"{v.owner}/{v.annex}" for v in live} | set(annex_stacks.values()))
-        raise SetupError(
-            f"{len(live)} instance(s) and {len(annex_stacks)} annex stack(s) of pool "
-            f"{settings.pool_id} still exist (annexes {', '.join(annexes[:10])}): delete those "
-            "annexes first, or use `htcondor-annex teardown --force` to terminate them"
+    held = cloud.purge(dry_run=True)
+    if (live or any(held.values())) and not force:
+        annexes = sorted({f"{v.owner}/{v.annex}" for v in live}.union(*held.values()))
+        kinds = "".join(
+            f" and {len(v)} {k.replace('_', ' ').removesuffix('s')}(s)"
+            for k, v in sorted(held.items())
         )
-    if annex_stacks:
-        # Deleting the stack takes its groups' instances; terminating them one by one would
-        # only make the groups launch replacements.
-        for name in annex_stacks:
-            with aws_errors(f"delete annex stack {name}"):
-                clients.cloudformation.delete_stack(StackName=name)
-        for name in annex_stacks:
-            _wait(clients.cloudformation, "stack_delete_complete", name)
-        removed["annex_stacks"] = sorted(annex_stacks)
+        raise SetupError(
+            f"{len(live)} instance(s){kinds} of pool {settings.pool_id} still exist (annexes "
+            f"{', '.join(annexes[:10])}): delete those annexes first, or use "
+            "`htcondor-annex teardown --force` to terminate them"
+        )
+    removed |= cloud.purge()
+    if any(held.values()):
         live = instances.describe_pool(clients.ec2, settings.pool_id)
     if live:
         removed["instances"] = instances.terminate(clients.ec2, [v.id for v in live])
@@ -471,9 +465,6 @@ def teardown(
         base_id = _outputs(stack).get("LaunchTemplate", "")
     removed["launch_templates"] = _delete_annex_templates(clients.ec2, settings.pool_id, base_id)
     removed["parameters"] = _delete_tokens(clients.ssm, settings)
-    removed["buckets"] = _delete_token_buckets(
-        clients.s3 or session.client("s3", settings, clients.region), settings
-    )
     if stack is None:
         log.info("setup stack %s does not exist", stack_name)
         return removed
@@ -488,45 +479,6 @@ def teardown(
     if policy_arn and _delete_leftover_policy(clients.iam, policy_arn):
         removed["leftovers"] = [policy_arn]
     return removed
-
-
-def _annex_stacks(cfn: Any, pool_id: str, setup_stack: str) -> dict[str, str]:
-    """The stack strategy's stacks of this pool: name -> owner/annex."""
-    found: dict[str, str] = {}
-    with aws_errors("list the pool's annex stacks"):
-        for page in cfn.get_paginator("describe_stacks").paginate():
-            for item in page["Stacks"]:
-                tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
-                if (
-                    tags.get(names.TAG_POOL) == pool_id
-                    and names.TAG_NAME in tags
-                    and item["StackName"] != setup_stack
-                    and item["StackStatus"] != "DELETE_COMPLETE"
-                ):
-                    found[item["StackName"]] = (
-                        f"{tags.get(names.TAG_OWNER, '?')}/{tags[names.TAG_NAME]}"
-                    )
-    return found
-
-
-def _delete_token_buckets(s3: Any, settings: Settings) -> list[str]:
-    """The stack strategy's token buckets of this pool (by name, then by pool tag)."""
-    from annex_gahp.aws import stack  # noqa: PLC0415 - only teardown needs it
-
-    prefix = stack.bucket_prefix(settings.central_manager)
-    gone = []
-    with aws_errors("list the pool's token buckets"):
-        candidates = [
-            b["Name"] for b in s3.list_buckets().get("Buckets", []) if b["Name"].startswith(prefix)
-        ]
-    for bucket in candidates:
-        try:
-            tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}
-        except ClientError:
-            continue  # untagged or not ours to read: not provably this pool's
-        if tags.get(names.TAG_POOL) == settings.pool_id and stack.delete_bucket(s3, bucket):
-            gone.append(bucket)
-    return gone
 
 
 def _delete_annex_templates(ec2: Any, pool_id: str, keep: str) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from annex_gahp import names
-from annex_gahp.aws.session import aws_errors, cloud_error, error_code
+from annex_gahp.cloud.aws.session import aws_errors, cloud_error, error_code
 from annex_gahp.errors import CloudError, InputError
 
 log = logging.getLogger(__name__)

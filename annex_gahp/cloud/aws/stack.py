@@ -38,8 +38,8 @@ import jinja2
 from botocore.exceptions import BotoCoreError, ClientError
 
 from annex_gahp import names
-from annex_gahp.aws import fleet
-from annex_gahp.aws.session import aws_errors, cloud_error, error_code, stack_failure_reasons
+from annex_gahp.cloud.aws import fleet
+from annex_gahp.cloud.aws.session import aws_errors, cloud_error, error_code, stack_failure_reasons
 from annex_gahp.errors import CloudError, InputError
 
 log = logging.getLogger(__name__)
