@@ -75,8 +75,7 @@ def _prepare_dirs(cfg: settings_mod.Settings, owner: pwd.struct_passwd) -> None:
 
 def _refuse_path(knob: str, path: str, what: str) -> AnnexError:
     return AnnexError(
-        f"{knob} {path}: {what}; refusing to use it as root (remove it, or point {knob} "
-        "elsewhere)"
+        f"{knob} {path}: {what}; refusing to use it as root (remove it, or point {knob} elsewhere)"
     )
 
 
@@ -295,11 +294,12 @@ class Helper:
         )
         self.reconciler = Reconciler(
             self.store,
-            self.service,
+            cfg,
             AwsCloud(cfg),
             demand,
             Publisher(),
             slots=AnnexSlots(),
+            wake=self._wake.set,
         )
 
     def reload(self) -> None:

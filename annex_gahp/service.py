@@ -2,7 +2,8 @@
 
 No cloud call happens here: handlers change records and wake the reconcile loop, so the hooks
 get their answer in milliseconds and every cloud call goes through the one place that writes
-its intent first (reconcile.py).
+its intent first (controllers/actions.py). What an annex looks like (its ad, the job
+attributes) is controllers/status.py's; state changes are lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from annex_gahp import compat, durations, faults, lifecycle, names, pilotdata, spec
+from annex_gahp import settings as settings_mod
+from annex_gahp.controllers import status as annex_status
 from annex_gahp.errors import (
     AnnexError,
     InputError,
@@ -42,30 +45,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Caller, dict[str, str]], dict[str, str]]
 
 
-def spec_to_record(value: spec.AnnexSpec) -> dict[str, Any]:
-    return dataclasses.asdict(value)
-
-
-def spec_from_record(record: Mapping[str, Any]) -> spec.AnnexSpec:
-    def tuples(item: Any) -> Any:
-        if isinstance(item, list):
-            return tuple(tuples(x) for x in item)
-        return item
-
-    known = {f.name for f in dataclasses.fields(spec.AnnexSpec)}
-    return spec.AnnexSpec(**{k: tuples(v) for k, v in record.items() if k in known})
-
-
-def classad_literal(value: Any) -> str:
-    """A Python value as ClassAd expression text, for the hooks to print verbatim."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    # The bindings' quoting. The router reads hook output in the old ClassAd form (only \"
-    # is an escape): printable ASCII reads the same there, anything else (a backslash, a
-    # control character, non-ASCII) arrives as its escape, visible but never breaking the line.
-    return compat.quote(str(value))
+# The ClassAd quoting of hook answers (annex_status.classad_literal), for the handlers.
+classad_literal = annex_status.classad_literal
 
 
 def ad_answer(attrs: Mapping[str, str]) -> dict[str, str]:
@@ -167,7 +148,7 @@ class AnnexService:
         # The job router runs the translate hook for jobs removed after it picked them up
         # (docs/router.md): `jobs` is how JOB_ROUTED tells (None: no schedd, nothing checked).
         self.jobs = jobs
-        self._resolve_region = resolve_region or _default_region
+        self._resolve_region = resolve_region or settings_mod.resolve_region
         self._clock = clock
         # Serialises ensure(): two hooks racing for the same new annex must not both insert.
         self._lock = threading.Lock()
@@ -260,11 +241,12 @@ class AnnexService:
                     self._require_waiting(job)  # the live annex ended between the two looks
                 region = self._checked_region(wanted.region)
                 requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
-                annex = self.store.insert_annex(
+                annex = lifecycle.create(
+                    self.store,
+                    lifecycle.Event.REQUEST,
                     owner=wanted.owner,
                     name=wanted.name,
-                    state=names.REQUESTED,
-                    spec=spec_to_record(wanted),
+                    spec=wanted,
                     region=region,
                     requested=requested,
                     lease_expiration=wanted.expires_at(now, self.settings),
@@ -294,7 +276,7 @@ class AnnexService:
                 f"annex {live.name} is retiring ({live.retire_reason}); submit again once "
                 "it is gone, or use another annex_name"
             )
-        merged = spec.merge(spec_from_record(live.spec), wanted, self.settings)
+        merged = spec.merge(live.spec, wanted, self.settings)
         if user_data is not None and pilotdata.load(self.settings.state_dir, live.id) is None:
             pilotdata.save(self.settings.state_dir, live.id, user_data)
             self.wake()
@@ -302,8 +284,8 @@ class AnnexService:
         requested = max(requested, live.requested)
         lease = max(live.lease_expiration, merged.expires_at(live.created, self.settings))
         changes: dict[str, Any] = {}
-        if merged != spec_from_record(live.spec):
-            changes["spec"] = spec_to_record(merged)
+        if merged != live.spec:
+            changes["spec"] = merged
         if requested != live.requested:
             changes["requested"] = requested
         if lease != live.lease_expiration:
@@ -367,10 +349,10 @@ class AnnexService:
         last = self.store.last_retired(wanted.owner, wanted.name)
         if not last or not last.retired_at or qdate > last.retired_at:
             return
-        if last.retire_reason == "lease":
+        if last.retire_reason == lifecycle.RetireReason.LEASE.value:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.lease_expiration))
             ended = f"reached the end of its lease at {when}"
-        elif last.retire_reason == "deleted":
+        elif last.retire_reason == lifecycle.RetireReason.DELETED.value:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.retired_at))
             ended = f"was deleted at {when}"
         else:
@@ -497,37 +479,24 @@ class AnnexService:
     def delete(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
         if annex.state != names.RETIRED:  # (by id= a retired one is found too: nothing to do)
-            annex = self.retire(annex, "deleted")
+            annex = self.retire(annex, lifecycle.RetireReason.DELETED)
         return {"name": annex.name, "state": annex.state}
 
-    def retire(self, annex: Annex, reason: str, *, now: int | None = None) -> Annex:
-        """Retire the annex. `annex` is the view the decision was made on: a policy decision
-        (lease, idle) is checked again against the record inside the write, and does not hold
-        if the record changed since (lifecycle.retire_still_due: an acknowledged extend wins)."""
+    def retire(
+        self, annex: Annex, reason: lifecycle.RetireReason | str, *, now: int | None = None
+    ) -> Annex:
+        """Retire the annex (lifecycle.retire) and wake the loop to end its instances."""
         now = int(self._clock()) if now is None else now
-        with self.store.transaction():
-            current = self.store.get(annex.id) or annex
-            if current.state == names.RETIRED:
-                return current
-            if not lifecycle.retire_still_due(reason, annex, current, now):
-                log.info(
-                    "annex %s: %s retirement dropped, the record changed since it was decided",
-                    annex.key,
-                    reason,
-                )
-                return current
-            state = lifecycle.next_state(current.state, "retire")
-            if current.state == state and current.retire_reason:
-                return current
-            annex = self.store.update_annex(annex.id, state=state, retire_reason=reason)
-        log.info("annex %s retiring: %s", annex.key, reason)
-        faults.checkpoint("retire.recorded")
-        self.wake()
+        annex, retired = lifecycle.retire(
+            self.store, annex, lifecycle.RetireReason(reason), now=now
+        )
+        if retired:
+            self.wake()
         return annex
 
     def status(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         annex = self._find(caller, args)
-        view = self.describe(annex)
+        view = annex_status.describe(self.store, annex)
         view["Id"] = annex.id
         view["instances"] = [
             {"id": i.id, "state": i.state, "type": i.instance_type, "launched": i.launched}
@@ -539,63 +508,8 @@ class AnnexService:
         owner = args.get("owner") or None
         if not caller.is_admin:
             owner = self._owner_for(caller, {"owner": owner or caller.user})
-        views = [self.describe(a) for a in self.store.annexes(owner)]
+        views = [annex_status.describe(self.store, a) for a in self.store.annexes(owner)]
         return {"json": json.dumps(views, sort_keys=True)}
-
-    def describe(self, annex: Annex) -> dict[str, Any]:
-        """The annex as the collector ad, the CLI and the job ads see it."""
-        live = [i for i in self.store.instances(annex.id) if i.state in ("pending", "running")]
-        running = sum(1 for i in live if i.state == "running")
-        current = spec_from_record(annex.spec)
-        return {
-            "AnnexName": annex.name,
-            "Owner": annex.owner,
-            "AnnexState": annex.state,
-            "RequestedInstances": annex.requested,
-            "RunningInstances": running,
-            "PendingInstances": max(0, len(live) - running),
-            "LeaseExpiration": annex.lease_expiration,
-            "Region": annex.region,
-            "Strategy": current.strategy,
-            "Mode": current.mode,
-            "LastError": annex.last_error,
-            "BindingLimit": annex.binding_limit,
-            "RetireReason": annex.retire_reason,
-            "IdleJobs": annex.demand_idle,
-            "RunningJobs": annex.demand_running,
-            "FailedInstances": self.failed_instances(annex),
-            # Failed launch attempts in a row, and when the next one is due (epoch seconds;
-            # absent from the ad when none is waiting): lifecycle.retry_delay.
-            "LaunchFailures": annex.launch_failures,
-            "NextLaunchAttempt": annex.retry_at if annex.launch_failures else None,
-        }
-
-    def failed_instances(self, annex: Annex) -> int:
-        """Instances asked for that EC2 did not launch: launch calls that failed, and the part
-        of a launch that came back short (a launch the cloud accepted without ids is not)."""
-        failed = 0
-        for op in self.store.ops(annex.id):
-            if op.kind != "launch" or op.finished is None:
-                continue
-            count = int(op.intent.get("count", 0) or 0)
-            if op.error:
-                failed += count
-            elif op.result and not op.result.get("accepted") and not op.result.get("adopted"):
-                failed += max(0, count - len(op.result.get("instances") or []))
-        return failed
-
-    def instance_attrs(self, annex: Annex) -> dict[str, str]:
-        """Provision mode: the job stands for the annex, so its ad lists the instances."""
-        records = self.store.instances(annex.id)
-        view = self.describe(annex)
-        return {
-            "AnnexId": classad_literal(annex.id),
-            "AnnexInstanceIds": classad_literal(",".join(i.id for i in records)),
-            "AnnexInstanceStates": classad_literal(",".join(i.state for i in records)),
-            "AnnexPendingInstances": classad_literal(view["PendingInstances"]),
-            "AnnexFailedInstances": classad_literal(view["FailedInstances"]),
-            "AnnexRetireReason": classad_literal(annex.retire_reason),
-        }
 
     # --- the job router hooks ------------------------------------------------------------
 
@@ -614,29 +528,6 @@ class AnnexService:
         if not isinstance(attrs.get(names.JOB_TARGET), str):
             raise InputError(f"the job ad has no {names.JOB_TARGET}: it names no annex")
         return attrs
-
-    def job_status_attrs(self, annex: Annex | None, owner: str, name: str) -> dict[str, str]:
-        if annex is None:
-            last = self.store.last_retired(owner, name)
-            if last is None:
-                return {"AnnexState": classad_literal("unknown")}
-            annex = last
-        view = self.describe(annex)
-        extra = self.instance_attrs(annex) if view["Mode"] == "provision" else {}
-        return extra | {
-            "AnnexState": classad_literal(view["AnnexState"]),
-            "AnnexRequestedInstances": classad_literal(view["RequestedInstances"]),
-            "AnnexRunningInstances": classad_literal(view["RunningInstances"]),
-            "AnnexLeaseExpiration": classad_literal(view["LeaseExpiration"]),
-            "AnnexLastError": classad_literal(
-                view["LastError"]
-                or (
-                    f"limited to {view['RequestedInstances']} instance(s) by {view['BindingLimit']}"
-                    if view["BindingLimit"]
-                    else ""
-                )
-            ),
-        }
 
     def job_routed(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)
@@ -658,7 +549,7 @@ class AnnexService:
         except (InputError, LimitExceeded) as err:  # a name in use, retiring, a region...
             self._tell_refused(job, attrs, str(err))
             raise
-        out = self.job_status_attrs(annex, owner, wanted.name)
+        out = annex_status.job_status_attrs(self.store, annex, owner, wanted.name)
         out[names.SOCKET_ATTR] = classad_literal(self.settings.socket_path)
         return ad_answer(out)
 
@@ -725,7 +616,7 @@ class AnnexService:
     def job_update(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)
         owner, name = attrs["Owner"], attrs[names.JOB_TARGET]
-        out = self.job_status_attrs(self.store.live(owner, name), owner, name)
+        out = annex_status.job_status_attrs(self.store, self.store.live(owner, name), owner, name)
         return ad_answer(out)
 
     def job_finalize(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
@@ -744,9 +635,3 @@ def _job_ref(attrs: Mapping[str, Any], idle_since: int | None) -> JobRef | None:
     if not isinstance(cluster, int) or not isinstance(proc, int):
         return None  # (the hooks refuse such an ad before asking)
     return JobRef(cluster, proc, str(attrs["Owner"]), idle_since)
-
-
-def _default_region(job_region: str, settings: Settings) -> str:
-    from annex_gahp.cloud.aws.session import resolve_region  # noqa: PLC0415 - boto3 is heavy
-
-    return resolve_region(job_region, settings)

@@ -124,3 +124,11 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
     )
+
+
+def resolve_region(job_region: str, settings: Settings) -> str:
+    """The region an annex runs in: the job's, else ANNEX_AWS_REGION, else the helper's AWS
+    config, else us-west-1 (the cloud's session knows the AWS config)."""
+    from annex_gahp.cloud.aws.session import resolve_region as from_aws  # noqa: PLC0415 - boto3
+
+    return from_aws(job_region, settings)

@@ -17,11 +17,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from annex_gahp.errors import AnnexError
+from annex_gahp.names import RETIRED
+from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class Annex:
     owner: str
     name: str
     state: str
-    spec: dict[str, Any]
+    spec: AnnexSpec
     region: str
     requested: int
     lease_expiration: int
@@ -150,15 +152,31 @@ class InstanceRecord:
 
 
 _ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
-# Retiring is final: a writer holding an older view of the annex (the reconcile loop in the
-# middle of a cycle, while a delete lands from the socket) must not make it active again.
-_FINAL_STATES = ("retiring", "retired")
 _UPDATABLE = set(_ANNEX_FIELDS) - {"id", "owner", "name", "created"}
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(AnnexSpec))
+
+
+def _spec_text(value: AnnexSpec | Mapping[str, Any]) -> str:
+    """An annex's spec as stored (JSON). A Mapping is a record already in the stored form
+    (tests write what older versions wrote)."""
+    record = dataclasses.asdict(value) if isinstance(value, AnnexSpec) else dict(value)
+    return json.dumps(record, sort_keys=True)
+
+
+def _spec(text: str, owner: str, name: str) -> AnnexSpec:
+    """The stored JSON as the typed spec: JSON lists back to tuples, keys of other versions
+    dropped, the annex's own owner and name where an older record lacks them."""
+
+    def tuples(item: Any) -> Any:
+        return tuple(tuples(x) for x in item) if isinstance(item, list) else item
+
+    record = {k: tuples(v) for k, v in json.loads(text).items() if k in _SPEC_FIELDS}
+    return AnnexSpec(**{"owner": owner, "name": name, **record})
 
 
 def _annex(row: sqlite3.Row) -> Annex:
     values = {k: v for k, v in dict(row).items() if k not in _LEGACY_RESOURCE_COLUMNS}
-    values["spec"] = json.loads(values["spec"])
+    values["spec"] = _spec(values["spec"], values["owner"], values["name"])
     values["cloud_resources"] = json.loads(values["cloud_resources"])
     return Annex(**values)
 
@@ -227,9 +245,7 @@ class Store:
                     "'template_id', template_id, 'token_parameter', token_parameter)"
                     " WHERE template_id != '' OR token_parameter != ''"
                 )
-            self._db.execute(
-                "UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),)
-            )
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
@@ -294,7 +310,7 @@ class Store:
         owner: str,
         name: str,
         state: str,
-        spec: dict[str, Any],
+        spec: AnnexSpec | Mapping[str, Any],
         region: str,
         requested: int,
         lease_expiration: int,
@@ -311,7 +327,7 @@ class Store:
                     owner,
                     name,
                     state,
-                    json.dumps(spec, sort_keys=True),
+                    _spec_text(spec),
                     region,
                     requested,
                     lease_expiration,
@@ -324,19 +340,17 @@ class Store:
         return _annex(row)
 
     def update_annex(self, annex_id: int, **fields: Any) -> Annex:
+        """Write these fields as given. Which state changes are allowed, and what a write from
+        an older view may still change, is lifecycle's to decide (lifecycle.record)."""
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
         if "spec" in fields:
-            fields["spec"] = json.dumps(fields["spec"], sort_keys=True)
+            fields["spec"] = _spec_text(fields["spec"])
         if "cloud_resources" in fields:
             fields["cloud_resources"] = json.dumps(fields["cloud_resources"], sort_keys=True)
         fields.setdefault("updated", int(time.time()))
         with self.transaction() as db:
-            if fields.get("state", "retiring") not in _FINAL_STATES:
-                now = db.execute("SELECT state FROM annexes WHERE id=?", (annex_id,)).fetchone()
-                if now is not None and now[0] in _FINAL_STATES:
-                    fields = {k: v for k, v in fields.items() if k != "state"}
             assignments = ", ".join(f"{name}=?" for name in fields)
             db.execute(
                 f"UPDATE annexes SET {assignments} WHERE id=?",  # noqa: S608 - names are checked
@@ -355,17 +369,17 @@ class Store:
     def live(self, owner: str, name: str) -> Annex | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM annexes WHERE owner=? AND name=? AND state != 'retired'",
-                (owner, name),
+                "SELECT * FROM annexes WHERE owner=? AND name=? AND state != ?",
+                (owner, name, RETIRED),
             ).fetchone()
         return _annex(row) if row else None
 
     def last_retired(self, owner: str, name: str) -> Annex | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM annexes WHERE owner=? AND name=? AND state='retired'"
+                "SELECT * FROM annexes WHERE owner=? AND name=? AND state=?"
                 " ORDER BY retired_at DESC LIMIT 1",
-                (owner, name),
+                (owner, name, RETIRED),
             ).fetchone()
         return _annex(row) if row else None
 
@@ -376,7 +390,8 @@ class Store:
             query += " AND owner=?"
             params.append(owner)
         if not include_retired:
-            query += " AND state != 'retired'"
+            query += " AND state != ?"
+            params.append(RETIRED)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY owner, name, id", params).fetchall()
         return [_annex(row) for row in rows]
@@ -409,14 +424,10 @@ class Store:
                 ),
             )
 
-    def open_ops(self, annex_id: int | None = None) -> list[Op]:
-        query = "SELECT * FROM ops WHERE finished IS NULL"
-        params: tuple[Any, ...] = ()
-        if annex_id is not None:
-            query += " AND annex_id=?"
-            params = (annex_id,)
+    def open_ops(self) -> list[Op]:
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY id", params).fetchall()
+            query = "SELECT * FROM ops WHERE finished IS NULL ORDER BY id"
+            rows = self._db.execute(query).fetchall()
         return [_op(row) for row in rows]
 
     def ops(self, annex_id: int) -> list[Op]:
@@ -425,10 +436,6 @@ class Store:
                 "SELECT * FROM ops WHERE annex_id=? ORDER BY id", (annex_id,)
             ).fetchall()
         return [_op(row) for row in rows]
-
-    def count_ops(self, kind: str) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM ops WHERE kind=?", (kind,)).fetchone()[0]
 
     # --- instances -----------------------------------------------------------------------
 

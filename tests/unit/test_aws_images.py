@@ -19,6 +19,7 @@ from aws_fixtures import (  # noqa: F401
     moto_url,
     raw_client,
 )
+from fake_schedd import FakeSchedd
 
 from annex_gahp import spec, userdata
 from annex_gahp.cloud.aws import setup
@@ -43,20 +44,6 @@ class Clock:
         return self.now
 
 
-class Jobs:
-    def __init__(self) -> None:
-        self.jobs: dict[tuple[str, str], Demand] = {}
-
-    def counts(self) -> dict[tuple[str, str], Demand]:
-        return dict(self.jobs)
-
-    def hold(self, owner: str, annex: str, reason: str) -> None:
-        pass
-
-    def annotate(self, owner: str, annex: str, attrs: dict[str, str]) -> None:
-        pass
-
-
 class Publisher:
     def publish(self, views: Any) -> None:
         pass
@@ -74,9 +61,15 @@ class Helper:
             self.store, settings, clock=self.clock, resolve_region=lambda r, s: REGION
         )
         self.cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-{identity}")
-        self.jobs = Jobs()
+        self.jobs = FakeSchedd()
         self.loop = Reconciler(
-            self.store, self.service, self.cloud, self.jobs, Publisher(), clock=self.clock
+            self.store,
+            settings,
+            self.cloud,
+            self.jobs,
+            Publisher(),
+            clock=self.clock,
+            resolve_region=lambda r, s: REGION,
         )
 
     def annex(self, name: str, **keywords: Any) -> Annex:

@@ -348,7 +348,9 @@ def test_the_loop_creates_grows_shrinks_and_retires_a_stack_annex(moto_url: str,
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-for-{identity}")
     demand = FakeSchedd()
-    loop = Reconciler(store, service, cloud, demand, Publisher(), clock=clock)
+    loop = Reconciler(
+        store, settings, cloud, demand, Publisher(), clock=clock, resolve_region=lambda r, s: REGION
+    )
     cfn = cloud._client("cloudformation", REGION)
     calls: list[str] = []
     for op in ("CreateStack", "DeleteStack", "UpdateStack"):
@@ -523,7 +525,19 @@ def test_an_annex_rebuilt_from_tags_still_gets_its_stack_deleted(moto_url: str, 
         store = Store(path)
         service = AnnexService(store, settings, clock=Clock(), resolve_region=lambda r, s: REGION)
         cloud = AwsCloud(settings, mint=lambda identity, lifetime: "tok")
-        return store, service, cloud, Reconciler(store, service, cloud, FakeSchedd(), Publisher())
+        return (
+            store,
+            service,
+            cloud,
+            Reconciler(
+                store,
+                settings,
+                cloud,
+                FakeSchedd(),
+                Publisher(),
+                resolve_region=lambda r, s: REGION,
+            ),
+        )
 
     store, service, _, loop = world(str(tmp_path / "first.sqlite"))
     wanted = spec.from_keywords(

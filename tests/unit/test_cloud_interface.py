@@ -6,6 +6,7 @@ state file of schema 2."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -172,7 +173,8 @@ def test_a_third_backend_in_the_registry_is_used_without_touching_the_loop(moto_
     )
     world.loop.cloud = cloud
     annex = want(world, instances=3)
-    annex = world.store.update_annex(annex.id, spec={**annex.spec, "strategy": "third"})
+    third_spec = dataclasses.replace(annex.spec, strategy="third")
+    annex = world.store.update_annex(annex.id, spec=third_spec)
 
     world.loop.run_once()
     (backend,) = made

@@ -18,6 +18,7 @@ from test_reconcile import build, want
 
 from annex_gahp import lifecycle, names
 from annex_gahp.cloud.aws import fleet
+from annex_gahp.controllers import status
 from annex_gahp.errors import CloudError
 from annex_gahp.gahp import Caller
 from annex_gahp.store import SCHEMA_VERSION, Store, StoreError
@@ -109,7 +110,7 @@ def test_a_failing_setup_backs_off_and_stores_the_token_once(moto_url, tmp_path,
     copies = {p["Name"].rsplit("/", 1)[1] for p in puts if p not in annex_puts}
     assert copies and all(c.startswith("i-") for c in copies), copies
     assert len(puts) == 1 + len(copies)
-    view = world.service.describe(annex)
+    view = status.describe(world.store, annex)
     assert (view["LaunchFailures"], view["NextLaunchAttempt"]) == (0, None)  # not in the ad
 
 

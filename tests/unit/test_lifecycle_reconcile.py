@@ -90,7 +90,16 @@ def world(moto_url, tmp_path):  # noqa: F811
     service = AnnexService(store, settings, clock=clock, resolve_region=lambda r, s: REGION)
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: "token")
     schedd, collector = FakeSchedd(), Collector()
-    loop = Reconciler(store, service, cloud, schedd, Publisher(), clock=clock, slots=collector)
+    loop = Reconciler(
+        store,
+        settings,
+        cloud,
+        schedd,
+        Publisher(),
+        clock=clock,
+        slots=collector,
+        resolve_region=lambda r, s: REGION,
+    )
     return type(
         "World",
         (),

@@ -15,6 +15,7 @@ from aws_fixtures import REGION, moto_server_url, moto_url  # noqa: F401
 from test_reconcile import build, live_instances
 
 from annex_gahp import names, pilotdata, provision_job, spec
+from annex_gahp.controllers import status
 from annex_gahp.errors import InputError
 from annex_gahp.gahp import Caller
 from annex_gahp.hooks import _ad
@@ -245,7 +246,7 @@ def test_missing_user_data_fails_the_launch_and_ends_the_annex(moto_url, tmp_pat
     world.loop.run_once()  # nothing was launched: the annex ends, the job will say why
     annex = world.store.get(annex.id)
     assert annex.retire_reason == "failed" and "no user data" in annex.last_error
-    assert world.service.describe(annex)["FailedInstances"] == 0
+    assert status.describe(world.store, annex)["FailedInstances"] == 0
 
 
 # --- the job's program ------------------------------------------------------------------------

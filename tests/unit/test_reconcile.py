@@ -82,7 +82,9 @@ def build(moto_url: str, tmp_path, store: Store | None = None, clock: Clock | No
         store, settings, clock=clock, resolve_region=lambda r, s: REGION, hold_job=demand.hold_job
     )
     cloud = AwsCloud(settings, mint=lambda identity, lifetime: f"token-for-{identity}")
-    loop = Reconciler(store, service, cloud, demand, publisher, clock=clock)
+    loop = Reconciler(
+        store, settings, cloud, demand, publisher, clock=clock, resolve_region=lambda r, s: REGION
+    )
     calls: list[str] = []
     cloud._client("ec2", REGION).meta.events.register(
         "before-call.ec2.CreateFleet", lambda **kw: calls.append("CreateFleet")

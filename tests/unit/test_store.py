@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 
 from annex_gahp import lifecycle, names
+from annex_gahp.spec import AnnexSpec
 from annex_gahp.store import Store, StoreError
 
 
@@ -37,17 +38,40 @@ def test_one_live_annex_per_owner_and_name(tmp_path):
 
 
 def test_a_stale_writer_cannot_make_a_retiring_annex_active_again(tmp_path):
-    """The loop, mid-cycle with an older view, writes 'provisioning' after a delete landed."""
+    """The loop, mid-cycle with an older view, records its launch after a delete landed: the
+    lifecycle keeps the retirement (and the write's other fields)."""
     store = Store(str(tmp_path / "s.sqlite"))
-    annex = make(store)
+    annex = make(store)  # the loop's view: requested
     store.update_annex(annex.id, state=names.RETIRING, retire_reason="deleted")
-    after = store.update_annex(annex.id, state=names.PROVISIONING, last_error="partial")
+    after = lifecycle.record(store, annex, lifecycle.Event.LAUNCH, last_error="partial")
     assert (after.state, after.retire_reason, after.last_error) == (
         names.RETIRING,
         "deleted",
         "partial",
     )
-    assert store.update_annex(annex.id, state=names.RETIRED, retired_at=5).state == names.RETIRED
+    done = lifecycle.record(store, after, lifecycle.Event.GONE, retired_at=5)
+    assert done.state == names.RETIRED
+
+
+def test_the_store_records_and_decides_nothing(tmp_path):
+    """Whatever state it is given is written: refusing is the lifecycle's job."""
+    store = Store(str(tmp_path / "s.sqlite"))
+    annex = make(store)
+    store.update_annex(annex.id, state=names.RETIRING, retire_reason="deleted")
+    after = store.update_annex(annex.id, state=names.PROVISIONING)
+    assert after.state == names.PROVISIONING
+    with pytest.raises(lifecycle.TransitionError):  # the lifecycle does refuse it
+        lifecycle.next_state(names.RETIRING, lifecycle.Event.LAUNCH)
+
+
+def test_the_spec_is_typed_from_the_store_on(tmp_path):
+    store = Store(str(tmp_path / "s.sqlite"))
+    annex = make(store)  # written as an older version did: a bare dict, no owner
+    assert isinstance(annex.spec, AnnexSpec)
+    assert (annex.spec.owner, annex.spec.name, annex.spec.mode) == ("alice", "burst", "pool")
+    wanted = AnnexSpec(name="burst", owner="alice", instance_types=("m5.large", "m5a.large"))
+    again = store.update_annex(annex.id, spec=wanted)
+    assert again.spec == wanted == store.get(annex.id).spec
 
 
 def test_intent_survives_reopen_and_is_reported_open(tmp_path):

@@ -11,7 +11,6 @@ from typing import Any
 from annex_gahp.cloud import Backend, LaunchOutcome, Observed, Resources
 from annex_gahp.cloud.aws import backends, instances
 from annex_gahp.cloud.aws.context import AwsContext, ClientFactory, pilot_variables
-from annex_gahp.cloud.aws.context import spec_from_record as _spec
 from annex_gahp.errors import InputError
 from annex_gahp.settings import Settings
 from annex_gahp.store import Annex
@@ -54,7 +53,7 @@ class AwsCloud:
         return self.ctx.client(service, region)
 
     def backend(self, annex: Annex) -> Backend:
-        name = _spec(annex).strategy or backends.DEFAULT
+        name = annex.spec.strategy or backends.DEFAULT
         try:
             return self.backends[name]
         except KeyError:

@@ -4,12 +4,11 @@ launch plan). Backends get one `AwsContext`; they never make clients of their ow
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from annex_gahp import names, pilotdata, spec, tokens, userdata
+from annex_gahp import names, pilotdata, tokens, userdata
 from annex_gahp.cloud.aws import fleet, images, session, stack
 from annex_gahp.errors import InputError
 from annex_gahp.settings import Settings
@@ -22,17 +21,6 @@ log = logging.getLogger(__name__)
 TOKEN_MARGIN = 900
 
 ClientFactory = Callable[[str, str], Any]
-
-
-def spec_from_record(annex: Annex) -> spec.AnnexSpec:
-    """The annex's spec as the dataclass (the record keeps a JSON dict; lists become tuples).
-    The same reading as service.spec_from_record, which the cloud may not import."""
-
-    def tuples(item: Any) -> Any:
-        return tuple(tuples(x) for x in item) if isinstance(item, list) else item
-
-    known = {f.name for f in dataclasses.fields(spec.AnnexSpec)}
-    return spec.AnnexSpec(**{k: tuples(v) for k, v in annex.spec.items() if k in known})
 
 
 class AwsContext:
@@ -99,7 +87,7 @@ class AwsContext:
         )
 
     def instance_types(self, annex: Annex) -> tuple[str, ...]:
-        return tuple(spec_from_record(annex).instance_types) or tuple(
+        return tuple(annex.spec.instance_types) or tuple(
             self.settings.default_instance_types
         )
 
@@ -111,7 +99,7 @@ class AwsContext:
         recorded = annex.cloud_resources.get("images", "")
         if recorded:
             return tuple(recorded.split(","))
-        given = tuple(spec_from_record(annex).image_ids)
+        given = tuple(annex.spec.image_ids)
         knob = "annex_image_ids" if given else "ANNEX_DEFAULT_IMAGE_ID"
         raw = given or ((self.settings.default_image_id,) if self.settings.default_image_id else ())
         if not raw:
@@ -131,7 +119,7 @@ class AwsContext:
 
     def user_data(self, annex: Annex, boot: dict[str, str]) -> bytes:
         """The boot script; `boot` says where the token is (TokenStore.boot_fields)."""
-        wanted = spec_from_record(annex)
+        wanted = annex.spec
         if wanted.mode == "provision":
             return self._pilot_user_data(annex, wanted.user_data_template)
         return userdata.render_user_data(
@@ -180,7 +168,7 @@ class AwsContext:
     ) -> fleet.LaunchPlan:
         """`image_ids`: what launch_images gave; None: what `prepare` recorded, else the
         spec's (or the default) as written."""
-        wanted = spec_from_record(annex)
+        wanted = annex.spec
         recorded = annex.cloud_resources.get("images", "")
         if image_ids is None:
             image_ids = (

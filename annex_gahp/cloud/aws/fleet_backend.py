@@ -7,7 +7,7 @@ import logging
 
 from annex_gahp.cloud import LaunchOutcome, Observed, Resources
 from annex_gahp.cloud.aws import fleet
-from annex_gahp.cloud.aws.context import AwsContext, spec_from_record
+from annex_gahp.cloud.aws.context import AwsContext
 from annex_gahp.cloud.aws.tokenstores import AnnexTokens, TokenStore
 from annex_gahp.errors import CloudError
 from annex_gahp.store import Annex
@@ -23,7 +23,7 @@ class FleetBackend:
     def prepare(self, annex: Annex) -> Resources:
         """Token and the annex's launch template; idempotent, so redone after a crash."""
         # Provision mode: nothing of this pool goes to the instances, so no token either.
-        provision = spec_from_record(annex).mode == "provision"
+        provision = annex.spec.mode == "provision"
         # Resolved and checked before anything else is made: a refusal leaves nothing behind.
         images = self.ctx.launch_images(annex)
         location = "" if provision else self.tokens.store_token(annex)
@@ -46,7 +46,7 @@ class FleetBackend:
             annex_template_id=template,
         )
         errors = list(result.errors)
-        if spec_from_record(annex).mode == "pool":
+        if annex.spec.mode == "pool":
             try:
                 self.tokens.copy_to_instances(annex, list(result.instance_ids))
             except CloudError as err:
@@ -60,7 +60,7 @@ class FleetBackend:
 
     def extend(self, annex: Annex, ids: list[str]) -> None:
         self.ctx.retag(annex, ids)
-        if spec_from_record(annex).mode == "pool":
+        if annex.spec.mode == "pool":
             self.tokens.store_token(annex)
             self.tokens.copy_to_instances(annex, ids)
 

@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from annex_gahp import names
 from annex_gahp.cloud import LaunchOutcome, Observed, Resources
 from annex_gahp.cloud.aws import fleet, session, stack
-from annex_gahp.cloud.aws.context import AwsContext, spec_from_record
+from annex_gahp.cloud.aws.context import AwsContext
 from annex_gahp.cloud.aws.session import aws_errors
 from annex_gahp.cloud.aws.tokenstores import AnnexTokens, S3Tokens, recorded_token
 from annex_gahp.errors import CloudError, SetupError
@@ -36,7 +36,7 @@ class StackBackend:
         self._stacks: dict[tuple[str, str], str] = {}
 
     def _stack_name(self, annex: Annex) -> str:
-        wanted = spec_from_record(annex).stack_name
+        wanted = annex.spec.stack_name
         return stack.stack_name(self.ctx.settings.pool_id, annex.owner, annex.name, wanted)
 
     # --- observation -------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class StackBackend:
             # again.
             return {"stack": name, "token": recorded_token(annex), "images": images}
         # Provision mode: nothing of this pool goes to the instances, so no token either.
-        provision = spec_from_record(annex).mode == "provision"
+        provision = annex.spec.mode == "provision"
         location = "" if provision else self.tokens.store_token(annex)
         return {"stack": name, "token": location, "images": images}
 
@@ -177,7 +177,7 @@ class StackBackend:
                     names.TAG_POOL: self.ctx.settings.pool_id,
                 },
             )
-        if spec_from_record(annex).mode == "pool":
+        if annex.spec.mode == "pool":
             self.tokens.store_token(annex)
             self.tokens.copy_to_instances(annex, ids)
 
