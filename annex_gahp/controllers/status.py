@@ -69,7 +69,8 @@ def describe(store: Store, annex: Annex) -> dict[str, Any]:
 
 def failed_instances(store: Store, annex: Annex) -> int:
     """Instances asked for that EC2 did not launch: launch calls that failed, and the part
-    of a launch that came back short (a launch the cloud accepted without ids is not)."""
+    of a launch that came back short with the cloud's reasons. A launch that came back with
+    fewer ids and no error is no failure: an Auto Scaling group launches in its own time."""
     failed = 0
     for op in store.ops(annex.id):
         if op.kind != "launch" or op.finished is None:
@@ -77,7 +78,7 @@ def failed_instances(store: Store, annex: Annex) -> int:
         count = int(op.intent.get("count", 0) or 0)
         if op.error:
             failed += count
-        elif op.result and not op.result.get("accepted") and not op.result.get("adopted"):
+        elif op.result and op.result.get("errors") and not op.result.get("adopted"):
             failed += max(0, count - len(op.result.get("instances") or []))
     return failed
 
