@@ -7,8 +7,7 @@ integers) and pass the rest through as text.
 
 Strings the router gives are in the old ClassAd text form (checked on 23.9): only `\\"` is an
 escape, every other backslash stands for itself; `unquote()` reads that. What the hooks print
-comes from the helper as it wrote it (compat.quote, the bindings' quoting); `quote()` here is
-the same quoting for stdlib-only code.
+comes from the helper as it wrote it (compat.quote, the bindings' quoting): no hook quotes.
 """
 
 from __future__ import annotations
@@ -161,28 +160,6 @@ def unquote(expr: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
-
-
-# What ClassAd's own quoting (classad2.quote) writes for each byte of the UTF-8 text that is
-# not printable ASCII as itself: these escapes, else three octal digits.
-_QUOTE_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r",
-                  34: '\\"', 92: "\\\\"}  # fmt: skip
-_PLAIN = frozenset(range(32, 127)) - {34, 92}
-
-
-def quote(value: str) -> str:
-    """`value` as a ClassAd string literal, exactly as the bindings' classad2.quote writes it
-    (for stdlib-only code; the helper calls compat.quote). Raises ValueError for a NUL, which
-    ClassAd strings cannot hold."""
-    if "\0" in value:
-        raise ValueError("a ClassAd string cannot hold a NUL")
-    data = value.encode("utf-8")
-    if set(data) <= _PLAIN:
-        return f'"{value}"'
-    out = [
-        chr(b) if b in _PLAIN else _QUOTE_ESCAPES.get(b) or f"\\{b:03o}" for b in data
-    ]
-    return '"' + "".join(out) + '"'
 
 
 def check_update(name: object, expr: object) -> tuple[str, str]:
