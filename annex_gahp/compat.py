@@ -64,7 +64,7 @@ def plain(value: Any) -> str | int | float | bool | None:
 
 def quote(value: str) -> str:
     """`value` as a ClassAd string literal: the bindings' own quoting (classad2.quote, the same
-    on 23.9 and 25.x). The stdlib-only hooks have annex_gahp.hooks._ad.quote, tested to agree."""
+    on 23.9 and 25.x): the one quoting of the project (the hooks print what it wrote)."""
     import classad2  # noqa: PLC0415
 
     return classad2.quote(value)
