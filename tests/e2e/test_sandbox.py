@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import sandbox as sb
 
+# One name per pytest process: scripts/test spreads this file's tests over xdist workers, each
+# with its own module-scoped instance, and a shared name let one worker's query find another's.
+NAME = f"t1{uuid.uuid4().hex[:8]}"
+
 pytestmark = pytest.mark.sandbox
 
 
@@ -96,7 +100,7 @@ BIND_ALL_INTERFACES = False
 DAEMON_LIST = MASTER, STARTD
 USE_SHARED_PORT = False
 SEC_USE_FAMILY_SESSION = False
-AnnexName = "t1"
+AnnexName = "{name}"
 IsAnnex = True
 STARTD_ATTRS = $(STARTD_ATTRS) AnnexName IsAnnex
 START = TRUE
@@ -113,7 +117,9 @@ exec condor_master -f
 @pytest.fixture(scope="module")
 def instance():
     ec2 = sb.ec2_client()
-    user_data = USER_DATA.format(token=sb.pool_token(), collector=sb.collector_host())
+    user_data = USER_DATA.format(
+        token=sb.pool_token(), collector=sb.collector_host(), name=NAME
+    )
     res = ec2.run_instances(
         ImageId=sb.default_image_id(), InstanceType="m5.large", MinCount=1, MaxCount=1,
         UserData=user_data,
@@ -159,29 +165,29 @@ def test_imds_wants_a_token(instance):
 
 def test_instance_joins_the_pool_and_runs_an_annex_job(instance, annex_pool):
     slots = sb.wait_for(
-        lambda: sb.query_ads("Startd", 'AnnexName == "t1"', ["Name", "Machine", "IsAnnex"]),
-        timeout=90, what='a startd with AnnexName == "t1"',
+        lambda: sb.query_ads("Startd", f'AnnexName == "{NAME}"', ["Name", "Machine", "IsAnnex"]),
+        timeout=90, what=f'a startd with AnnexName == "{NAME}"',
         on_timeout=lambda: _diagnostics(instance))
     assert all(s["IsAnnex"] is True for s in slots)
     assert any(instance in s["Machine"] for s in slots)
 
-    cluster = annex_pool.submit(textwrap.dedent("""\
+    cluster = annex_pool.submit(textwrap.dedent(f"""\
         universe = vanilla
         executable = /bin/hostname
         transfer_executable = False
         should_transfer_files = YES
         when_to_transfer_output = ON_EXIT
-        requirements = TARGET.AnnexName =?= "t1"
-        output = t1-out.txt
-        error = t1-err.txt
-        log = t1-job.log
+        requirements = TARGET.AnnexName =?= "{NAME}"
+        output = {NAME}-out.txt
+        error = {NAME}-err.txt
+        log = {NAME}-job.log
         request_memory = 64
         queue
         """), user="alice")
     ad = annex_pool.wait_for_job(cluster, timeout=120)
     assert ad["ExitCode"] == 0
     # The job ran on the instance: its host name is the instance id.
-    assert annex_pool.run("cat t1-out.txt", user="alice").stdout.strip() == instance
+    assert annex_pool.run(f"cat {NAME}-out.txt", user="alice").stdout.strip() == instance
 
 
 def test_terminate_removes_the_startd_and_kills_the_instance(instance, boot_instance):
@@ -191,7 +197,7 @@ def test_terminate_removes_the_startd_and_kills_the_instance(instance, boot_inst
     boot_instance(instance).stop(timeout=30)  # terminates, waits for the root to go
     assert not Path(sb.instance_dir(instance)).exists()
     assert not sb.processes_in_root(root)
-    sb.wait_for(lambda: not sb.query_ads("Startd", 'AnnexName == "t1"', ["Name"]), timeout=60,
+    sb.wait_for(lambda: not sb.query_ads("Startd", f'AnnexName == "{NAME}"', ["Name"]), timeout=60,
                 what="the annex startd to leave the pool")
     assert sb.instance_state(instance) in ("shutting-down", "terminated")
 
