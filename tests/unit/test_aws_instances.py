@@ -44,7 +44,7 @@ def _full_parse(raw: Any, include_terminated: bool) -> list[instances.InstanceVi
     """What describe_pool saw before: botocore's parse of every field."""
     filters = [{"Name": f"tag:{names.TAG_POOL}", "Values": [POOL]}]
     if not include_terminated:
-        filters.append({"Name": "instance-state-name", "Values": list(instances.LIVE_STATES)})
+        filters.append({"Name": "instance-state-name", "Values": list(instances.NOT_TERMINATED)})
     return [
         instances.InstanceView.from_api(i)
         for page in raw.get_paginator("describe_instances").paginate(Filters=filters)

@@ -22,7 +22,9 @@ from annex_gahp.cloud.aws.session import aws_errors, error_code
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+# What describe asks for: every EC2 state short of terminated (the loop needs to see instances
+# shutting down too); what counts as capacity is lifecycle.INSTANCE_LIVE.
+NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
 TERMINATE_BATCH = 1000  # TerminateInstances' documented maximum per call
 
 
@@ -69,7 +71,7 @@ def describe_pool(
     """Every instance tagged with this pool, in one paginated DescribeInstances."""
     filters = [{"Name": f"tag:{names.TAG_POOL}", "Values": [pool_id]}]
     if not include_terminated:
-        filters.append({"Name": "instance-state-name", "Values": list(LIVE_STATES)})
+        filters.append({"Name": "instance-state-name", "Values": list(NOT_TERMINATED)})
     found: list[InstanceView] = []
     ec2.meta.events.register(
         "before-parse.ec2.DescribeInstances", _lean_parse, unique_id=_LEAN_PARSE_ID
