@@ -7,7 +7,6 @@ parameters, DescribeInstanceTypes (ProcessorInfo, GpuInfo) and DescribeImages (A
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from aws_fixtures import (  # noqa: F401
     raw_client,
 )
 from fake_schedd import FakeSchedd
+from test_aws_stack import Clock, Publisher
 
 from annex_gahp import spec, userdata
 from annex_gahp.cloud.aws import setup
@@ -34,22 +34,6 @@ from annex_gahp.store import Annex, Store
 
 POOL = "cm.test:9618"
 AL2023 = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Publisher:
-    def publish(self, views: Any) -> None:
-        pass
-
-    def invalidate(self, owner: str, annex: str) -> None:
-        pass
 
 
 class Helper:
