@@ -12,9 +12,11 @@ import dataclasses
 import gzip
 import json
 import re
+import shlex
 from importlib import resources
 
 import jinja2
+import jinja2.sandbox
 
 from annex_gahp import names
 from annex_gahp.errors import InputError
@@ -51,6 +53,9 @@ class BootContext:
     # Some instance type of the annex has GPUs (EC2's GpuInfo): the startd discovers them, so
     # request_gpus jobs match.
     gpus: bool = False
+    # ANNEX_CONDOR_INSTALL_COMMAND: how an image without HTCondor gets it at first boot ("":
+    # the distribution's package through apt-get). Shell text, quoted as one argument.
+    condor_install_command: str = ""
 
     def validate(self) -> None:
         if not re.match(names.NAME_PATTERN, self.annex):
@@ -69,6 +74,8 @@ class BootContext:
             raise InputError("no central manager for the instances (annex_central_manager)")
         if not self.token_parameter and not (self.token_bucket and self.token_key):
             raise InputError("no token parameter name (ANNEX_TOKEN_PARAMETER_PREFIX)")
+        if "\0" in self.condor_install_command or len(self.condor_install_command) > 4096:
+            raise InputError("ANNEX_CONDOR_INSTALL_COMMAND has a NUL byte or is over 4096 bytes")
         if any(c in self.aws_endpoint_url for c in "'\"\n\\ "):
             raise InputError(f"endpoint {self.aws_endpoint_url!r} cannot go into a boot script")
 
@@ -86,15 +93,19 @@ class BootContext:
 
 
 def _environment() -> jinja2.Environment:
-    # Shell and condor config, not HTML: escaping would corrupt them; inputs are validated.
-    return jinja2.Environment(
+    # Shell and condor config, not HTML: escaping would corrupt them; inputs are validated,
+    # and the sandbox keeps a value from reaching Python objects through the template.
+    env = jinja2.sandbox.SandboxedEnvironment(
         loader=jinja2.PackageLoader("annex_gahp", "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,  # noqa: S701
+        autoescape=False,
     )
+    # An admin's value in a shell script: one single-quoted word, whatever it holds.
+    env.filters["shell_quote"] = shlex.quote
+    return env
 
 
 def agent_source() -> str:
