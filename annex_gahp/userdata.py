@@ -92,7 +92,7 @@ class BootContext:
         return address
 
 
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
     # Shell and condor config, not HTML: escaping would corrupt them; inputs are validated,
     # and the sandbox keeps a value from reaching Python objects through the template.
     env = jinja2.sandbox.SandboxedEnvironment(
@@ -115,7 +115,7 @@ def agent_source() -> str:
 def render_condor_config(ctx: BootContext) -> str:
     ctx.validate()
     values = dataclasses.asdict(ctx) | {"condor_host": ctx.condor_host}
-    return _environment().get_template("annex-condor.conf.j2").render(**values)
+    return template_environment().get_template("annex-condor.conf.j2").render(**values)
 
 
 def boot_settings(ctx: BootContext) -> dict[str, object]:
@@ -143,7 +143,7 @@ def render_bootstrap(ctx: BootContext) -> str:
     if "\nANNEX_AGENT_EOF\n" in source:
         raise AssertionError("the agent source contains the here-document delimiter")
     return (
-        _environment()
+        template_environment()
         .get_template("bootstrap.sh.j2")
         .render(
             **dataclasses.asdict(ctx),
@@ -157,7 +157,11 @@ def render_bootstrap(ctx: BootContext) -> str:
 def render_user_data(ctx: BootContext) -> bytes:
     """The user data bytes: the script, gzipped when over EC2's 16 KB limit (cloud-init
     runs gzipped user data)."""
-    script = render_bootstrap(ctx).encode()
+    return fit_user_data(render_bootstrap(ctx).encode())
+
+
+def fit_user_data(script: bytes) -> bytes:
+    """A script as user data: as it is within EC2's limit, else gzipped."""
     if len(script) <= USER_DATA_LIMIT:
         return script
     packed = gzip.compress(script, mtime=0)
