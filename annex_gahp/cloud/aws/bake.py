@@ -185,13 +185,9 @@ def _wait_for_install(ec2: Any, builder: str, plan: Plan, say: Callable[[str], N
 
 
 def console(ec2: Any, instance_id: str) -> str:
-    import base64  # noqa: PLC0415
-
-    raw = ec2.get_console_output(InstanceId=instance_id).get("Output") or ""
-    try:
-        return base64.b64decode(raw).decode("utf-8", "replace")
-    except ValueError:
-        return str(raw)  # some SDK versions decode it already
+    # botocore decodes the base64 of Output itself (decode_console_output); decoding again
+    # would turn the text into noise without an error.
+    return str(ec2.get_console_output(InstanceId=instance_id).get("Output") or "")
 
 
 def console_tail(ec2: Any, instance_id: str) -> str:
