@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,47 +90,39 @@ def test_a_job_runs_on_an_instance_of_the_stock_image() -> None:
     assert log.index(" installed in ") < log.index("starting HTCondor")
 
 
-@pytest.fixture(scope="module")
-def baked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Any]]:
+def test_image_create_bakes_an_image_whose_instances_join_without_installing(
+    tmp_path: Path,
+) -> None:
+    """One test, not a module fixture and two: xdist spreads a module's tests over workers, and
+    each would bake its own image."""
     sb.check_running()
-    config = tmp_path_factory.mktemp("image") / "16-annex-image.conf"
+    config = tmp_path / "16-annex-image.conf"
     done = image_create("--write-config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     image = done.stdout.strip().splitlines()[-1]
     try:
-        yield image, config, done
+        assert image.startswith("ami-")
+        found = sb.ec2_client().describe_images(ImageIds=[image])["Images"][0]
+        tags = {t["Key"]: t["Value"] for t in found["Tags"]}
+        pool_id = sb.run_as("root", "condor_config_val", "ANNEX_POOL_ID").stdout.strip()
+        assert tags[names.TAG_POOL] == pool_id
+        assert tags[bake.TAG_CONDOR_VERSION] == "23.9.6"
+        assert tags[bake.TAG_SOURCE_IMAGE] == stock_image()
+        builder = tags[bake.TAG_BUILDER]
+        assert sb.instance_state(builder) in ("shutting-down", "terminated")
+        assert f"builder {builder} terminated" in done.stderr
+        assert config.read_text().splitlines()[-1] == f"ANNEX_DEFAULT_IMAGE_ID = {image}"
+        listed = sb.run_as("root", "htcondor-annex", "image", "list").stdout
+        assert any(line.startswith(image) and "23.9.6" in line for line in listed.splitlines())
+
+        log = run_job_on(image, "baked")
+        assert "HTCondor 23.9.6 is installed: no install step" in log
+        assert "installing" not in log
     finally:
-        ec2 = sb.ec2_client()
-        ec2.deregister_image(ImageId=image)
+        sb.ec2_client().deregister_image(ImageId=image)
         # The booter drops the image's root once no instance boots from it any more.
         sb.wait_for(lambda: not (IMAGES_DIR / image).exists(), timeout=90,
                     what=f"the booter to remove the root of {image}")
-
-
-def test_image_create_tags_the_image_and_leaves_no_builder(baked: tuple[str, Path, Any]) -> None:
-    image, config, done = baked
-    assert image.startswith("ami-")
-    found = sb.ec2_client().describe_images(ImageIds=[image])["Images"][0]
-    tags = {t["Key"]: t["Value"] for t in found["Tags"]}
-    pool_id = sb.run_as("root", "condor_config_val", "ANNEX_POOL_ID").stdout.strip()
-    assert tags[names.TAG_POOL] == pool_id
-    assert tags[bake.TAG_CONDOR_VERSION] == "23.9.6"
-    assert tags[bake.TAG_SOURCE_IMAGE] == stock_image()
-    builder = tags[bake.TAG_BUILDER]
-    assert sb.instance_state(builder) in ("shutting-down", "terminated")
-    assert f"builder {builder} terminated" in done.stderr
-    assert config.read_text().splitlines()[-1] == f"ANNEX_DEFAULT_IMAGE_ID = {image}"
-    listed = sb.run_as("root", "htcondor-annex", "image", "list").stdout
-    assert any(line.startswith(image) and "23.9.6" in line for line in listed.splitlines())
-
-
-def test_instances_of_the_baked_image_join_without_installing(
-    baked: tuple[str, Path, Any],
-) -> None:
-    image, _, _ = baked
-    log = run_job_on(image, "baked")
-    assert "HTCondor 23.9.6 is installed: no install step" in log
-    assert "installing" not in log
 
 
 def test_a_failed_install_stops_image_create_and_terminates_the_builder() -> None:
