@@ -27,7 +27,14 @@ from collections.abc import Sequence
 from annex_gahp import client, durations, names
 
 PROG = "htcondor-annex"
-ADMIN_VERBS = ("install-config", "setup", "check-setup", "teardown", "render-submit-config")
+ADMIN_VERBS = (
+    "install-config",
+    "setup",
+    "check-setup",
+    "teardown",
+    "render-submit-config",
+    "image",
+)
 HELPER_TIMEOUT = 60.0
 
 # Spec keywords offered as --options by create and submit (name and lease/expiry separately).
@@ -170,6 +177,7 @@ def _add_admin_parsers(sub: argparse._SubParsersAction, load: bool) -> None:  # 
         ("check-setup", "admin: report what of the AWS setup is missing or drifted"),
         ("teardown", "admin: delete the AWS setup"),
         ("render-submit-config", "admin: print condor_config.d/20-annex-submit.conf"),
+        ("image", "admin: images with HTCondor: image create (from a stock image), image list"),
     ):
         sub.add_parser(verb, help=text, add_help=False)
 

@@ -1,5 +1,5 @@
 """Admin verbs of `htcondor-annex`: install-config, setup, check-setup, teardown,
-render-submit-config.
+render-submit-config, image create|list.
 
 `annex_gahp/cli.py` calls `add_parsers(subparsers)`; each verb's parser carries
 `func(args) -> int` (the exit status) via `set_defaults`. Runnable alone too:
@@ -26,6 +26,8 @@ from annex_gahp.settings import Settings
 # does not import boto3 for every other `htcondor-annex` verb.
 DEFAULT_CONFIG_PATH = "/etc/condor/config.d/15-annex-setup.conf"
 DEFAULT_CONFIG_DIR = "/etc/condor/config.d"
+# `image create --write-config`: after setup's file, so its ANNEX_DEFAULT_IMAGE_ID wins.
+DEFAULT_IMAGE_CONFIG_PATH = "/etc/condor/config.d/16-annex-image.conf"
 
 # Replaceable in tests; reads HTCondor's own configuration otherwise.
 load_settings: Callable[[], Settings] = settings_module.load
@@ -248,6 +250,147 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     )
     p.add_argument("--output", help="write to this file instead of standard output")
     p.set_defaults(func=cmd_render_submit_config)
+
+    _image_parsers(subparsers)
+
+
+def _image_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    image = subparsers.add_parser(
+        "image",
+        help="images with HTCondor for pool mode: create one from a stock image, list them",
+    )
+    verbs = image.add_subparsers(dest="image_verb", required=True)
+    p = verbs.add_parser(
+        "create",
+        help="bake an AMI with HTCondor from a stock image (admin credentials)",
+        description="Launch one builder instance of SOURCE that installs HTCondor (the boot "
+        "script's install step: the distribution's package, or ANNEX_CONDOR_INSTALL_COMMAND) "
+        "and powers off; make an AMI of it tagged with this pool and the HTCondor version; "
+        "terminate the builder; print the new image id. A failure terminates the builder too "
+        "and says at which stage it stopped.",
+    )
+    p.add_argument(
+        "--source-image",
+        required=True,
+        metavar="SOURCE",
+        help="the stock image: an ami id or resolve:ssm:/aws/service/... (e.g. "
+        "resolve:ssm:/aws/service/debian/release/13/latest/amd64)",
+    )
+    p.add_argument(
+        "--instance-type",
+        default=None,
+        help="the builder's type (default: the first of ANNEX_DEFAULT_INSTANCE_TYPES); its "
+        "architecture must fit the image",
+    )
+    p.add_argument("--name", default=None, help="the AMI's name (default: pool and time)")
+    p.add_argument(
+        "--timeout",
+        default="20m",
+        help="how long the install may take, and again the AMI (default 20m)",
+    )
+    p.add_argument(
+        "--poll", type=float, default=5.0, help=argparse.SUPPRESS
+    )  # seconds between looks; tests use less
+    p.add_argument(
+        "--write-config",
+        nargs="?",
+        const=DEFAULT_IMAGE_CONFIG_PATH,
+        default=None,
+        metavar="PATH",
+        help=f"also write ANNEX_DEFAULT_IMAGE_ID to PATH (default {DEFAULT_IMAGE_CONFIG_PATH})",
+    )
+    p.add_argument("--region", default=None, help="AWS region (default: ANNEX_AWS_REGION, ...)")
+    p.set_defaults(func=cmd_image_create)
+
+    p = verbs.add_parser("list", help="the images `image create` made for this pool")
+    p.add_argument("--region", default=None, help="AWS region (default: ANNEX_AWS_REGION, ...)")
+    p.set_defaults(func=cmd_image_list)
+
+
+def _image_name(pool_id: str) -> str:
+    import re  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    pool = re.sub(r"[^A-Za-z0-9.-]+", "-", pool_id).strip("-")[:60] or "pool"
+    return f"htcondor-annex-{pool}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def cmd_image_create(args: argparse.Namespace) -> int:
+    from annex_gahp import durations  # noqa: PLC0415
+    from annex_gahp.cloud.aws import bake, images, session, setup  # noqa: PLC0415 - boto3
+
+    try:
+        cfg = _settings(args)
+        timeout = durations.parse_duration(args.timeout, "--timeout")
+        region = session.resolve_region(None, cfg)
+        ec2 = session.client("ec2", cfg, region)
+        source = images.resolve(
+            session.client("ssm", cfg, region),
+            args.source_image,
+            region,
+            cfg.image_parameter_prefixes,
+            "--source-image",
+        )
+        instance_type = args.instance_type or cfg.default_instance_types[0]
+        bake.check_fit(images.Catalog(lambda _region: ec2), region, source, instance_type)
+        plan = bake.Plan(
+            source_image=source,
+            instance_type=instance_type,
+            pool_id=cfg.pool_id,
+            name=args.name or _image_name(cfg.pool_id),
+            launch_template=cfg.launch_template,
+            install_command=cfg.condor_install_command,
+            timeout=float(timeout),
+            poll=max(0.2, args.poll),
+        )
+        baked = bake.create(ec2, plan, say=lambda line: print(f"# {line}", file=sys.stderr))
+    except ValueError as err:
+        return _fail("image create", SetupError(str(err)))
+    except AnnexError as err:
+        return _fail("image create", err)
+    print(baked.image_id)
+    print(
+        f"# HTCondor {baked.condor_version} in {baked.image_id}, made in {baked.seconds:.0f} s",
+        file=sys.stderr,
+    )
+    if cfg.allowed_image_ids and baked.image_id not in cfg.allowed_image_ids:
+        print(f"# add {baked.image_id} to ANNEX_ALLOWED_IMAGE_IDS to allow it", file=sys.stderr)
+    if args.write_config:
+        header = (
+            f"# Written by `htcondor-annex image create` from {source}: HTCondor "
+            f"{baked.condor_version}."
+        )
+        try:
+            setup.write_config(
+                {"ANNEX_DEFAULT_IMAGE_ID": baked.image_id}, args.write_config, header
+            )
+        except OSError as err:
+            return _fail("image create", SetupError(f"cannot write {args.write_config}: {err}"))
+        print(f"# wrote {args.write_config}; run condor_reconfig", file=sys.stderr)
+    return 0
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    from annex_gahp.cloud.aws import bake, session  # noqa: PLC0415 - boto3 only when needed
+
+    try:
+        cfg = _settings(args)
+        region = session.resolve_region(None, cfg)
+        with session.aws_errors(f"list this pool's images in {region}"):
+            rows = bake.pool_images(session.client("ec2", cfg, region), cfg.pool_id)
+    except AnnexError as err:
+        return _fail("image list", err)
+    columns = ("image", "created", "state", "arch", "condor", "source", "name")
+    table = [[r[c] for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in table:
+        mark = "  (ANNEX_DEFAULT_IMAGE_ID)" if row[0] == cfg.default_image_id else ""
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + mark)
+    if not rows:
+        print(f"# no images of pool {cfg.pool_id} in {region}: htcondor-annex image create",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_render_submit_config(args: argparse.Namespace) -> int:

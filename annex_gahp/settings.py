@@ -50,6 +50,9 @@ class Settings:
     # Where `resolve:ssm:` image references may point: AWS's public parameters only, so no
     # user makes the helper read the pool's own (its tokens live in Parameter Store too).
     image_parameter_prefixes: tuple[str, ...] = ("/aws/service/",)
+    # ANNEX_CONDOR_INSTALL_COMMAND: run as root at first boot on an image without HTCondor
+    # ("": the distribution's condor/htcondor package via apt-get).
+    condor_install_command: str = ""
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -122,6 +125,7 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_instance_types=_list(get("ANNEX_ALLOWED_INSTANCE_TYPES")),
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
+        condor_install_command=get("ANNEX_CONDOR_INSTALL_COMMAND"),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
     )
 

@@ -12,9 +12,11 @@ import dataclasses
 import gzip
 import json
 import re
+import shlex
 from importlib import resources
 
 import jinja2
+import jinja2.sandbox
 
 from annex_gahp import names
 from annex_gahp.errors import InputError
@@ -51,6 +53,9 @@ class BootContext:
     # Some instance type of the annex has GPUs (EC2's GpuInfo): the startd discovers them, so
     # request_gpus jobs match.
     gpus: bool = False
+    # ANNEX_CONDOR_INSTALL_COMMAND: how an image without HTCondor gets it at first boot ("":
+    # the distribution's package through apt-get). Shell text, quoted as one argument.
+    condor_install_command: str = ""
 
     def validate(self) -> None:
         if not re.match(names.NAME_PATTERN, self.annex):
@@ -69,6 +74,8 @@ class BootContext:
             raise InputError("no central manager for the instances (annex_central_manager)")
         if not self.token_parameter and not (self.token_bucket and self.token_key):
             raise InputError("no token parameter name (ANNEX_TOKEN_PARAMETER_PREFIX)")
+        if "\0" in self.condor_install_command or len(self.condor_install_command) > 4096:
+            raise InputError("ANNEX_CONDOR_INSTALL_COMMAND has a NUL byte or is over 4096 bytes")
         if any(c in self.aws_endpoint_url for c in "'\"\n\\ "):
             raise InputError(f"endpoint {self.aws_endpoint_url!r} cannot go into a boot script")
 
@@ -85,16 +92,20 @@ class BootContext:
         return address
 
 
-def _environment() -> jinja2.Environment:
-    # Shell and condor config, not HTML: escaping would corrupt them; inputs are validated.
-    return jinja2.Environment(
+def template_environment() -> jinja2.Environment:
+    # Shell and condor config, not HTML: escaping would corrupt them; inputs are validated,
+    # and the sandbox keeps a value from reaching Python objects through the template.
+    env = jinja2.sandbox.SandboxedEnvironment(
         loader=jinja2.PackageLoader("annex_gahp", "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,  # noqa: S701
+        autoescape=False,
     )
+    # An admin's value in a shell script: one single-quoted word, whatever it holds.
+    env.filters["shell_quote"] = shlex.quote
+    return env
 
 
 def agent_source() -> str:
@@ -104,7 +115,7 @@ def agent_source() -> str:
 def render_condor_config(ctx: BootContext) -> str:
     ctx.validate()
     values = dataclasses.asdict(ctx) | {"condor_host": ctx.condor_host}
-    return _environment().get_template("annex-condor.conf.j2").render(**values)
+    return template_environment().get_template("annex-condor.conf.j2").render(**values)
 
 
 def boot_settings(ctx: BootContext) -> dict[str, object]:
@@ -132,7 +143,7 @@ def render_bootstrap(ctx: BootContext) -> str:
     if "\nANNEX_AGENT_EOF\n" in source:
         raise AssertionError("the agent source contains the here-document delimiter")
     return (
-        _environment()
+        template_environment()
         .get_template("bootstrap.sh.j2")
         .render(
             **dataclasses.asdict(ctx),
@@ -146,7 +157,11 @@ def render_bootstrap(ctx: BootContext) -> str:
 def render_user_data(ctx: BootContext) -> bytes:
     """The user data bytes: the script, gzipped when over EC2's 16 KB limit (cloud-init
     runs gzipped user data)."""
-    script = render_bootstrap(ctx).encode()
+    return fit_user_data(render_bootstrap(ctx).encode())
+
+
+def fit_user_data(script: bytes) -> bytes:
+    """A script as user data: as it is within EC2's limit, else gzipped."""
     if len(script) <= USER_DATA_LIMIT:
         return script
     packed = gzip.compress(script, mtime=0)

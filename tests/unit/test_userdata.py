@@ -9,6 +9,8 @@ import http.server
 import importlib.util
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -56,8 +58,11 @@ def test_script_is_valid_sh_small_and_secret_free(tmp_path: Path) -> None:
     path.write_text(script)
     subprocess.run(["sh", "-n", str(path)], check=True)
     assert script.startswith("#!/bin/sh\n")
-    assert len(script.encode()) <= userdata.USER_DATA_LIMIT
-    assert userdata.render_user_data(context()) == script.encode()
+    # With the stock-image install step the script passed 16 KB: the user data is gzipped
+    # (cloud-init and the sandbox's booter unpack it), and must fit EC2's limit so.
+    data = userdata.render_user_data(context())
+    assert len(data) <= userdata.USER_DATA_LIMIT
+    assert userdata.decode_user_data(data) == script
     assert PARAM in script
     assert "eyJ" not in script  # no IDTOKEN (JWTs start with eyJ)
     assert "SecretAccessKey" not in script.split("ANNEX_AGENT_EOF")[0]
@@ -329,7 +334,7 @@ def test_whole_script_boots_extends_and_powers_off(
     imds.tags["htcondor-annex:expires"] = str(now + 3)
     ctx = context(aws_endpoint_url=moto_url, expires=now + 3)
     script = tmp_path / "user-data"
-    script.write_bytes(userdata.render_user_data(ctx))
+    script.write_text(userdata.decode_user_data(userdata.render_user_data(ctx)))
     root = tmp_path / "root"
     env = _agent_env(
         tmp_path,
@@ -338,6 +343,8 @@ def test_whole_script_boots_extends_and_powers_off(
         ANNEX_POWEROFF_CMD=f"touch {root}/powered-off",
         ANNEX_AGENT_INTERVAL="0.2",
     )
+    # An image with HTCondor: the install step is skipped.
+    env["PATH"] = f"{_fake_condor(tmp_path / 'condor-bin')}:{env['PATH']}"
     done = subprocess.run(
         ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -359,4 +366,95 @@ def test_whole_script_boots_extends_and_powers_off(
     _wait_for((root / "powered-off").exists, 15, "power-off at the lease end")
     log = (root / "var/log/htcondor-annex-agent.log").read_text()
     assert "lease extended" in log
+    assert "HTCondor 23.9.6 is installed: no install step" in log
     assert TOKEN not in log
+
+
+# --- stock images: HTCondor installed at first boot (issue 15) --------------------------------
+
+FAKE_VERSION = "$CondorVersion: 23.9.6 2024-07-01 BuildID: Debian-23.9.6 PackageID: 23.9.6 $"
+
+
+def _fake_condor(bin_dir: Path) -> Path:
+    """A folder with condor_master and condor_version as an installed HTCondor has them."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "condor_master").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "condor_version").write_text(f"#!/bin/sh\necho '{FAKE_VERSION}'\n")
+    for name in ("condor_master", "condor_version"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def test_install_step_rendered_for_apt_or_the_admins_command(tmp_path: Path) -> None:
+    default = userdata.render_bootstrap(context())
+    assert "install --no-install-recommends \"$pkg\"" in default
+    assert "ANNEX_CONDOR_INSTALL_COMMAND" in default  # named in the failure message
+    # A hostile-looking admin value stays one single-quoted word for `sh -c`.
+    command = "dnf -y install condor; echo 'it''s' \"$HOME\" `id` $(id)\nexit 0"
+    script = userdata.render_bootstrap(context(condor_install_command=command))
+    assert "/bin/sh -c " + shlex.quote(command) + " </dev/null" in script
+    assert "apt-get -q -y" not in script
+    path = tmp_path / "boot.sh"
+    path.write_text(script)
+    subprocess.run(["sh", "-n", str(path)], check=True)
+    with pytest.raises(InputError, match="ANNEX_CONDOR_INSTALL_COMMAND"):
+        userdata.render_bootstrap(context(condor_install_command="a\0b"))
+
+
+def _run_stock_boot(
+    tmp_path: Path, imds: FakeImds, ctx: userdata.BootContext
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    root = tmp_path / "root"
+    script = tmp_path / "user-data"
+    script.write_text(userdata.decode_user_data(userdata.render_user_data(ctx)))
+    env = _agent_env(
+        tmp_path,
+        imds,
+        ANNEX_CONDOR_START_CMD=f"touch {root}/condor-started",
+        ANNEX_POWEROFF_CMD="true",
+        ANNEX_AGENT_INTERVAL="0.2",
+    )
+    # Only the folder the install command fills, then the system's: no HTCondor before it.
+    env["PATH"] = f"{tmp_path / 'condor-bin'}:{env['PATH']}"
+    done = subprocess.run(
+        ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    log_file = root / "var/log/htcondor-annex-agent.log"
+    return done, log_file.read_text() if log_file.exists() else ""
+
+
+def test_stock_image_installs_condor_first_and_logs_its_time(
+    tmp_path: Path,
+    imds: FakeImds,
+    moto_url: str,  # noqa: F811
+) -> None:
+    raw_client("ssm", moto_url).put_parameter(Name=MINE, Value=TOKEN, Type="SecureString")
+    staged = _fake_condor(tmp_path / "package")  # what the "package" brings
+    marker = tmp_path / "install-ran"
+    bin_dir = tmp_path / "condor-bin"
+    install = f"sleep 1 && mkdir -p '{bin_dir}' && cp -a '{staged}'/. '{bin_dir}'/"
+    install += f" && touch {marker}"
+    ctx = context(
+        aws_endpoint_url=moto_url, expires=int(time.time()) + 2, condor_install_command=install
+    )
+    done, log = _run_stock_boot(tmp_path, imds, ctx)
+    assert done.returncode == 0, done.stderr + log
+    assert marker.exists()
+    assert "HTCondor not found: installing it with ANNEX_CONDOR_INSTALL_COMMAND" in log
+    assert re.search(r"HTCondor 23\.9\.6 installed in [1-9][0-9]* s", log), log
+    # Installed before HTCondor starts: the install line comes before the agent's boot lines.
+    assert log.index("installed in") < log.index("booting")
+    assert (tmp_path / "root/condor-started").exists()
+
+
+def test_failed_install_fails_fast_on_the_console(tmp_path: Path, imds: FakeImds) -> None:
+    ctx = context(expires=int(time.time()) + 1, condor_install_command="echo no repo; exit 3")
+    started = time.time()
+    done, log = _run_stock_boot(tmp_path, imds, ctx)
+    assert done.returncode == 1
+    assert time.time() - started < 20
+    assert "ERROR: installing HTCondor failed (status 3, condor_master missing)" in done.stderr
+    assert "no repo" in done.stderr  # the install's own last lines reach the console too
+    assert "installing HTCondor failed" in log
+    assert not (tmp_path / "root/condor-started").exists()
+    assert not (tmp_path / "root/usr/sbin/policy-rc.d").exists()

@@ -139,6 +139,7 @@ class AwsContext:
                 # One boot script for every type of the annex; discovery finds nothing on a
                 # type without GPUs, so any GPU type turns it on.
                 gpus=self.catalog.has_gpus(annex.region, self.instance_types(annex)),
+                condor_install_command=self.settings.condor_install_command,
             )
         )
 

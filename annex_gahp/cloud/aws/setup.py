@@ -214,23 +214,28 @@ def deploy(
     return knobs_from_outputs(settings, stack_name, clients.region, _outputs(stack))
 
 
-def config_text(knobs: dict[str, str]) -> str:
-    lines = [
-        "# Written by `htcondor-annex setup`: what the setup stack made for this pool.",
-        "# Re-run `htcondor-annex setup --write-config` rather than editing by hand.",
-    ]
+SETUP_HEADER = (
+    "# Written by `htcondor-annex setup`: what the setup stack made for this pool.\n"
+    "# Re-run `htcondor-annex setup --write-config` rather than editing by hand."
+)
+
+
+def config_text(knobs: dict[str, str], header: str = SETUP_HEADER) -> str:
+    lines = header.splitlines()
     lines += [f"{key} = {value}" for key, value in knobs.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_config(knobs: dict[str, str], path: str = DEFAULT_CONFIG_PATH) -> None:
+def write_config(
+    knobs: dict[str, str], path: str = DEFAULT_CONFIG_PATH, header: str = SETUP_HEADER
+) -> None:
     """Write the knobs as an HTCondor config file (atomically, mode 0644)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".annex-setup-")
     try:
         with os.fdopen(fd, "w") as out:
-            out.write(config_text(knobs))
+            out.write(config_text(knobs, header))
         os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException:
