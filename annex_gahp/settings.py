@@ -50,6 +50,8 @@ class Settings:
     # Where `resolve:ssm:` image references may point: AWS's public parameters only, so no
     # user makes the helper read the pool's own (its tokens live in Parameter Store too).
     image_parameter_prefixes: tuple[str, ...] = ("/aws/service/",)
+    # ANNEX_SCHEDDS: the schedds whose jobs the helper serves, by name; (): the local one.
+    schedds: tuple[str, ...] = ()
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -123,6 +125,7 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
+        schedds=_list(get("ANNEX_SCHEDDS")),
     )
 
 
