@@ -111,9 +111,10 @@ class ScheddDemand:
         """Serve these schedds (ANNEX_SCHEDDS, names as the collector has them; empty: the local
         default schedd). A schedd kept across a reconfig keeps its connection and last look."""
         wanted = list(dict.fromkeys(s.strip() for s in schedds if s.strip())) or [LOCAL]
+        if wanted != list(self._queues):
+            served = ", ".join(wanted) if wanted != [LOCAL] else "the local schedd"
+            log.info("serving the jobs of %s (ANNEX_SCHEDDS)", served)
         self._queues = {n: self._queues.get(n) or _Queue(n) for n in wanted}
-        if wanted != [LOCAL]:
-            log.info("serving the jobs of schedd(s) %s", ", ".join(wanted))
 
     def schedd_of(self, global_job_id: object, cluster: int, proc: int) -> str:
         """The served schedd that owns a job, from its GlobalJobId (`<schedd name>#<cluster>.
