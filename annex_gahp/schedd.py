@@ -119,12 +119,10 @@ class ScheddDemand:
     def schedd_of(self, global_job_id: object, cluster: int, proc: int) -> str:
         """The served schedd that owns a job, from its GlobalJobId (`<schedd name>#<cluster>.
         <proc>#<qdate>`, set by the schedd; a hook cannot change what the schedd then says
-        about that id, which is what every check asks). Serving only the local schedd, every
-        job is its own. Raises when the job names a schedd that is not served, or with several
-        schedds, names none."""
+        about that id, which is what every check asks). A job that names no schedd is the one
+        served schedd's. Raises when the job names a schedd that is not served (a router left
+        on a schedd not listed), or with several schedds, names none."""
         queues = list(self._queues)
-        if queues == [LOCAL]:
-            return LOCAL
         text = global_job_id if isinstance(global_job_id, str) else ""
         name, _, rest = text.partition("#")
         if not rest.startswith(f"{int(cluster)}.{int(proc)}#"):
@@ -134,6 +132,14 @@ class ScheddDemand:
                 f"job {cluster}.{proc} has no usable GlobalJobId: with several schedds "
                 "(ANNEX_SCHEDDS) the helper must know which one owns the job"
             )
+        if queues == [LOCAL]:
+            local = self._local_name()
+            if local is None or local.casefold() == name.casefold():
+                return LOCAL
+            raise SetupError(
+                f"job {cluster}.{proc} is in schedd {name!r}, not in the local schedd {local!r}, "
+                "the only one this helper serves: list every schedd in ANNEX_SCHEDDS"
+            )
         for served in queues:
             if served.casefold() == name.casefold():
                 return served
@@ -141,6 +147,17 @@ class ScheddDemand:
             f"job {cluster}.{proc} is in schedd {name!r}, which this helper does not serve: "
             f"add it to ANNEX_SCHEDDS (now {' '.join(queues)}) and give it a job router"
         )
+
+    def _local_name(self) -> str | None:
+        """The local default schedd's name, from its address file (no collector query); None
+        when it cannot be read (then every job is taken as the local schedd's, as before)."""
+        htc = self._htcondor
+        try:
+            name = htc.Collector().locate(htc.DaemonType.Schedd).get("Name")
+        except Exception as err:
+            log.debug("could not read the local schedd's name: %s", err)
+            return None
+        return name if isinstance(name, str) and name else None
 
     def _queue(self, schedd: str) -> _Queue:
         queue = self._queues.get(schedd) if schedd else next(iter(self._queues.values()))

@@ -1,6 +1,6 @@
-"""Several schedds on one access point (issue 18, item 4; docs/glideinwms.md): a second schedd
-with its own job router, listed in ANNEX_SCHEDDS next to the default one, with the real
-schedds, routers, hooks and helper.
+"""Several schedds on one access point (issue 18, item 4): docs/admin.md's config block for a
+second schedd with its own job router, and ANNEX_SCHEDDS listing both, applied as it stands
+to the sandbox's pool, with the real schedds, routers, hooks and helper.
 
 The second schedd is made to start its cluster ids where the default schedd's next job is, and
 bob's job takes that id in the default schedd first: alice's job in the second schedd then has
@@ -11,6 +11,7 @@ the same id in the default schedd is never touched.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -27,9 +28,10 @@ from test_lifecycle import ALICE, BOB, HELD, cleanup, htcondor_annex, startds, u
 pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 
 CONFIG = Path("/etc/condor/config.d/95-several-schedds-test.conf")
-SPOOL = Path("/var/spool/condor/annex-test-schedd2")
-LOCAL_NAME = "SCHEDD2"
-ROUTER_LOG = Path("/var/log/condor/JobRouterLog.annex-test-2")
+DOC = Path(os.environ.get("ANNEX_SRC", "/src")) / "docs" / "admin.md"
+SECTION = "## Several schedds on one access point"
+SPOOL = Path("/var/spool/condor/schedd2")
+ROUTER_LOG = Path("/var/log/condor/JobRouterLog.schedd2")
 
 
 def config_val(knob: str) -> str:
@@ -37,30 +39,13 @@ def config_val(knob: str) -> str:
     return res.stdout.strip()
 
 
-def second_schedd_config(host: str, first_cluster: int) -> str:
-    """What docs/glideinwms.md tells a site to write for a second schedd and its router."""
-    name = f"schedd2@{host}"
-    return "\n".join(
-        [
-            f"# {__file__} (removed after the test)",
-            f"{LOCAL_NAME} = $(SCHEDD)",
-            f"{LOCAL_NAME}_ARGS = -local-name {LOCAL_NAME}",
-            f"{LOCAL_NAME}.SCHEDD_NAME = schedd2",
-            f"{LOCAL_NAME}.SPOOL = {SPOOL}",
-            f"{LOCAL_NAME}.SCHEDD_LOG = $(LOG)/SchedLog.annex-test-2",
-            f"{LOCAL_NAME}.SCHEDD_CLUSTER_INITIAL_VALUE = {first_cluster}",
-            "JOB_ROUTER2 = $(JOB_ROUTER)",
-            "JOB_ROUTER2_ARGS = -local-name JOB_ROUTER2",
-            "JOB_ROUTER2.JOB_ROUTER_NAME = jobrouter2",
-            f"JOB_ROUTER2.JOB_ROUTER_SCHEDD1_NAME = {name}",
-            f"JOB_ROUTER2.JOB_ROUTER_SCHEDD1_JOB_QUEUE_LOG = {SPOOL}/job_queue.log",
-            f"JOB_ROUTER2.JOB_ROUTER_LOG = {ROUTER_LOG}",
-            "JOB_ROUTER2_ENVIRONMENT = $(JOB_ROUTER_ENVIRONMENT)",
-            f"DAEMON_LIST = $(DAEMON_LIST) {LOCAL_NAME} JOB_ROUTER2",
-            f"ANNEX_SCHEDDS = $(FULL_HOSTNAME) {name}",
-            "",
-        ]
-    )
+def documented_config() -> str:
+    """The config block of docs/admin.md's section on several schedds, as it stands."""
+    text = DOC.read_text()
+    section = text[text.index(SECTION) :]
+    found = re.search(r"^```\n(.*?)^```$", section, re.S | re.M)
+    assert found, f"no config block under {SECTION!r} in {DOC}"
+    return found[1]
 
 
 def schedd_names() -> set[str]:
@@ -79,9 +64,14 @@ def second_schedd() -> Iterator[tuple[str, int]]:
         BOB, "executable = /bin/true\nrequirements = false\nqueue\n", cwd=workdir
     )
     shutil.rmtree(SPOOL, ignore_errors=True)
+    ROUTER_LOG.unlink(missing_ok=True)  # (a previous run's says the router is up)
     SPOOL.mkdir(parents=True)
     shutil.chown(SPOOL, "condor", "condor")
-    CONFIG.write_text(second_schedd_config(host, bobs))
+    # The documented block, plus where the second schedd's job ids start (bob's id).
+    CONFIG.write_text(
+        f"# {__file__} (removed after the test)\n{documented_config()}"
+        f"SCHEDD2.SCHEDD_CLUSTER_INITIAL_VALUE = {bobs}\n"
+    )
     subprocess.run(["condor_reconfig"], check=True, capture_output=True)
     try:
         sandbox.wait_for(lambda: name in schedd_names(), timeout=40, what=f"{name} advertised")

@@ -212,6 +212,10 @@ class BindingSchedd:
         return sum(1 for q in self.calls if _BY_ID.fullmatch(q))
 
 
+# The local schedd's name under demand_over (what its GlobalJobIds start with).
+LOCAL_NAME = "ap.example.org"
+
+
 def demand_over(binding: BindingSchedd | dict[str, BindingSchedd]) -> ScheddDemand:
     """The real ScheddDemand, its htcondor2 module replaced by one whose Schedd is `binding`
     (and JobAction.Hold the string "Hold"). With a dict, name -> binding: the ScheddDemand
@@ -221,7 +225,9 @@ def demand_over(binding: BindingSchedd | dict[str, BindingSchedd]) -> ScheddDema
     demand = ScheddDemand(list(bindings))
     located: list[str] = []
 
-    def locate(daemon_type: str, name: str) -> dict[str, str]:
+    def locate(daemon_type: str, name: str | None = None) -> dict[str, str]:
+        if name is None:  # the local schedd, from its address file
+            return {"Name": LOCAL_NAME}
         located.append(name)
         return {"Name": name}
 

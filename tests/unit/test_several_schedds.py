@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
-from fake_schedd import BindingSchedd, demand_over
+from fake_schedd import LOCAL_NAME, BindingSchedd, demand_over
 from test_reconcile import build
 
 from annex_gahp import names, spec
@@ -88,10 +88,17 @@ def test_a_job_of_a_schedd_not_served_or_with_no_schedd_is_refused(schedds):
         demand.schedd_of(f"{TWO}#8.0#123", 7, 0)
 
 
-def test_one_schedd_served_takes_every_job_as_before():
-    local = ScheddDemand()
-    assert local.schedd_of("anything#7.0#1", 7, 0) == ""
-    assert local.schedd_of(None, 7, 0) == ""
+def test_the_local_schedd_alone_takes_its_own_jobs_and_refuses_another_schedds():
+    """ANNEX_SCHEDDS empty, but a router left on a second schedd: its job 7.0 must not be
+    taken for the local schedd's 7.0."""
+    local = demand_over(BindingSchedd())
+    assert local.schedd_of(f"{LOCAL_NAME}#7.0#1", 7, 0) == ""
+    assert local.schedd_of(None, 7, 0) == ""  # (an ad with no GlobalJobId: as before)
+    with pytest.raises(SetupError, match="list every schedd in ANNEX_SCHEDDS"):
+        local.schedd_of(f"{TWO}#7.0#1", 7, 0)
+
+
+def test_one_listed_schedd_takes_a_job_that_names_none():
     listed = ScheddDemand([TWO])
     assert listed.schedd_of(None, 7, 0) == TWO
     with pytest.raises(SetupError):
