@@ -286,7 +286,7 @@ class Helper:
         # Signals received and not yet acted on; only the signal handlers append to it.
         self._signals: list[int] = []
         self.store = Store(os.path.join(cfg.state_dir, "annexes.sqlite"))
-        demand = ScheddDemand()
+        demand = self.demand = ScheddDemand(cfg.schedds)
         # One ScheddDemand for both: JOB_ROUTED checks a job against the loop's last demand
         # query (service._check_still_waiting).
         self.service = AnnexService(
@@ -315,6 +315,7 @@ class Helper:
         self.master.configure()
         self.cfg = self.service.settings = self.reconciler.settings = cfg
         self.reconciler.cloud.settings = cfg
+        self.demand.serve(cfg.schedds)
         log.info("configuration reloaded")
         self._wake.set()
 

@@ -1,10 +1,10 @@
 """The reconcile loop: one snapshot per cycle, then the controllers (annex_gahp/controllers/).
 
-Each cycle makes one tag-filtered, paginated describe per region in use, one schedd query and
-one collector query, however many jobs and annexes there are. Every cloud call that creates
-something writes its intent (with the request id its resources are tagged with) before the
-call, so a helper killed at any instant adopts on restart instead of launching twice. Every
-step is isolated per region and per annex.
+Each cycle makes one tag-filtered, paginated describe per region in use, one query per served
+schedd (ANNEX_SCHEDDS) and one collector query, however many jobs and annexes there are.
+Every cloud call that creates something writes its intent (with the request id its
+resources are tagged with) before the call, so a helper killed at any instant adopts on
+restart instead of launching twice. Every step is isolated per region and per annex.
 """
 
 from __future__ import annotations

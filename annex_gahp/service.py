@@ -67,6 +67,7 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         "Owner",
         "ClusterId",
         "ProcId",
+        "GlobalJobId",  # which schedd the job is in (schedd.ScheddDemand.schedd_of)
         "QDate",
         "EnteredCurrentStatus",
         names.JOB_TARGET,
@@ -97,11 +98,17 @@ def parse_job_ad(text: str) -> dict[str, Any]:
 class JobQueue(Protocol):
     """The schedd, as the translate hook's request is checked against it (schedd.ScheddDemand)."""
 
-    def job(self, cluster: int, proc: int) -> QueuedJob | None: ...
+    def schedd_of(self, global_job_id: object, cluster: int, proc: int) -> str: ...
 
-    def left_since_last_look(self, cluster: int, proc: int, idle_since: int) -> bool: ...
+    def job(self, cluster: int, proc: int, *, schedd: str = "") -> QueuedJob | None: ...
 
-    def tell_job(self, owner: str, cluster: int, proc: int, attrs: dict[str, str]) -> None: ...
+    def left_since_last_look(
+        self, cluster: int, proc: int, idle_since: int, *, schedd: str = ""
+    ) -> bool: ...
+
+    def tell_job(
+        self, owner: str, cluster: int, proc: int, attrs: dict[str, str], *, schedd: str = ""
+    ) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +119,14 @@ class JobRef:
     proc: int
     owner: str
     idle_since: int | None  # EnteredCurrentStatus (else QDate): waiting since when
+    # The served schedd that owns it (schedd.ScheddDemand.schedd_of; "": the local one): a job
+    # is its schedd plus cluster.proc, and every call about it goes there.
+    schedd: str = ""
 
     @property
     def id(self) -> str:
-        return f"{self.cluster}.{self.proc}"
+        where = f" of schedd {self.schedd}" if self.schedd else ""
+        return f"{self.cluster}.{self.proc}{where}"
 
 
 # Why a job that is not idle or running gets no annex, as the hook's stderr line says it.
@@ -136,13 +147,13 @@ class AnnexService:
         wake: Callable[[], None] = lambda: None,
         resolve_region: Callable[[str, Settings], str] | None = None,
         clock: Callable[[], float] = time.time,
-        hold_job: Callable[[str, int, int, str], None] | None = None,
+        hold_job: Callable[..., None] | None = None,
         jobs: JobQueue | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.wake = wake
-        # (owner, cluster, proc, reason): holds one job (schedd.hold_job); provision mode holds
+        # (owner, cluster, proc, reason, schedd=): holds one job (schedd.hold_job); provision mode
         # a job whose user data cannot be used, with the reason, instead of refusing forever.
         self.hold_job = hold_job
         # The job router runs the translate hook for jobs removed after it picked them up
@@ -307,7 +318,7 @@ class AnnexService:
         if self.jobs is None:
             return
         try:
-            queued = self.jobs.job(job.cluster, job.proc)
+            queued = self.jobs.job(job.cluster, job.proc, schedd=job.schedd)
         except Exception as err:
             raise AnnexError(
                 f"could not ask the schedd whether job {job.id} still waits ({err}); nothing "
@@ -333,7 +344,7 @@ class AnnexService:
         (docs/router.md)."""
         if self.jobs is None or job.idle_since is None:
             return
-        if self.jobs.left_since_last_look(job.cluster, job.proc, job.idle_since):
+        if self.jobs.left_since_last_look(job.cluster, job.proc, job.idle_since, schedd=job.schedd):
             raise JobGone(
                 f"job {job.id} was no longer idle or running at the helper's last look at the "
                 "queue (removed, completed or held since it was routed): nothing is done for it; "
@@ -535,7 +546,7 @@ class AnnexService:
         # Since when the job waits: a job released after its annex ended may start a new one.
         since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
         since = since if isinstance(since, int) else None
-        job = _job_ref(attrs, since)
+        job = self._job_ref(attrs, since)
         try:
             wanted = spec.from_job_attrs(attrs, owner, self.settings)  # bad input says so first
         except InputError as err:
@@ -562,7 +573,11 @@ class AnnexService:
             return
         try:
             self.jobs.tell_job(
-                job.owner, job.cluster, job.proc, {"AnnexLastError": classad_literal(why)}
+                job.owner,
+                job.cluster,
+                job.proc,
+                {"AnnexLastError": classad_literal(why)},
+                schedd=job.schedd,
             )
         except Exception as err:
             log.warning("could not write AnnexLastError into job %s: %s", job.id, err)
@@ -604,14 +619,25 @@ class AnnexService:
             return data
         problem = " ".join(problem.split())[:500] or "no user data was sent"
         # AnnexLastError says it too, where annex errors go (written while the job is idle).
-        self._tell_refused(_job_ref(attrs, None), attrs, problem)
-        cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
-        if self.hold_job is not None and isinstance(cluster, int) and isinstance(proc, int):
+        job = self._job_ref(attrs, None)
+        self._tell_refused(job, attrs, problem)
+        if self.hold_job is not None and job is not None:
             try:
-                self.hold_job(str(attrs["Owner"]), cluster, proc, problem)
+                self.hold_job(job.owner, job.cluster, job.proc, problem, schedd=job.schedd)
             except Exception as err:
-                log.warning("could not hold job %s.%s: %s", cluster, proc, err)
+                log.warning("could not hold job %s: %s", job.id, err)
         raise InputError(problem)
+
+    def _job_ref(self, attrs: Mapping[str, Any], idle_since: int | None) -> JobRef | None:
+        """The job the ad speaks for, in the schedd that owns it. Raises when that is a schedd
+        this helper does not serve (ANNEX_SCHEDDS): nothing is done for the job there."""
+        cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
+        if not isinstance(cluster, int) or not isinstance(proc, int):
+            return None  # (the hooks refuse such an ad before asking)
+        schedd = ""
+        if self.jobs is not None:
+            schedd = self.jobs.schedd_of(attrs.get("GlobalJobId"), cluster, proc)
+        return JobRef(cluster, proc, str(attrs["Owner"]), idle_since, schedd)
 
     def job_update(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
         attrs = self._job(caller, args)
@@ -628,10 +654,3 @@ class AnnexService:
         self._job(caller, args)
         self.wake()
         return {}
-
-
-def _job_ref(attrs: Mapping[str, Any], idle_since: int | None) -> JobRef | None:
-    cluster, proc = attrs.get("ClusterId"), attrs.get("ProcId")
-    if not isinstance(cluster, int) or not isinstance(proc, int):
-        return None  # (the hooks refuse such an ad before asking)
-    return JobRef(cluster, proc, str(attrs["Owner"]), idle_since)

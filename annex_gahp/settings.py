@@ -53,6 +53,8 @@ class Settings:
     # ANNEX_CONDOR_INSTALL_COMMAND: run as root at first boot on an image without HTCondor
     # ("": the distribution's condor/htcondor package via apt-get).
     condor_install_command: str = ""
+    # ANNEX_SCHEDDS: the schedds whose jobs the helper serves, by name; (): the local one.
+    schedds: tuple[str, ...] = ()
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -127,6 +129,7 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
         condor_install_command=get("ANNEX_CONDOR_INSTALL_COMMAND"),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
+        schedds=_list(get("ANNEX_SCHEDDS")),
     )
 
 

@@ -35,7 +35,8 @@ SEEN_GRACE = 60
 
 
 class DemandSource(Protocol):
-    """Every schedd call the loop makes (schedd.ScheddDemand)."""
+    """Every schedd call the loop makes (schedd.ScheddDemand). All are about an annex's jobs,
+    so each reaches every served schedd (ANNEX_SCHEDDS); counts() sums them."""
 
     def counts(self) -> dict[tuple[str, str], Demand]: ...
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from annex_gahp.schedd import IDLE, RUNNING, Demand, QueuedJob, ScheddDemand
+from annex_gahp.schedd import IDLE, LOCAL, RUNNING, Demand, QueuedJob, ScheddDemand
 
 
 @dataclass
@@ -35,7 +35,10 @@ class FakeSchedd:
     """ScheddDemand's surface. Set `jobs` (what counts() answers), `queue` (what job() answers),
     `left` (the jobs left_since_last_look() says have gone), `down` (every call raises as a
     schedd that does not answer); `during_counts` runs inside counts(), i.e. inside a reconcile
-    cycle after its snapshot of the records (a request landing from the socket then)."""
+    cycle after its snapshot of the records (a request landing from the socket then).
+    One schedd: `schedd_of` answers "" (the local one) for every job, and a call about one job
+    that names any other schedd fails, as a wrong routing would. Several schedds are tested
+    under the real ScheddDemand (`demand_over` with several BindingSchedds)."""
 
     jobs: dict[tuple[str, str], Demand] = field(default_factory=dict)
     queue: dict[tuple[int, int], QueuedJob] = field(default_factory=dict)
@@ -51,6 +54,7 @@ class FakeSchedd:
     rerouted: list[tuple[str, str, int]] = field(default_factory=list)
     reschedules: int = 0
     counted: int = 0
+    served: list[str] = field(default_factory=list)
 
     @property
     def annotated(self) -> dict[tuple[str, str], dict[str, str]]:
@@ -61,16 +65,30 @@ class FakeSchedd:
         if self.down:
             raise OSError("Failed to connect to schedd (the fake's `down`)")
 
+    @staticmethod
+    def _mine(schedd: str) -> None:
+        assert schedd == LOCAL, f"a call for schedd {schedd!r} reached the one-schedd fake"
+
+    def serve(self, schedds: Sequence[str]) -> None:
+        self.served = list(schedds)
+
+    def schedd_of(self, global_job_id: object, cluster: int, proc: int) -> str:
+        return LOCAL
+
     def counts(self) -> dict[tuple[str, str], Demand]:
         self._answer()
         self.counted += 1
         self.during_counts()
         return dict(self.jobs)
 
-    def left_since_last_look(self, cluster: int, proc: int, idle_since: int) -> bool:
+    def left_since_last_look(
+        self, cluster: int, proc: int, idle_since: int, *, schedd: str = LOCAL
+    ) -> bool:
+        self._mine(schedd)
         return (cluster, proc) in self.left
 
-    def job(self, cluster: int, proc: int) -> QueuedJob | None:
+    def job(self, cluster: int, proc: int, *, schedd: str = LOCAL) -> QueuedJob | None:
+        self._mine(schedd)
         self._answer()
         return self.queue.get((cluster, proc))
 
@@ -80,11 +98,17 @@ class FakeSchedd:
         self._answer()
         self.annotations.append(Annotation(owner, annex, dict(attrs), running))
 
-    def tell_job(self, owner: str, cluster: int, proc: int, attrs: dict[str, str]) -> None:
+    def tell_job(
+        self, owner: str, cluster: int, proc: int, attrs: dict[str, str], *, schedd: str = LOCAL
+    ) -> None:
+        self._mine(schedd)
         self._answer()
         self.told.append((owner, cluster, proc, dict(attrs)))
 
-    def hold_job(self, owner: str, cluster: int, proc: int, reason: str) -> None:
+    def hold_job(
+        self, owner: str, cluster: int, proc: int, reason: str, *, schedd: str = LOCAL
+    ) -> None:
+        self._mine(schedd)
         self._answer()
         self.held_jobs.append((owner, cluster, proc, reason))
 
@@ -114,7 +138,8 @@ class BindingSchedd:
     """The htcondor2.Schedd calls ScheddDemand makes, with the bindings' parameter names.
 
     `ads` is the queue. A query by id (ScheddDemand.job) answers that job; any other query (the
-    demand query) answers every idle or running job. `edit_error`: what edit raises (a schedd
+    demand query) answers every idle or running job. `down`: every call raises as a schedd that
+    does not answer. `edit_error`: what edit raises (a schedd
     whose constraint matched no job: OSError on 23.9, HTCondorException from 23.10);
     `hold_success`: what act reports done. Every call is recorded in `calls` as one line:
     the constraint of a query, `edit <attr> where <constraint>`, `<action> where <constraint>`,
@@ -153,8 +178,7 @@ class BindingSchedd:
         self, constraint: str = "True", projection: list[str] | None = None, limit: int = -1
     ) -> list[dict[str, Any]]:
         self.calls.append(constraint)
-        if self.down:
-            raise OSError("Failed to connect to schedd")
+        self._answer()
         found = _BY_ID.fullmatch(constraint)
         if found:
             wanted = (int(found[1]), int(found[2]))
@@ -163,6 +187,7 @@ class BindingSchedd:
 
     def edit(self, job_spec: str, attr: str, value: str) -> int:
         self.calls.append(f"edit {attr} where {job_spec}")
+        self._answer()
         self.edits.append((job_spec, attr, value))
         if self.edit_error is not None:
             raise self.edit_error("Unable to edit jobs matching constraint")
@@ -170,22 +195,53 @@ class BindingSchedd:
 
     def act(self, action: Any, job_spec: str, reason: Any = None) -> dict[str, int]:
         self.calls.append(f"{action} where {job_spec}")
+        self._answer()
         self.acts.append((action, job_spec, reason))
         return {"TotalSuccess": self.hold_success}
 
     def reschedule(self) -> None:
         self.calls.append("reschedule")
+        self._answer()
+
+    def _answer(self) -> None:
+        if self.down:
+            raise OSError("Failed to connect to schedd")
 
     def by_id(self) -> int:
         """How many queries asked for one job by id."""
         return sum(1 for q in self.calls if _BY_ID.fullmatch(q))
 
 
-def demand_over(binding: BindingSchedd) -> ScheddDemand:
+# The local schedd's name under demand_over (what its GlobalJobIds start with).
+LOCAL_NAME = "ap.example.org"
+
+
+def demand_over(binding: BindingSchedd | dict[str, BindingSchedd]) -> ScheddDemand:
     """The real ScheddDemand, its htcondor2 module replaced by one whose Schedd is `binding`
-    (and JobAction.Hold the string "Hold")."""
-    demand = ScheddDemand()
+    (and JobAction.Hold the string "Hold"). With a dict, name -> binding: the ScheddDemand
+    serves those schedds (ANNEX_SCHEDDS), each located by name through the fake collector;
+    `located` counts the collector's locates."""
+    bindings = binding if isinstance(binding, dict) else {}
+    demand = ScheddDemand(list(bindings))
+    located: list[str] = []
+
+    def locate(daemon_type: str, name: str | None = None) -> dict[str, str]:
+        if name is None:  # the local schedd, from its address file
+            return {"Name": LOCAL_NAME}
+        located.append(name)
+        return {"Name": name}
+
+    def schedd(ad: dict[str, str] | None = None) -> BindingSchedd:
+        if ad is None:
+            assert isinstance(binding, BindingSchedd), "the local schedd is not served here"
+            return binding
+        return bindings[ad["Name"]]
+
     demand._htcondor = types.SimpleNamespace(
-        Schedd=lambda: binding, JobAction=types.SimpleNamespace(Hold="Hold")
+        Schedd=schedd,
+        Collector=lambda: types.SimpleNamespace(locate=locate),
+        DaemonType=types.SimpleNamespace(Schedd="Schedd"),
+        JobAction=types.SimpleNamespace(Hold="Hold"),
     )
+    demand.located = located  # type: ignore[attr-defined]
     return demand

@@ -181,7 +181,7 @@ def test_demand_query_keeps_the_waiting_ids_and_when_it_began(queue):
     assert demand.left_since_last_look(7, 2, NOW - 100) is False  # no query yet: unknown
     counts = demand.counts()
     assert (counts[("alice", "burst")].idle, counts[("alice", "burst")].running) == (1, 1)
-    assert demand._last_look == (NOW + 0.5, frozenset({(7, 0), (7, 1)}))
+    assert demand._queue("").last_look == (NOW + 0.5, frozenset({(7, 0), (7, 1)}))
     assert demand.left_since_last_look(7, 2, NOW - 1) is True  # held before the query
     assert demand.left_since_last_look(7, 9, NOW - 1) is True  # gone before the query
     assert demand.left_since_last_look(7, 0, NOW - 1) is False  # seen waiting
