@@ -12,15 +12,16 @@ import base64
 import dataclasses
 
 import classad2
+import pytest
 from aws_fixtures import REGION, moto_server_url, moto_url  # noqa: F401
 from test_lifecycle_reconcile import INTERVAL, Collector, live, want, world  # noqa: F401
 from test_provision import ALICE, _job_ad, provision_world
 from test_reconcile import live_instances
 
-from annex_gahp import compat, lifecycle, names
+from annex_gahp import compat, lifecycle, names, settings
 from annex_gahp.cloud.aws import instances
 from annex_gahp.controllers import liveness, status
-from annex_gahp.errors import CloudError
+from annex_gahp.errors import CloudError, SetupError
 from annex_gahp.schedd import Demand
 from annex_gahp.store import Store
 
@@ -210,3 +211,14 @@ def test_the_console_is_read_through_the_cloud_from_ec2(world):  # noqa: F811
     _, instance = launch_one(world)
     text = world.loop.cloud.console(REGION, instance)
     assert "Linux version" in text
+
+
+def test_the_knobs():
+    assert (settings.load({}.get).join_timeout, settings.load({}.get).max_join_failures) == (600, 3)
+    knobs = {"ANNEX_JOIN_TIMEOUT": "2m", "ANNEX_MAX_JOIN_FAILURES": "0"}
+    loaded = settings.load(knobs.get)
+    assert (loaded.join_timeout, loaded.max_join_failures) == (120, 0)
+    with pytest.raises(SetupError, match="ANNEX_MAX_JOIN_FAILURES"):
+        settings.load({"ANNEX_MAX_JOIN_FAILURES": "-1"}.get)
+    with pytest.raises(SetupError, match="ANNEX_JOIN_TIMEOUT"):
+        settings.load({"ANNEX_JOIN_TIMEOUT": "soon"}.get)
