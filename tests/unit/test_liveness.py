@@ -222,3 +222,27 @@ def test_the_knobs():
         settings.load({"ANNEX_MAX_JOIN_FAILURES": "-1"}.get)
     with pytest.raises(SetupError, match="ANNEX_JOIN_TIMEOUT"):
         settings.load({"ANNEX_JOIN_TIMEOUT": "soon"}.get)
+
+
+def test_a_version_3_state_file_gets_the_counts(tmp_path):
+    path = str(tmp_path / "state.sqlite")
+    store = Store(path)
+    annex = store.insert_annex(
+        owner="alice",
+        name="burst",
+        state=names.RUNNING,
+        spec={"name": "burst", "owner": "alice"},
+        region=REGION,
+        requested=1,
+        lease_expiration=2_000_000_000,
+    )
+    store.record_instances(annex.id, "r-1", [("i-0abc", "running", "m5.large")], 100)
+    store._db.execute("ALTER TABLE annexes DROP COLUMN join_failures")
+    store._db.execute("ALTER TABLE instances DROP COLUMN joined")
+    store._db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    store.close()
+    store = Store(path)
+    assert store.get(annex.id).join_failures == 0
+    store.mark_joined(annex.id, ["i-0abc"], 200)
+    store.mark_joined(annex.id, ["i-0abc"], 300)  # the first sighting is kept
+    assert [i.joined for i in store.instances(annex.id)] == [200]
