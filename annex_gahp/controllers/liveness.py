@@ -104,14 +104,16 @@ class Liveness:
         if not late:
             return annex, live
         ids = [i for i, _ in late]
+        # Read before terminating: EC2 keeps a running instance's console for sure.
+        tail = self._console(annex.region, ids[0])
         self.actions.terminate(annex.region, ids)
         self.actions.record_terminating(annex, ids, now)
         for instance in ids:
             self._seen.pop(instance, None)
-        annex = self._failed(annex, late, now)
+        annex = self._failed(annex, late, tail, now)
         return annex, [o for o in live if o.id not in ids]
 
-    def _failed(self, annex: Annex, late: list[tuple[str, bool]], now: int) -> Annex:
+    def _failed(self, annex: Annex, late: list[tuple[str, bool]], tail: str, now: int) -> Annex:
         settings = self.ctx.settings
         event, fields = lifecycle.join_failed(
             annex,
@@ -129,15 +131,15 @@ class Liveness:
             else f"instance {instance} did not join the pool within {timeout} of its launch"
         )
         if len(late) > 1:
-            what += f" (and {len(late) - 1} more: {' '.join(i for i, _ in late[1:])})"
+            more = " ".join(i for i, _ in late[1:6]) + (" ..." if len(late) > 6 else "")
+            what += f" (and {len(late) - 1} more: {more})"
         what += "; terminated"
-        tail = self._console(annex.region, instance)
         if tail:
             what += f"; its console ends: {tail}"
         count = f"{fields['join_failures']} in a row"
         if event == lifecycle.Event.GIVE_UP:
             error = (
-                f"stopped launching: {count} did not join (ANNEX_MAX_JOIN_FAILURES = "
+                f"stopped launching: {count} did not join or left (ANNEX_MAX_JOIN_FAILURES = "
                 f"{settings.max_join_failures}); last: {what}. Check the image "
                 "(docs/troubleshooting.md, Instances run but never join), then htcondor-annex "
                 f"delete --name {annex.name} and submit again"

@@ -82,6 +82,18 @@ def test_an_instance_that_never_joins_is_terminated_at_the_timeout_and_replaced(
     assert live(world) == [replacement]  # a joined startd that stays is never touched
 
 
+def test_instances_late_in_one_cycle_count_each_and_are_named_once(world):  # noqa: F811
+    annex = want(world, instances=2)
+    world.schedd.jobs[("alice", "burst")] = Demand(idle=2)
+    world.loop.run_once()
+    both = live(world)
+    cycles(world, TIMEOUT)
+    assert live(world) == []
+    annex = world.store.get(annex.id)
+    assert annex.join_failures == 2 and annex.state == names.RUNNING
+    assert all(i in annex.last_error for i in both) and "(and 1 more:" in annex.last_error
+
+
 def test_a_startd_that_disappears_for_the_timeout_is_replaced(world):  # noqa: F811
     annex_id, instance = launch_one(world)
     world.clock.now += 60
@@ -132,7 +144,7 @@ def test_max_join_failures_in_a_row_stop_the_launches_and_survive_a_restart(worl
     annex = world.store.get(annex_id)
     assert annex.state == names.FAILED and annex.join_failures == 3
     assert len(seen) == 3  # the first and two replacements, each terminated
-    assert annex.last_error.startswith("stopped launching: 3 in a row did not join")
+    assert annex.last_error.startswith("stopped launching: 3 in a row did not join or left")
     assert "ANNEX_MAX_JOIN_FAILURES = 3" in annex.last_error
     assert f"htcondor-annex delete --name {annex.name}" in annex.last_error
     assert status.describe(world.store, annex)["NextLaunchAttempt"] is None
