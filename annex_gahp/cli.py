@@ -296,11 +296,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(format_table(annexes))
     if isinstance(data, dict):
+        print(format_liveness(data))
         for inst in data.get("instances") or []:
             print(
                 f"  {inst.get('id', '?')}  {inst.get('state', '?')}  {inst.get('type', '') or ''}"
             )
     return 0
+
+
+def format_liveness(annex: dict) -> str:
+    """One annex's capacity health line: instances in a row that never joined the pool."""
+    return f"join failures: {annex.get('JoinFailures', 0)} in a row"
 
 
 COLUMNS = ("NAME", "OWNER", "STATE", "RUNNING/REQ", "LEASE LEFT", "LAST ERROR")

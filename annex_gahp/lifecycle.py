@@ -6,12 +6,19 @@ An annex (its `AnnexState`, public in ads):
     new --adopt----> running      (a lost state file: rebuilt from the instances' tags)
         requested/provisioning/running/failed --retire--> retiring --gone--> retired
         requested/provisioning --launch_failed--> failed --launch--> provisioning
+        requested/provisioning/running/failed --give_up--> failed   (instances never join)
 
 `new` is no record yet: a record is inserted only through `request` (a user's or a job's) or
 `adopt` (the loop, from tags). Events come from the loop (launch, up, grow, launch_failed,
-gone, adopt) and from users or policy (request, retire: delete, idle timeout, lease end,...).
+give_up, gone, adopt) and from users or policy (request, retire: delete, idle timeout, lease
+end,...).
 Anything not in the table is a bug in the caller, so it raises rather than guessing; the one
 exception is a writer whose view is older than the record (`settle`).
+
+Liveness: a pool-mode instance whose startd never joins (or leaves for good) is terminated and
+counted as a failed launch (`join_failed`, with the back-off); `join_failures` counts them in a
+row, an instance that joins ends the run, and at ANNEX_MAX_JOIN_FAILURES the annex gives up
+(`give_up`: failed, `may_launch` says no until one joins or the knob is raised).
 
 Launch back-off: `launch_failed` is one attempt that failed or got no capacity, whatever the
 state. The record counts it (`launch_failures`) and says when the next attempt may be made
@@ -53,6 +60,7 @@ class Event(enum.Enum):
     GROW = "grow"  # more instances wanted
     RETIRE = "retire"  # delete, lease end, idle timeout, ended, failed
     GONE = "gone"  # nothing of it is left in the cloud
+    GIVE_UP = "give_up"  # ANNEX_MAX_JOIN_FAILURES instances in a row never joined: no more launches
 
 
 class RetireReason(enum.Enum):
@@ -73,18 +81,22 @@ TRANSITIONS: dict[tuple[str, Event], str] = {
     (REQUESTED, E.LAUNCH): PROVISIONING,
     (REQUESTED, E.LAUNCH_FAILED): FAILED,
     (REQUESTED, E.RETIRE): RETIRING,
+    (REQUESTED, E.GIVE_UP): FAILED,
     (PROVISIONING, E.LAUNCH): PROVISIONING,
     (PROVISIONING, E.UP): RUNNING,
     (PROVISIONING, E.LAUNCH_FAILED): FAILED,
     (PROVISIONING, E.RETIRE): RETIRING,
+    (PROVISIONING, E.GIVE_UP): FAILED,
     (RUNNING, E.GROW): RUNNING,
     (RUNNING, E.LAUNCH): RUNNING,
     (RUNNING, E.UP): RUNNING,
     (RUNNING, E.LAUNCH_FAILED): RUNNING,  # some capacity is up; the shortfall shows in LastError
     (RUNNING, E.RETIRE): RETIRING,
+    (RUNNING, E.GIVE_UP): FAILED,  # what joined keeps running; nothing new is launched
     (FAILED, E.LAUNCH): PROVISIONING,  # the next attempt, once its retry_at has passed
     (FAILED, E.LAUNCH_FAILED): FAILED,  # and that one failed too: a longer wait
     (FAILED, E.RETIRE): RETIRING,
+    (FAILED, E.GIVE_UP): FAILED,
     (RETIRING, E.RETIRE): RETIRING,
     (RETIRING, E.GONE): RETIRED,
 }
@@ -197,9 +209,40 @@ def launch_failed(annex: Annex, now: int, interval: int) -> dict[str, Any]:
 LAUNCHED: dict[str, Any] = {"launch_failures": 0, "retry_at": None}
 
 
-def may_launch(annex: Annex, now: int) -> bool:
-    """Not while backing off after failed attempts (retry_at not reached)."""
+def may_launch(annex: Annex, now: int, max_join_failures: int = 0) -> bool:
+    """Not while backing off after failed attempts (retry_at not reached), nor once the annex
+    gave up on instances that never join (gave_up)."""
+    if gave_up(annex, max_join_failures):
+        return False
     return annex.retry_at is None or now >= annex.retry_at
+
+
+# --- liveness: pool-mode instances that never join (controllers/liveness.py) ----------------
+
+
+def gave_up(annex: Annex, max_join_failures: int) -> bool:
+    """`max_join_failures` of its instances in a row never joined (0: never give up). Read
+    from the knob each time: an admin who raises ANNEX_MAX_JOIN_FAILURES lets it launch again,
+    and an instance of it that joins after all ends the run (join_failures back to 0)."""
+    return max_join_failures > 0 and annex.join_failures >= max_join_failures
+
+
+def join_failed(
+    annex: Annex, failures: int, now: int, interval: int, max_join_failures: int
+) -> tuple[Event, dict[str, Any]]:
+    """`failures` more instances did not join: each counts as a failed launch (the back-off
+    grows with the run, though a successful CreateFleet between them clears launch_failures),
+    and at `max_join_failures` in a row the annex gives up (GIVE_UP: failed, no next attempt)."""
+    joins = annex.join_failures + failures
+    attempts = max(annex.launch_failures, annex.join_failures) + failures
+    fields: dict[str, Any] = {"join_failures": joins, "launch_failures": attempts}
+    if max_join_failures > 0 and joins >= max_join_failures:
+        return Event.GIVE_UP, fields | {"retry_at": None}
+    return Event.LAUNCH_FAILED, fields | {"retry_at": now + retry_delay(attempts, interval)}
+
+
+# The field written when an instance of the annex joins: the run of failures ends.
+JOINED: dict[str, Any] = {"join_failures": 0}
 
 
 def backing_off(annex: Annex) -> bool:

@@ -28,6 +28,7 @@ from annex_gahp.controllers import (
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
+from annex_gahp.controllers.liveness import Liveness, Presence, present
 from annex_gahp.controllers.provisioning import Provisioning
 from annex_gahp.controllers.status import Status
 from annex_gahp.errors import AnnexError
@@ -63,6 +64,7 @@ class Reconciler:
         self.status = Status(self.ctx, self.actions)
         self.provisioning = Provisioning(self.ctx, self.actions)
         self.disruption = Disruption(self.ctx, self.actions)
+        self.liveness = Liveness(self.ctx, self.actions)
         self.gc = GarbageCollector(self.ctx, self.actions, self.status)
         # region -> (failed looks in a row, when to look again, why) while it cannot be seen.
         self._unreachable: dict[str, tuple[int, int, str]] = {}
@@ -139,7 +141,9 @@ class Reconciler:
         mine: dict[tuple[str, str], list[Observed]] = defaultdict(list)
         for o in observed:
             mine[o.key].append(o)
-        unclaimed = self.disruption.unclaimed_instances()
+        ads = self._slot_ads()
+        unclaimed = self.disruption.unclaimed_instances(ads)
+        presence = present(ads)
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)
@@ -147,7 +151,9 @@ class Reconciler:
                 if annex.region in failed:
                     after = self._unobserved(annex, failed[annex.region])
                 else:
-                    after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
+                    after = self._step(
+                        annex, mine.get(key, []), demand, unclaimed.get(key), presence
+                    )
             except Exception as err:  # one annex's failure, of whatever kind, is its own
                 after = self._failed_step(annex, err)
             changed.append(after)
@@ -155,6 +161,17 @@ class Reconciler:
         self.status.publish(changed)
         if demand:
             self.disruption.left_behind(demand)
+
+    def _slot_ads(self) -> list[dict[str, Any]] | None:
+        """The cycle's one collector query: the annexes' startd ads (None: no answer, so no
+        instance is known to be unused or missing)."""
+        if self.ctx.slots is None:
+            return None
+        try:
+            return self.ctx.slots.slots(self.settings.pool_id)
+        except Exception as err:
+            log.warning("could not read the annexes' slots from the collector: %s", one_line(err))
+            return None
 
     def _failed_step(self, annex: Annex, err: Exception) -> Annex:
         """Keep the error with the annex (its LastError), logged once while it repeats."""
@@ -237,6 +254,7 @@ class Reconciler:
         seen: list[Observed],
         demand: dict[tuple[str, str], Demand] | None,
         unclaimed: dict[str, int] | None = None,
+        presence: Presence | None = None,
     ) -> Annex:
         now = self.ctx.now()
         if annex.last_error.startswith(_UNSEEN):  # its region answers again
@@ -247,6 +265,8 @@ class Reconciler:
             annex = self.disruption.policy(annex, demand, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:
             annex, live = self.disruption.retire_unclaimed(annex, live, unclaimed, now)
+        if annex.state in lifecycle.ACTIVE:
+            annex, live = self.liveness.check(annex, live, presence, now)
         if annex.state in lifecycle.ACTIVE:
             annex = self.provisioning.converge(annex, live, now)
             if annex.state == names.RETIRING:

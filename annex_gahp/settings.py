@@ -55,6 +55,11 @@ class Settings:
     condor_install_command: str = ""
     # ANNEX_SCHEDDS: the schedds whose jobs the helper serves, by name; (): the local one.
     schedds: tuple[str, ...] = ()
+    # Liveness (controllers/liveness.py): a pool-mode instance whose startd is not in the
+    # collector this long after its launch (or after it was last seen) is terminated as a failed
+    # launch; after this many such failures in a row the annex stops launching.
+    join_timeout: int = 600
+    max_join_failures: int = 3
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -130,7 +135,19 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         condor_install_command=get("ANNEX_CONDOR_INSTALL_COMMAND"),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
         schedds=_list(get("ANNEX_SCHEDDS")),
+        **_liveness(get),
     )
+
+
+def _liveness(get: Callable[[str, str], str]) -> dict[str, int]:
+    """ANNEX_JOIN_TIMEOUT and ANNEX_MAX_JOIN_FAILURES (0: never stop replacing)."""
+    failures = _int("ANNEX_MAX_JOIN_FAILURES", get("ANNEX_MAX_JOIN_FAILURES", "3"))
+    if failures < 0:
+        raise SetupError(f"ANNEX_MAX_JOIN_FAILURES = {failures} is negative: give 0 or more")
+    return {
+        "join_timeout": _duration("ANNEX_JOIN_TIMEOUT", get("ANNEX_JOIN_TIMEOUT", "10m")),
+        "max_join_failures": failures,
+    }
 
 
 def resolve_region(job_region: str, settings: Settings) -> str:

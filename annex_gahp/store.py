@@ -27,14 +27,18 @@ from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added since version 1, as (name, definition): an older file gets them when it is
 # opened (ADD COLUMN keeps every row, with the default), and is then the current version.
 _ADDED_COLUMNS = (
     ("launch_failures", "INTEGER NOT NULL DEFAULT 0"),
     ("retry_at", "INTEGER"),
     ("cloud_resources", "TEXT NOT NULL DEFAULT '{}'"),
+    # Version 4: instances in a row that never joined the pool (controllers/liveness.py).
+    ("join_failures", "INTEGER NOT NULL DEFAULT 0"),
 )
+# Version 4: when an instance's startd was first seen in the collector (NULL: not yet).
+_ADDED_INSTANCE_COLUMNS = (("joined", "INTEGER"),)
 # Version 3 keeps what the cloud backend's `prepare` made in one JSON dict only the backend
 # reads (cloud_resources); versions 1 and 2 had two columns that meant a launch template and an
 # SSM parameter, or a stack name and an s3:// URL. Their values move into the dict under their
@@ -64,7 +68,8 @@ CREATE TABLE IF NOT EXISTS annexes (
     cloud_resources TEXT NOT NULL DEFAULT '{}',
     adopted INTEGER NOT NULL DEFAULT 0,
     launch_failures INTEGER NOT NULL DEFAULT 0,
-    retry_at INTEGER
+    retry_at INTEGER,
+    join_failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_annex ON annexes(owner, name)
     WHERE state != 'retired';
@@ -86,7 +91,8 @@ CREATE TABLE IF NOT EXISTS instances (
     state TEXT NOT NULL,
     instance_type TEXT NOT NULL DEFAULT '',
     launched INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL
+    last_seen INTEGER NOT NULL,
+    joined INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
 """
@@ -121,6 +127,8 @@ class Annex:
     # Failed launch attempts in a row, and when the next may be made (lifecycle.retry_delay).
     launch_failures: int
     retry_at: int | None
+    # Pool-mode instances in a row whose startd never joined (lifecycle.join_failed).
+    join_failures: int = 0
 
     @property
     def key(self) -> str:
@@ -149,6 +157,7 @@ class InstanceRecord:
     instance_type: str
     launched: int
     last_seen: int
+    joined: int | None = None  # when its startd was first seen in the collector
 
 
 _ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
@@ -226,7 +235,7 @@ class Store:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) in (1, 2):
+        elif 1 <= int(row[0]) < SCHEMA_VERSION:
             self._add_columns()
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -239,6 +248,10 @@ class Store:
             for name, definition in _ADDED_COLUMNS:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE annexes ADD COLUMN {name} {definition}")
+            have_instances = {info[1] for info in self._db.execute("PRAGMA table_info(instances)")}
+            for name, definition in _ADDED_INSTANCE_COLUMNS:
+                if name not in have_instances:
+                    self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {definition}")
             if set(_LEGACY_RESOURCE_COLUMNS) <= have:
                 self._db.execute(
                     "UPDATE annexes SET cloud_resources = json_object("
@@ -461,6 +474,14 @@ class Store:
                 "SELECT * FROM instances WHERE annex_id=? ORDER BY launched, id", (annex_id,)
             ).fetchall()
         return [InstanceRecord(**dict(row)) for row in rows]
+
+    def mark_joined(self, annex_id: int, instance_ids: Iterable[str], now: int) -> None:
+        """Record the first time these instances' startds were seen (kept if already set)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE instances SET joined=? WHERE annex_id=? AND id=? AND joined IS NULL",
+                [(now, annex_id, i) for i in instance_ids],
+            )
 
     def instance_owner(self, instance_id: str) -> int | None:
         with self._lock:

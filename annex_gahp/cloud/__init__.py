@@ -102,6 +102,11 @@ class Cloud(Protocol):
         """Delete what the annex holds besides instances; raises CloudError while waiting."""
         ...
 
+    def console(self, region: str, instance_id: str) -> str:
+        """The instance's console output as the cloud keeps it ("" if none yet). Hostile text
+        (the instance wrote it): bounded here, made printable by whoever shows it."""
+        ...
+
     def purge(self, *, dry_run: bool = False) -> dict[str, list[str]]:
         """Every annex resource of this pool besides loose instances (setup teardown), by
         kind; with `dry_run`, only what is found."""

@@ -6,6 +6,8 @@
                       mode's ends
     disruption.py     lease end (and its holds), idle timeout, instances nobody claims, jobs
                       left behind by an annex that ended
+    liveness.py       pool-mode instances whose startd never joins (or leaves): terminated and
+                      replaced as failed launches, until the annex gives up
     gc.py             start-up recovery (open intents, adoption from tags), orphan reaping,
                       retiring an annex's resources
     status.py         Annex ads and the waiting jobs' attributes

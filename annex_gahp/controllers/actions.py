@@ -123,6 +123,8 @@ class Actions:
         if outcome.failed:
             return self.launch_failed(annex, "; ".join(outcome.errors), now)
         error = "; ".join(outcome.errors)
+        if not error and annex.join_failures:
+            error = annex.last_error  # why this is a replacement stays until one joins (liveness)
         return lifecycle.record(store, annex, Event.LAUNCH, last_error=error, **lifecycle.LAUNCHED)
 
     def launch_failed(self, annex: Annex, error: str, now: int) -> Annex:

@@ -102,22 +102,20 @@ class Disruption:
 
     # --- instances nobody uses -------------------------------------------------------------
 
-    def unclaimed_instances(self) -> dict[tuple[str, str], dict[str, int]]:
-        """(owner, annex) -> {instance id: unclaimed since}, from one collector query.
+    def unclaimed_instances(
+        self, ads: list[dict[str, Any]] | None
+    ) -> dict[tuple[str, str], dict[str, int]]:
+        """(owner, annex) -> {instance id: unclaimed since}, from the cycle's one collector
+        query (`ads`; None: it got no answer, so nothing is known to be unused).
 
         An instance counts as unclaimed when none of its slots is claimed; since when is the
         latest of its slots' EnteredCurrentState and the last time this loop saw one of them
         claimed (a partitionable slot stays Unclaimed while its dynamic slots run jobs). An
         instance whose startd has not reported is not in the answer: never retired as unused.
         """
-        if self.ctx.slots is None:
+        if ads is None:
             return {}
         now = self.ctx.now()
-        try:
-            ads = self.ctx.slots.slots(self.ctx.settings.pool_id)
-        except Exception as err:  # no collector answer: nothing is known to be unused
-            log.warning("could not read the annexes' slots from the collector: %s", err)
-            return {}
         per: dict[str, tuple[tuple[str, str], bool, int]] = {}
         for ad in ads:
             instance = ad.get("AnnexInstanceId")

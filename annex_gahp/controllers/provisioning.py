@@ -35,7 +35,8 @@ class Provisioning:
             # not replaced, as a grid-universe ec2 job's VM is not.
             have = max(have, len(store.instances(annex.id)))
         running = sum(1 for o in live if o.state == lifecycle.I_RUNNING)
-        if have < annex.requested and lifecycle.may_launch(annex, now):
+        stop = self.ctx.settings.max_join_failures
+        if have < annex.requested and lifecycle.may_launch(annex, now, stop):
             annex = self.actions.launch(annex, have, now)
         elif have > annex.requested:
             surplus = sorted(live, key=lambda o: (o.state == lifecycle.I_RUNNING, o.id))
@@ -43,7 +44,11 @@ class Provisioning:
             self.actions.terminate(annex.region, ids)
             self.actions.record_terminating(annex, ids, now)
             log.info("annex %s shrinks by %d: %s", annex.key, len(ids), " ".join(ids))
-        if live and annex.state in (names.REQUESTED, names.FAILED):
+        if (
+            live
+            and annex.state in (names.REQUESTED, names.FAILED)
+            and not lifecycle.gave_up(annex, stop)
+        ):
             # Its instances exist but the launch's state change was never written: the helper
             # died between CreateFleet and recording it, and the restart adopted them.
             annex = lifecycle.record(store, annex, Event.LAUNCH)

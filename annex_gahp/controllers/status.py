@@ -64,7 +64,12 @@ def describe(store: Store, annex: Annex) -> dict[str, Any]:
         # absent from the ad when none is waiting): lifecycle.retry_delay.
         "LaunchFailures": annex.launch_failures,
         "NextLaunchAttempt": annex.retry_at if lifecycle.backing_off(annex) else None,
-    }
+    } | liveness_view(annex)
+
+
+def liveness_view(annex: Annex) -> dict[str, Any]:
+    """Capacity health (controllers/liveness.py): instances in a row that never joined."""
+    return {"JoinFailures": annex.join_failures}
 
 
 def failed_instances(store: Store, annex: Annex) -> int:

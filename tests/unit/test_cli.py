@@ -245,6 +245,15 @@ def test_status_one_annex_and_json(peer, capsys) -> None:
     ]
 
 
+def test_status_one_annex_shows_its_join_failures(peer, capsys) -> None:
+    p, path = peer
+    answer = json.loads(p.answers["ANNEX_STATUS"]["json"]) | {"JoinFailures": 2}
+    p.answers["ANNEX_STATUS"] = {"json": json.dumps(answer)}
+    code, out, _ = run(["--socket", path, "status", "--name", "gpu-burst"], capsys)
+    assert code == 0
+    assert "join failures: 2 in a row" in out.splitlines()
+
+
 def test_status_with_no_annexes(peer, capsys) -> None:
     p, path = peer
     p.answers["ANNEX_LIST"] = {"json": "[]"}

@@ -23,6 +23,8 @@ ACCEPTED_RESOURCE_STAR: dict[tuple[str, str], str] = {
     ("runtime", "CreateTaggedForThisPool"): "a new resource has no ARN yet; aws:RequestTag pins "
     "the pool tag",
     ("runtime", "ManageThisPoolsResources"): "any resource of this pool: aws:ResourceTag pins it",
+    ("runtime", "ConsoleOfThisPool"): "the console of any instance of this pool (liveness): "
+    "aws:ResourceTag pins it",
     ("runtime", "FleetServiceLinkedRoles"): "iam:AWSServiceName limits it to spot, ec2fleet and "
     "autoscaling",
     ("runtime", "StackStrategyCreate"): "a new stack has no ARN yet; aws:RequestTag pins the "

@@ -101,6 +101,9 @@ class AwsCloud:
     def extend(self, annex: Annex, ids: list[str]) -> None:
         self.backend(annex).extend(annex, ids)
 
+    def console(self, region: str, instance_id: str) -> str:
+        return instances.console_output(self.ctx.client("ec2", region), instance_id)
+
     def release(self, annex: Annex) -> None:
         own = self.backend(annex)
         for each in self.backends.values():

@@ -210,6 +210,17 @@ def parse_instances_page(body: bytes) -> tuple[dict[str, Any], str]:
 
 
 _INSTANCE_ID = re.compile(r"\bi-[0-9a-f]+\b")
+# EC2 keeps the last 64 KiB of a console; more from an emulator or a proxy is not kept.
+CONSOLE_MAX = 64 * 1024
+
+
+def console_output(ec2: Any, instance_id: str) -> str:
+    """The instance's console output as EC2 keeps it ("" when it has none yet): text the
+    instance wrote, so hostile; bounded, never interpreted here. (botocore's own handler has
+    already decoded EC2's base64, leniently.)"""
+    with aws_errors(f"read the console output of {instance_id}"):
+        answer = ec2.get_console_output(InstanceId=instance_id)
+    return str(answer.get("Output") or "")[-CONSOLE_MAX:]
 
 
 def terminate(ec2: Any, ids: Iterable[str]) -> list[str]:

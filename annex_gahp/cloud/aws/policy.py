@@ -141,6 +141,15 @@ def runtime_policy_document(
             "Condition": _pool_condition("ResourceTag", pool_id),
         },
         {
+            # Liveness: the tail of an instance that never joined goes into its annex's
+            # LastError (controllers/liveness.py).
+            "Sid": "ConsoleOfThisPool",
+            "Effect": "Allow",
+            "Action": "ec2:GetConsoleOutput",
+            "Resource": "*",
+            "Condition": _pool_condition("ResourceTag", pool_id),
+        },
+        {
             "Sid": "InstanceTokens",
             "Effect": "Allow",
             "Action": [
