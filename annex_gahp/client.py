@@ -169,7 +169,7 @@ def _connect(path: str, timeout: float) -> _socket.socket:
 def _stringify(kwargs: dict[str, object]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in kwargs.items():
-        if isinstance(value, bool) or not isinstance(value, str | int):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(f"argument {key!r} must be str or int, not {type(value).__name__}")
         out[key] = str(value)
     return out

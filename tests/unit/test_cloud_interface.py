@@ -56,7 +56,7 @@ def strategy_comparisons(path: Path) -> list[str]:
     def literal_names(node: ast.AST) -> set[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return {node.value}
-        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             return {e.value for e in node.elts if isinstance(e, ast.Constant)}
         return set()
 
