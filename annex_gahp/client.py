@@ -110,7 +110,7 @@ class _Conversation:
             self._settimeout()
             try:
                 data = self.sock.recv(65536)
-            except TimeoutError:
+            except _socket.timeout:  # not TimeoutError: on 3.9 it is only an OSError
                 raise ClientError(
                     TIMEOUT, f"annex_gahp did not answer within {self.timeout:g}s"
                 ) from None

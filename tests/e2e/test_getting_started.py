@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -87,13 +88,9 @@ SOURCE = Path("/root/htcondor-annex-gahp")  # the reader's source directory, as 
 def source_directory() -> None:
     """What the reader has before the install: the project's source directory, here a copy of
     the tree the sandbox was started from (as scripts/sandbox copies it; /src is read-only)."""
-    subprocess.run(["rm", "-rf", str(SOURCE)], check=True)
-    SOURCE.mkdir()
-    subprocess.run(
-        f"tar -C {DOC.parents[1]} --exclude=.git --exclude='*.egg-info' --exclude=build"
-        f" --exclude=__pycache__ -cf - . | tar -C {SOURCE} -xf -",
-        shell=True, check=True,
-    )  # fmt: skip
+    shutil.rmtree(SOURCE, ignore_errors=True)
+    skip = shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", ".pytest_cache")
+    shutil.copytree(DOC.parents[1], SOURCE, ignore=skip)
 
 
 def check_venv(res) -> None:
@@ -229,7 +226,7 @@ def restore_sandbox():
     for path in (LINK, HELP):
         if path.is_symlink() or path.exists():
             path.unlink()
-    subprocess.run(["rm", "-rf", str(SOURCE)], check=False)
+    shutil.rmtree(SOURCE, ignore_errors=True)
     htcondor_annex(ALICE, "delete", "--name", ANNEX, check=False)
     subprocess.run(["condor_reconfig"], check=False, capture_output=True)
 

@@ -54,9 +54,13 @@ def test_a_conflict_and_an_error_valued_attribute_reach_the_job() -> None:
     second = third = 0
     try:
         # The annex exists (its job routed) before the conflicting job comes.
-        sb.wait_for(lambda: af(first)[1:2] in (["requested"], ["provisioning"], ["running"]),
-                    timeout=40, interval=1, what=f"job {first} to be routed",
-                    on_timeout=lambda: str(af(first)))
+        sb.wait_for(
+            lambda: af(first)[1:2] in (["requested"], ["provisioning"], ["running"]),
+            timeout=40,
+            interval=1,
+            what=f"job {first} to be routed",
+            on_timeout=lambda: str(af(first)),
+        )
         # The jobs fit no slot, so they stay idle: a refused job may still run on its annex's
         # slots when it fits them (they take any job of the owner that names the annex), and
         # a refusal, like the annex's state, is written only into an idle job.
@@ -66,23 +70,37 @@ def test_a_conflict_and_an_error_valued_attribute_reach_the_job() -> None:
         sb.run_as(ALICE, "condor_qedit", str(third), "AnnexInstances", "error")
         sb.run_as(ALICE, "condor_release", str(third))
 
-        row = sb.wait_for(lambda: refused(second), timeout=40, interval=1,
-                          what=f"job {second}'s refusal", on_timeout=lambda: str(af(second)))
+        row = sb.wait_for(
+            lambda: refused(second),
+            timeout=40,
+            interval=1,
+            what=f"job {second}'s refusal",
+            on_timeout=lambda: str(af(second)),
+        )
         assert row[0] == "1", row  # idle
         assert "already runs with annex_instance_types = 'm5.large'" in row[2], row
         assert "this job asks for 'c5.large'" in row[2], row
 
-        row = sb.wait_for(lambda: refused(third), timeout=40, interval=1,
-                          what=f"job {third}'s refusal", on_timeout=lambda: str(af(third)))
+        row = sb.wait_for(
+            lambda: refused(third),
+            timeout=40,
+            interval=1,
+            what=f"job {third}'s refusal",
+            on_timeout=lambda: str(af(third)),
+        )
         assert row[0] == "1" and "AnnexInstances evaluates to error" in row[2], row
 
         # The annex's own state is written into its waiting jobs when it changes, but not
         # into the refused ones: a lease extension is such a change, seen in the first job.
         before = lease_of(first)
         sb.run_as(ALICE, "htcondor-annex", "extend", "--name", annex, "--lease", "2h")
-        new = sb.wait_for(lambda: lease_of(first) not in (None, before) and lease_of(first),
-                          timeout=40, interval=1, what=f"the new lease in job {first}",
-                          on_timeout=lambda: str(af(first)))
+        new = sb.wait_for(
+            lambda: lease_of(first) not in (None, before) and lease_of(first),
+            timeout=40,
+            interval=1,
+            what=f"the new lease in job {first}",
+            on_timeout=lambda: str(af(first)),
+        )
         assert refused(second), af(second)
         assert lease_of(second) != new  # (it may carry a write from before its refusal)
     finally:
