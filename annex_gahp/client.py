@@ -110,7 +110,7 @@ class _Conversation:
             self._settimeout()
             try:
                 data = self.sock.recv(65536)
-            except TimeoutError:
+            except _socket.timeout:  # not TimeoutError: on 3.9 it is only an OSError
                 raise ClientError(
                     TIMEOUT, f"annex_gahp did not answer within {self.timeout:g}s"
                 ) from None
@@ -169,7 +169,7 @@ def _connect(path: str, timeout: float) -> _socket.socket:
 def _stringify(kwargs: dict[str, object]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in kwargs.items():
-        if isinstance(value, bool) or not isinstance(value, str | int):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(f"argument {key!r} must be str or int, not {type(value).__name__}")
         out[key] = str(value)
     return out

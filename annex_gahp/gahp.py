@@ -163,7 +163,7 @@ class Session:
         if self.closed:
             return [_error("E", "session is closed")]
         try:
-            raw = bytes(line) if isinstance(line, bytes | bytearray) else _encode(line)
+            raw = bytes(line) if isinstance(line, (bytes, bytearray)) else _encode(line)
             args = split_args(decode_line(raw))
         except ProtocolError as exc:
             return [_error("E", str(exc))]

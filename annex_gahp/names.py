@@ -60,6 +60,10 @@ JOB_STATUS_ATTRS = (
     "AnnexLeaseExpiration",
     "AnnexLastError",
 )
+# AnnexState of a job whose request the helper refused (a cap, a conflict, a retiring annex, a
+# value it does not accept): never an annex's state. The job stays idle, AnnexLastError says
+# why, and the job router asks again every polling period (docs/troubleshooting.md).
+JOB_REFUSED = "refused"
 # ... and, in provision mode, while the job stands for its annex (docs/users.md).
 JOB_PROVISION_ATTRS = (
     "AnnexId",

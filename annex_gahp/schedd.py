@@ -299,11 +299,14 @@ class ScheddDemand:
         """Write the annex's status into the jobs waiting for it: one edit per attribute for
         all of them in each schedd, instead of one hook per job per polling period. `running`:
         the running jobs too (provision mode: the job that stands for the annex runs while it
-        lives). A schedd with none of them refuses the first edit, and is left at that."""
+        lives). A schedd with none of them refuses the first edit, and is left at that. A job
+        whose own request was refused (AnnexState "refused", e.g. a conflict with this annex's
+        settings) keeps its refusal: the annex's state is not its answer."""
         status = f"(JobStatus == {IDLE} || JobStatus == {RUNNING})" if running else None
         constraint = (
             f"Owner =?= {compat.quote(owner)} && {names.JOB_TARGET} =?= {compat.quote(annex)}"
             f" && {status or f'JobStatus == {IDLE}'}"
+            f" && AnnexState =!= {compat.quote(names.JOB_REFUSED)}"
         )
 
         def edit(s: Any) -> None:

@@ -55,8 +55,10 @@ def ad_answer(attrs: Mapping[str, str]) -> dict[str, str]:
     return {"ad": "".join(f"{name} = {expr}\n" for name, expr in sorted(attrs.items()))}
 
 
-def parse_job_ad(text: str) -> dict[str, Any]:
-    """The attributes we read from a job ad the hooks forwarded, evaluated."""
+def parse_job_ad(text: str, *, strict: bool = True) -> dict[str, Any]:
+    """The attributes we read from a job ad the hooks forwarded, evaluated. `strict=False`
+    leaves out a request attribute that evaluates to error instead of refusing the ad: only
+    to find the job a refusal is written into."""
     import classad2  # noqa: PLC0415 - only the daemon needs the bindings
 
     try:
@@ -73,6 +75,7 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         names.JOB_TARGET,
         "RoutedFromJobId",
         "AnnexLastError",  # what the job already says, so a refusal is written only once
+        "AnnexState",
     )
     annex_attrs = frozenset(names.JOB_ATTRS.values())
     values: dict[str, Any] = {}
@@ -87,6 +90,8 @@ def parse_job_ad(text: str) -> dict[str, Any]:
         # ClassAd `error` in a request attribute is a bad request, never the default: refused,
         # as the submit transform refuses it (a job edited after submit gets here).
         if attr in annex_attrs and compat.is_error(raw):
+            if not strict:
+                continue
             raise InputError(f"{attr} evaluates to error: give it a literal value")
         # `undefined` and `error` (classad2.Value, an IntEnum: not a number) count as absent.
         value = compat.plain(raw)
@@ -128,6 +133,9 @@ class JobRef:
         where = f" of schedd {self.schedd}" if self.schedd else ""
         return f"{self.cluster}.{self.proc}{where}"
 
+
+# AnnexLastError of a refused job is at most this long (a conflict quotes the job's values).
+_REFUSAL_CHARS = 1000
 
 # Why a job that is not idle or running gets no annex, as the hook's stderr line says it.
 _NOT_WAITING = {
@@ -541,7 +549,21 @@ class AnnexService:
         return attrs
 
     def job_routed(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
-        attrs = self._job(caller, args)
+        """Every refusal of a waiting job's request is written into the job (_tell_refused)
+        except those that must not or cannot be: a job that is gone or no longer waiting
+        (JobGone), an ad of another user (PermissionDenied: an edit on behalf of someone
+        else), and a schedd that does not answer. docs/troubleshooting.md lists them."""
+        try:
+            attrs = self._job(caller, args)
+        except InputError as err:  # e.g. a request attribute that evaluates to error
+            found = self._refused_job(caller, args)
+            if found is not None:
+                try:
+                    job = self._job_ref(found, None)
+                except AnnexError:
+                    job = None  # a schedd this helper does not serve: nothing to write there
+                self._tell_refused(job, found, str(err))
+            raise
         owner = attrs["Owner"]
         # Since when the job waits: a job released after its annex ended may start a new one.
         since = attrs.get("EnteredCurrentStatus", attrs.get("QDate"))
@@ -549,7 +571,7 @@ class AnnexService:
         job = self._job_ref(attrs, since)
         try:
             wanted = spec.from_job_attrs(attrs, owner, self.settings)  # bad input says so first
-        except InputError as err:
+        except (InputError, LimitExceeded) as err:
             self._tell_refused(job, attrs, str(err))
             raise
         if job is not None:
@@ -557,7 +579,9 @@ class AnnexService:
         user_data = self._pilot_data(attrs, args, wanted) if wanted.mode == "provision" else None
         try:
             annex = self.ensure(wanted, qdate=since, user_data=user_data, job=job)
-        except (InputError, LimitExceeded) as err:  # a name in use, retiring, a region...
+        except (JobGone, PermissionDenied):
+            raise  # nobody waits, or not this caller's job: nothing is written
+        except AnnexError as err:  # a conflict, retiring, a region, a cap, an ended lease...
             self._tell_refused(job, attrs, str(err))
             raise
         out = annex_status.job_status_attrs(self.store, annex, owner, wanted.name)
@@ -567,20 +591,44 @@ class AnnexService:
     def _tell_refused(self, job: JobRef | None, attrs: Mapping[str, Any], why: str) -> None:
         """A refused request (bad input, a conflict, a cap) leaves the job unrouted, and the
         router asks again each polling period; without this its owner would see an idle job
-        and nothing else. Written only
-        when it changes: the router's copy of the ad says what the job already carries."""
-        if job is None or self.jobs is None or attrs.get("AnnexLastError") == why:
+        and nothing else. The job gets AnnexState = "refused" (names.JOB_REFUSED) and the
+        message in AnnexLastError, quoted by classad_literal (the message may hold the job's
+        own values). Written only when it changes: the router's copy of the ad says what the
+        job already carries. Once the cause is gone, the next routing answers the real state."""
+        if job is None or self.jobs is None:
+            return
+        why = why[:_REFUSAL_CHARS]
+        if attrs.get("AnnexLastError") == why and attrs.get("AnnexState") == names.JOB_REFUSED:
             return
         try:
             self.jobs.tell_job(
                 job.owner,
                 job.cluster,
                 job.proc,
-                {"AnnexLastError": classad_literal(why)},
+                {
+                    "AnnexLastError": classad_literal(why),
+                    "AnnexState": classad_literal(names.JOB_REFUSED),
+                },
                 schedd=job.schedd,
             )
         except Exception as err:
-            log.warning("could not write AnnexLastError into job %s: %s", job.id, err)
+            log.warning("could not write the refusal into job %s: %s", job.id, err)
+
+    def _refused_job(self, caller: Caller, args: Mapping[str, str]) -> dict[str, Any] | None:
+        """The job of an ad _job refused, read leniently, when it is the caller's own waiting
+        annex job (never another user's: the refusal is not written on their behalf)."""
+        try:
+            attrs = parse_job_ad(args.get("ad", ""), strict=False)
+        except InputError:
+            return None
+        owner = attrs.get("Owner")
+        if not isinstance(owner, str) or not owner:
+            return None
+        if owner != caller.user and not caller.is_admin:
+            return None
+        if not isinstance(attrs.get(names.JOB_TARGET), str):
+            return None
+        return attrs
 
     def _check_template(self, wanted: spec.AnnexSpec, data: bytes) -> None:
         """A template (annex_user_data_template) is rendered once now, confined as at launch,

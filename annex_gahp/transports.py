@@ -196,7 +196,7 @@ class _Connection:
                 while data:
                     try:
                         sent = self.sock.send(data)
-                    except TimeoutError:
+                    except socket.timeout:  # (TimeoutError from 3.10 on; 3.9: OSError)
                         if time.monotonic() >= deadline:
                             raise
                         continue
@@ -348,7 +348,7 @@ class SocketServer:
             while not self._stopping.is_set():
                 try:
                     conn, _ = self._sock.accept()
-                except TimeoutError:
+                except socket.timeout:  # (TimeoutError from 3.10 on; 3.9: OSError)
                     continue
                 except OSError as exc:
                     if self._stopping.is_set():
@@ -514,7 +514,7 @@ class SocketServer:
         while not self._stopping.is_set() and not session.closed and not client.dead:
             try:
                 data = conn.recv(_RECV_BYTES)
-            except TimeoutError:
+            except socket.timeout:  # (TimeoutError from 3.10 on; 3.9: OSError)
                 now = time.monotonic()
                 if line_started is not None and now - line_started > self.line_timeout:
                     log.info(

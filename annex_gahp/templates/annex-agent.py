@@ -96,7 +96,7 @@ def sigv4_sign(method, url, body, headers, *, region, service, creds, now=None):
     """`headers` plus host, date, token and the SigV4 authorization for this request (S3 also
     gets x-amz-content-sha256, which it requires). Paths are sent as given: the names used
     here (bucket, key, `/`) need no escaping."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - any python3
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
     parts = urllib.parse.urlsplit(url)

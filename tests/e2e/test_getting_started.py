@@ -10,8 +10,10 @@ drift apart.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -76,8 +78,39 @@ def run(block: Block) -> subprocess.CompletedProcess[str]:
 def check_prereqs(res) -> None:
     assert re.search(r"\$CondorVersion: 2[3-9]\.", res.stdout), res.stdout
     found = re.search(r"^python (\d+)\.(\d+)\.\d+ bindings \S+", res.stdout, re.M)
-    assert found and (int(found[1]), int(found[2])) >= (3, 11), res.stdout
+    assert found and (int(found[1]), int(found[2])) >= (3, 9), res.stdout
     assert "/etc/condor/config.d" in res.stdout
+
+
+SOURCE = Path("/root/htcondor-annex-gahp")  # the reader's source directory, as the doc names it
+
+
+def source_directory() -> None:
+    """What the reader has before the install: the project's source directory, here a copy of
+    the tree the sandbox was started from (as scripts/sandbox copies it; /src is read-only)."""
+    shutil.rmtree(SOURCE, ignore_errors=True)
+    skip = shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", ".pytest_cache")
+    shutil.copytree(DOC.parents[1], SOURCE, ignore=skip)
+
+
+def check_venv(res) -> None:
+    # pip installed the project from the doc's directory (the sandbox's own install came from
+    # /tmp/annex-src): the record pip keeps says where from.
+    found = list(VENV.glob("lib/python3*/site-packages/htcondor_annex_gahp-*.dist-info"))
+    assert len(found) == 1, found
+    origin = json.loads((found[0] / "direct_url.json").read_text())
+    assert origin["url"] == SOURCE.as_uri(), origin
+    assert "Successfully installed" in res.stdout and "htcondor-annex-gahp" in res.stdout
+    for program in ("annex_gahp", "htcondor-annex", "annex_hook_translate", "annex_provision_job"):
+        assert (VENV / "bin" / program).is_file(), program
+    # The venv sees the system's bindings and runs the installed package, which is the tree's.
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c",
+         "import htcondor2, annex_gahp.service as s; print(s.__file__)"],
+        capture_output=True, text=True, check=True, cwd="/",  # not /src's tree
+    ).stdout.strip()  # fmt: skip
+    assert out.startswith(str(VENV)), out
+    assert Path(out).read_bytes() == (SOURCE / "annex_gahp" / "service.py").read_bytes()
 
 
 def check_install_config(res) -> None:
@@ -155,6 +188,7 @@ def check_cleanup(res) -> None:
 
 CHECKS: dict[str, Callable[[subprocess.CompletedProcess[str]], None]] = {
     "prereqs": check_prereqs,
+    "venv": check_venv,
     "install-config": check_install_config,
     "aws-setup": check_aws_setup,
     "restart": check_restart,
@@ -178,7 +212,7 @@ def routed() -> None:
 
 
 # What the document tells the reader to wait for before a block, if anything.
-BEFORE: dict[str, Callable[[], None]] = {"watch": routed}
+BEFORE: dict[str, Callable[[], None]] = {"venv": source_directory, "watch": routed}
 
 
 @pytest.fixture
@@ -192,6 +226,7 @@ def restore_sandbox():
     for path in (LINK, HELP):
         if path.is_symlink() or path.exists():
             path.unlink()
+    shutil.rmtree(SOURCE, ignore_errors=True)
     htcondor_annex(ALICE, "delete", "--name", ANNEX, check=False)
     subprocess.run(["condor_reconfig"], check=False, capture_output=True)
 

@@ -352,6 +352,7 @@ def test_binding_cap_is_named_on_the_annex_ad_and_the_waiting_jobs(tight_caps, k
                 "the refused job to name ANNEX_MAX_INSTANCES_PER_USER",
             )
             assert "already has 3 instance(s)" in refused, refused
+            assert condor_q_af(user, made[-1][1], "AnnexState") == [["refused"]]
             assert annex_ad(user, third) is None
             assert annex_instances(user, third) == []
     finally:

@@ -56,7 +56,7 @@ def strategy_comparisons(path: Path) -> list[str]:
     def literal_names(node: ast.AST) -> set[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return {node.value}
-        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             return {e.value for e in node.elts if isinstance(e, ast.Constant)}
         return set()
 
@@ -65,7 +65,10 @@ def strategy_comparisons(path: Path) -> list[str]:
             named = set().union(*(literal_names(n) for n in (node.left, *node.comparators)))
             if named & strategies:
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
-        elif isinstance(node, ast.MatchValue) and literal_names(node.value) & strategies:
+        elif (
+            isinstance(node, getattr(ast, "MatchValue", ()))  # (3.10+; 3.9 parses no match)
+            and literal_names(node.value) & strategies
+        ):
             found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     return found
 

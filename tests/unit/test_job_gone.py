@@ -224,14 +224,19 @@ def test_a_request_refused_by_the_per_user_cap_is_written_into_the_job_once(tmp_
     assert "ANNEX_MAX_INSTANCES_PER_USER (1)" in why
     edits = [q for q in schedd.calls if q.startswith("edit ")]
     assert edits == [
-        'edit AnnexLastError where ClusterId == 8 && ProcId == 0 && Owner =?= "alice"'
-        " && JobStatus == 1"
+        f'edit {attr} where ClusterId == 8 && ProcId == 0 && Owner =?= "alice" && JobStatus == 1'
+        for attr in ("AnnexLastError", "AnnexState")  # AnnexState = "refused"
     ]
     assert service.store.live("alice", "other") is None
 
     schedd.calls.clear()
     with pytest.raises(LimitExceeded):  # the job already says so: nothing written again
-        routed(service, cluster=8, name="other", extra=f'AnnexLastError = "{why}"\n')
+        routed(
+            service,
+            cluster=8,
+            name="other",
+            extra=f'AnnexLastError = "{why}"\nAnnexState = "refused"\n',
+        )
     assert [q for q in schedd.calls if q.startswith("edit ")] == []
 
 
@@ -251,8 +256,9 @@ def test_every_refusal_of_a_routed_request_is_written_into_the_job(service, queu
         routed(service, cluster=9, instances=1, extra='AnnexInstanceTypes = "c5.large"\n')
     edits = [q for q in schedd.calls if q.startswith("edit ")]
     assert edits == [
-        f'edit AnnexLastError where ClusterId == {c} && ProcId == 0 && Owner =?= "alice"'
+        f'edit {attr} where ClusterId == {c} && ProcId == 0 && Owner =?= "alice"'
         " && JobStatus == 1"
         for c in (7, 9)
+        for attr in ("AnnexLastError", "AnnexState")  # AnnexState = "refused"
     ], (str(bad.value), str(conflict.value))
     assert service.store.live("alice", "burst").requested == 1

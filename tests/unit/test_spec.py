@@ -213,7 +213,7 @@ def test_bad_expiry(text):
 def test_expiry_arithmetic_matches_the_calendar():
     rng = random.Random(7)  # noqa: S311 - reproducible dates, not secrets
     for _ in range(2000):
-        when = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
+        when = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(
             seconds=rng.randrange(0, 200 * 365 * 86400)
         )
         text = when.strftime("%Y-%m-%d %H:%M:%S")

@@ -229,7 +229,7 @@ def test_agent_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
     from botocore.credentials import Credentials  # noqa: PLC0415
 
     agent = load_agent()
-    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
     url = "https://ssm.us-east-1.amazonaws.com/"
     body = b'{"Name": "/x", "WithDecryption": true}'
     creds = {"AccessKeyId": "AKID", "SecretAccessKey": "SECRET", "Token": "TOK"}

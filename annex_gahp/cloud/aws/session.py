@@ -181,7 +181,7 @@ def error_code(err: BaseException) -> str:
 
 def cloud_error(err: BaseException, action: str) -> CloudError | CredentialsError:
     """Map a boto failure to our error type, with AWS's code and no secret."""
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return CredentialsError(
             f"{action}: no usable AWS credentials for the helper (environment, "
             "~/.aws/credentials of its user, or an instance role)"

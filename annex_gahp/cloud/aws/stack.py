@@ -318,7 +318,7 @@ def render_template(
             "desired": str(d),
             "max": str(max(max_size, d)),
         }
-        for g, d in zip(groups, desired, strict=True)
+        for g, d in zip(groups, desired)  # equal lengths: checked above (3.9 has no strict=)
     ]
     text = (
         _environment()
@@ -514,7 +514,8 @@ def ensure(
     current = [g.desired for g in view.groups]
     wanted = split(current, target)
     changed = False
-    for group, was, after in zip(view.groups, current, wanted, strict=True):
+    # Equal lengths: `current` is one per group and split() keeps its length.
+    for group, was, after in zip(view.groups, current, wanted):
         if after == was:
             continue
         with aws_errors(f"grow group {group.name} of annex {plan.annex} to {after}"):
