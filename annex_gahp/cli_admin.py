@@ -383,10 +383,10 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     columns = ("image", "created", "state", "arch", "condor", "source", "name")
     table = [[r[c] for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in table:
         mark = "  (ANNEX_DEFAULT_IMAGE_ID)" if row[0] == cfg.default_image_id else ""
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + mark)
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + mark)
     if not rows:
         print(f"# no images of pool {cfg.pool_id} in {region}: htcondor-annex image create",
               file=sys.stderr)

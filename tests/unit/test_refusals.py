@@ -43,7 +43,7 @@ def service_for(tmp_path, schedd: BindingSchedd, **knobs: Any) -> AnnexService:
         clock=lambda: NOW,
         resolve_region=lambda region, settings: region or REGION,
         jobs=demand_over(schedd),
-        hold_job=lambda *job: held.append(job),
+        hold_job=lambda *job, schedd="": held.append(job),
     )
 
 

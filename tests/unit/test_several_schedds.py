@@ -189,8 +189,9 @@ def test_a_refusal_is_written_into_the_job_in_its_own_schedd(tmp_path, schedds):
         service.job_routed(ALICE, {"ad": ad(TWO, extra="AnnexInstances = -3\n")})
     assert edits(one) == []
     assert edits(two) == [
-        'edit AnnexLastError where ClusterId == 7 && ProcId == 0 && Owner =?= "alice"'
+        f'edit {attr} where ClusterId == 7 && ProcId == 0 && Owner =?= "alice"'
         f" && JobStatus == {IDLE}"
+        for attr in ("AnnexLastError", "AnnexState")
     ]
 
 
