@@ -28,6 +28,7 @@ from annex_gahp.controllers import (
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
+from annex_gahp.controllers.interruptions import Interruptions, notices
 from annex_gahp.controllers.provisioning import Provisioning
 from annex_gahp.controllers.status import Status
 from annex_gahp.errors import AnnexError
@@ -60,6 +61,8 @@ class Reconciler:
         self.store = store
         self.resolve_region = resolve_region
         self.actions = Actions(self.ctx)
+        self.interruptions = Interruptions(self.ctx, self.actions)
+        self.actions.launched = self.interruptions.launched
         self.status = Status(self.ctx, self.actions)
         self.provisioning = Provisioning(self.ctx, self.actions)
         self.disruption = Disruption(self.ctx, self.actions)
@@ -140,6 +143,7 @@ class Reconciler:
         for o in observed:
             mine[o.key].append(o)
         unclaimed = self.disruption.unclaimed_instances()
+        noticed = notices(self.disruption.slot_ads)
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)
@@ -147,7 +151,9 @@ class Reconciler:
                 if annex.region in failed:
                     after = self._unobserved(annex, failed[annex.region])
                 else:
-                    after = self._step(annex, mine.get(key, []), demand, unclaimed.get(key))
+                    after = self._step(
+                        annex, mine.get(key, []), demand, unclaimed.get(key), noticed.get(key)
+                    )
             except Exception as err:  # one annex's failure, of whatever kind, is its own
                 after = self._failed_step(annex, err)
             changed.append(after)
@@ -237,6 +243,7 @@ class Reconciler:
         seen: list[Observed],
         demand: dict[tuple[str, str], Demand] | None,
         unclaimed: dict[str, int] | None = None,
+        noticed: dict[str, int] | None = None,
     ) -> Annex:
         now = self.ctx.now()
         if annex.last_error.startswith(_UNSEEN):  # its region answers again
@@ -245,6 +252,8 @@ class Reconciler:
         live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
         if annex.state in lifecycle.ACTIVE:
             annex = self.disruption.policy(annex, demand, now)
+        if annex.state in lifecycle.ACTIVE and noticed:
+            annex, live = self.interruptions.handle(annex, live, noticed, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:
             annex, live = self.disruption.retire_unclaimed(annex, live, unclaimed, now)
         if annex.state in lifecycle.ACTIVE:

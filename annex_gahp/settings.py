@@ -50,6 +50,9 @@ class Settings:
     # Where `resolve:ssm:` image references may point: AWS's public parameters only, so no
     # user makes the helper read the pool's own (its tokens live in Parameter Store too).
     image_parameter_prefixes: tuple[str, ...] = ("/aws/service/",)
+    # Capacity health (issue 14): how long a capacity pool (type, zone, spot/on-demand) that
+    # gave a capacity error or an interruption is skipped by launches.
+    unavailable_offering_ttl: int = 180
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -123,6 +126,9 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
+        unavailable_offering_ttl=_duration(
+            "ANNEX_UNAVAILABLE_OFFERING_TTL", get("ANNEX_UNAVAILABLE_OFFERING_TTL", "3m")
+        ),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from annex_gahp.errors import AnnexError
 from annex_gahp.names import RETIRED
+from annex_gahp.offerings import Mark, Offering
 from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,23 @@ CREATE TABLE IF NOT EXISTS instances (
     last_seen INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
+-- Issue 14 (capacity health). New tables rather than new columns: an older file gets them
+-- by CREATE IF NOT EXISTS, with no schema version change.
+CREATE TABLE IF NOT EXISTS annex_counters (
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (annex_id, name)
+);
+CREATE TABLE IF NOT EXISTS unavailable_offerings (
+    region TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    lifecycle TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (region, instance_type, zone, lifecycle)
+);
 """
 
 
@@ -468,3 +486,62 @@ class Store:
                 "SELECT annex_id FROM instances WHERE id=?", (instance_id,)
             ).fetchone()
         return row[0] if row else None
+
+    # --- capacity health (issue 14) -------------------------------------------------------
+
+    def bump(self, annex_id: int, name: str, by: int = 1) -> int:
+        """Add `by` to the annex's counter `name` (Interruptions, ...); returns the new value."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO annex_counters(annex_id, name, value) VALUES (?,?,?)"
+                " ON CONFLICT(annex_id, name) DO UPDATE SET value = value + excluded.value",
+                (annex_id, name, by),
+            )
+            row = db.execute(
+                "SELECT value FROM annex_counters WHERE annex_id=? AND name=?", (annex_id, name)
+            ).fetchone()
+        return int(row[0])
+
+    def counters(self, annex_id: int) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, value FROM annex_counters WHERE annex_id=?", (annex_id,)
+            ).fetchall()
+        return {r["name"]: int(r["value"]) for r in rows}
+
+    def mark_unavailable(self, marks: Iterable[tuple[Offering, int, str]]) -> None:
+        """Record (offering, until, reason); a mark already there keeps the later end. The
+        table stays small (one row per capacity pool ever marked): expired rows are not read."""
+        with self.transaction() as db:
+            for offering, until, reason in marks:
+                db.execute(
+                    "INSERT INTO unavailable_offerings"
+                    "(region, instance_type, zone, lifecycle, until, reason) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT(region, instance_type, zone, lifecycle) DO UPDATE SET"
+                    " until = max(until, excluded.until), reason = excluded.reason",
+                    (
+                        offering.region,
+                        offering.instance_type,
+                        offering.zone,
+                        offering.lifecycle,
+                        int(until),
+                        reason,
+                    ),
+                )
+
+    def unavailable(self, region: str, now: int) -> list[Mark]:
+        """The region's marks still in force at `now`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM unavailable_offerings WHERE region=? AND until > ?"
+                " ORDER BY instance_type, zone",
+                (region, int(now)),
+            ).fetchall()
+        return [
+            Mark(
+                Offering(r["region"], r["instance_type"], r["zone"], r["lifecycle"]),
+                int(r["until"]),
+                r["reason"],
+            )
+            for r in rows
+        ]

@@ -52,6 +52,9 @@ class Disruption:
         self.actions = actions
         # instance id -> when a slot of it was last seen claimed (or first seen at all).
         self._busy_at: dict[str, int] = {}
+        # The annex startds' ads of this cycle's one collector query (the interruption notices
+        # are read from them too); [] when the collector did not answer.
+        self.slot_ads: list[dict[str, Any]] = []
 
     # --- lease and idle timeout ------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Disruption:
         claimed (a partitionable slot stays Unclaimed while its dynamic slots run jobs). An
         instance whose startd has not reported is not in the answer: never retired as unused.
         """
+        self.slot_ads = []
         if self.ctx.slots is None:
             return {}
         now = self.ctx.now()
@@ -118,6 +122,7 @@ class Disruption:
         except Exception as err:  # no collector answer: nothing is known to be unused
             log.warning("could not read the annexes' slots from the collector: %s", err)
             return {}
+        self.slot_ads = ads
         per: dict[str, tuple[tuple[str, str], bool, int]] = {}
         for ad in ads:
             instance = ad.get("AnnexInstanceId")
