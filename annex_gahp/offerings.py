@@ -121,6 +121,9 @@ def all_unavailable_message(annex: Annex, marks: list[Mark]) -> str:
 def labels(marks: Iterable[Mark]) -> list[str]:
     """The Annex ad's AvoidedOfferings: one `type/zone-or-region/lifecycle` per mark."""
     return sorted(
-        {f"{m.offering.instance_type}/{m.offering.zone or m.offering.region}/"
-         f"{m.offering.lifecycle}" for m in marks}
+        {
+            f"{m.offering.instance_type}/{m.offering.zone or m.offering.region}/"
+            f"{m.offering.lifecycle}"
+            for m in marks
+        }
     )

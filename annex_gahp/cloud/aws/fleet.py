@@ -468,6 +468,19 @@ class _Pools:
         )
 
 
+def cap_overrides(candidates: list[_Override], annex: str) -> list[_Override]:
+    """At most MAX_OVERRIDES, the user's first choices (types first, then subnets) kept."""
+    if len(candidates) <= MAX_OVERRIDES:
+        return candidates
+    log.info(
+        "annex %s: %d overrides, CreateFleet takes %d: the first kept",
+        annex,
+        len(candidates),
+        MAX_OVERRIDES,
+    )
+    return candidates[:MAX_OVERRIDES]
+
+
 def _skip_avoided(
     candidates: list[_Override], pools: _Pools, avoid: Sequence[offerings.Mark]
 ) -> tuple[list[_Override], list[offerings.Mark]]:
@@ -515,14 +528,7 @@ def launch(
                 f"{offerings.describe(used)}"
             ],
         )
-    if len(candidates) > MAX_OVERRIDES:
-        log.info(
-            "annex %s: %d overrides, CreateFleet takes %d: the first kept",
-            plan.annex,
-            len(candidates),
-            MAX_OVERRIDES,
-        )
-        candidates = candidates[:MAX_OVERRIDES]
+    candidates = cap_overrides(candidates, plan.annex)
     if annex_template_id:
         template_id = annex_template_id
     elif not (plan.user_data or plan.keypair or plan.security_groups) and base_launch_template:
