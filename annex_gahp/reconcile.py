@@ -28,7 +28,7 @@ from annex_gahp.controllers import (
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
-from annex_gahp.controllers.interruptions import Interruptions, notices
+from annex_gahp.controllers.interruptions import Interruptions, Notice, notices
 from annex_gahp.controllers.provisioning import Provisioning
 from annex_gahp.controllers.status import Status
 from annex_gahp.errors import AnnexError
@@ -243,7 +243,7 @@ class Reconciler:
         seen: list[Observed],
         demand: dict[tuple[str, str], Demand] | None,
         unclaimed: dict[str, int] | None = None,
-        noticed: dict[str, int] | None = None,
+        noticed: dict[str, Notice] | None = None,
     ) -> Annex:
         now = self.ctx.now()
         if annex.last_error.startswith(_UNSEEN):  # its region answers again
@@ -252,12 +252,13 @@ class Reconciler:
         live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
         if annex.state in lifecycle.ACTIVE:
             annex = self.disruption.policy(annex, demand, now)
+        draining: list[str] = []
         if annex.state in lifecycle.ACTIVE and noticed:
-            annex, live = self.interruptions.handle(annex, live, noticed, now)
+            annex, live, draining = self.interruptions.handle(annex, live, noticed, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:
             annex, live = self.disruption.retire_unclaimed(annex, live, unclaimed, now)
         if annex.state in lifecycle.ACTIVE:
-            annex = self.provisioning.converge(annex, live, now)
+            annex = self.provisioning.converge(annex, live, now, draining)
             if annex.state == names.RETIRING:
                 return annex  # deleted during this cycle: retire it on a fresh observation
         if annex.state == names.RETIRING:

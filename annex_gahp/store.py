@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS annex_counters (
     value INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (annex_id, name)
 );
+CREATE TABLE IF NOT EXISTS interrupted_instances (
+    id TEXT PRIMARY KEY,
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    noticed INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS unavailable_offerings (
     region TEXT NOT NULL,
     instance_type TEXT NOT NULL,
@@ -508,6 +513,21 @@ class Store:
                 "SELECT name, value FROM annex_counters WHERE annex_id=?", (annex_id,)
             ).fetchall()
         return {r["name"]: int(r["value"]) for r in rows}
+
+    def note_interrupted(self, annex_id: int, instance_id: str, now: int) -> int | None:
+        """Record that `instance_id` got an interruption notice, once: returns None the first
+        time, else when it was first recorded."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT noticed FROM interrupted_instances WHERE id=?", (instance_id,)
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            db.execute(
+                "INSERT INTO interrupted_instances(id, annex_id, noticed) VALUES (?,?,?)",
+                (instance_id, annex_id, int(now)),
+            )
+        return None
 
     def mark_unavailable(self, marks: Iterable[tuple[Offering, int, str]]) -> None:
         """Record (offering, until, reason); a mark already there keeps the later end. The

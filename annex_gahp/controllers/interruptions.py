@@ -2,14 +2,18 @@
 
 The instance agent sees the notice in IMDS, stops its startd taking jobs, vacates the running
 ones and puts `AnnexInterruption` (the notice time) into the startd ad; this loop reads it in
-its one collector query per cycle. For each such instance of an annex, once: count it
-(`Interruptions`), mark its capacity pool unavailable (offerings.py), end it (the jobs have
-left it; EC2 would end it within two minutes anyway) and owe the annex a replacement, which
-the same cycle's provisioning launches elsewhere (counted in `Replacements` when it launches).
+its one collector query per cycle. For each such instance of an annex: once, count it
+(`Interruptions`), mark its capacity pool unavailable (offerings.py) and owe the annex a
+replacement, which the same cycle's provisioning launches elsewhere (counted in `Replacements`
+when it launches); every cycle, leave it out of the annex's capacity, and end it once none of
+its slots is claimed any more (its jobs are back in their schedd: ending it earlier would
+leave them "running" in the schedd until their shadows give up) or DRAIN_LIMIT after the
+helper first saw the notice (EC2 reclaims the instance two minutes after it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -27,23 +31,40 @@ log = logging.getLogger(__name__)
 INTERRUPTIONS = "Interruptions"
 REPLACEMENTS = "Replacements"
 REPLACE_DUE = "ReplacementsDue"  # interrupted instances not replaced yet (internal)
+# Seconds after the helper first saw a notice when the instance is ended even if a slot still
+# says Claimed (EC2 ends it at 120 s).
+DRAIN_LIMIT = 90
+# Slot states whose job has not left yet.
+_BUSY = frozenset({"Claimed", "Preempting"})
 
 
-def notices(ads: list[dict[str, object]]) -> dict[tuple[str, str], dict[str, int]]:
-    """(owner, annex) -> {instance id: notice time} from the annex startds' ads. An ad is the
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    when: int  # AnnexInterruption as the instance said it (shown, never trusted for timing)
+    busy: bool  # some slot of it still Claimed or Preempting
+
+
+def notices(ads: list[dict[str, object]]) -> dict[tuple[str, str], dict[str, Notice]]:
+    """(owner, annex) -> {instance id: Notice} from the annex startds' ads. An ad is the
     instance's own word about itself: only the instance id is trusted, and only as a key into
     what EC2 says this annex has (`handle` ignores ids it does not see live); the collector
     admits the owner and annex only from that annex's own token (ANNEX_COLLECTOR_REQUIREMENTS),
     so an instance can at worst end a sibling of its own annex."""
-    found: dict[tuple[str, str], dict[str, int]] = {}
+    when_of: dict[tuple[tuple[str, str], str], int] = {}
+    busy: set[str] = set()
     for ad in ads:
         instance, when = ad.get("AnnexInstanceId"), ad.get("AnnexInterruption")
         if not isinstance(instance, str) or not instance.startswith("i-"):
             continue
+        if ad.get("State") in _BUSY:
+            busy.add(instance)
         if not isinstance(when, int) or isinstance(when, bool):
             continue
         key = (str(ad.get("AnnexOwner", "")), str(ad.get("AnnexName", "")))
-        found.setdefault(key, {})[instance] = when
+        when_of[(key, instance)] = when
+    found: dict[tuple[str, str], dict[str, Notice]] = {}
+    for (key, instance), when in when_of.items():
+        found.setdefault(key, {})[instance] = Notice(when, instance in busy)
     return found
 
 
@@ -53,30 +74,42 @@ class Interruptions:
         self.actions = actions
 
     def handle(
-        self, annex: Annex, live: list[Observed], noticed: dict[str, int], now: int
-    ) -> tuple[Annex, list[Observed]]:
-        """End the annex's live instances that got a notice; returns the rest of `live`."""
+        self, annex: Annex, live: list[Observed], noticed: dict[str, Notice], now: int
+    ) -> tuple[Annex, list[Observed], list[str]]:
+        """The annex's live instances without those that got a notice (returned third, as
+        draining: not capacity, not to be counted as launched-but-unseen either)."""
         hit = [o for o in live if o.id in noticed]
         if not hit:
-            return annex, live
+            return annex, live, []
         store, settings = self.ctx.store, self.ctx.settings
-        ids = [o.id for o in hit]
-        pools = [
-            offerings.Offering(o.region, o.instance_type, o.zone, o.lifecycle or "spot")
-            for o in hit
-        ]
-        offerings.mark(store, pools, "interruption", settings.unavailable_offering_ttl, now)
-        self.actions.terminate(annex.region, ids)
-        self.actions.record_terminating(annex, ids, now)
-        store.bump(annex.id, INTERRUPTIONS, len(ids))
-        store.bump(annex.id, REPLACE_DUE, len(ids))
-        log.info(
-            "annex %s: interruption notice on %s (%s): ended, replacement asked for",
-            annex.key,
-            " ".join(ids),
-            ", ".join(p.label() for p in pools),
-        )
-        return annex, [o for o in live if o.id not in ids]
+        new, ending = [], []
+        for o in hit:
+            first_seen = store.note_interrupted(annex.id, o.id, now)
+            if first_seen is None:
+                new.append(o)
+                first_seen = now
+            if not noticed[o.id].busy or now - first_seen >= DRAIN_LIMIT:
+                ending.append(o.id)
+        if new:
+            pools = [
+                offerings.Offering(o.region, o.instance_type, o.zone, o.lifecycle or "spot")
+                for o in new
+            ]
+            offerings.mark(store, pools, "interruption", settings.unavailable_offering_ttl, now)
+            store.bump(annex.id, INTERRUPTIONS, len(new))
+            store.bump(annex.id, REPLACE_DUE, len(new))
+            log.info(
+                "annex %s: interruption notice on %s (%s): replacement asked for",
+                annex.key,
+                " ".join(o.id for o in new),
+                ", ".join(p.label() for p in pools),
+            )
+        if ending:
+            self.actions.terminate(annex.region, ending)
+            self.actions.record_terminating(annex, ending, now)
+            log.info("annex %s: interrupted, jobs gone: ended %s", annex.key, " ".join(ending))
+        draining = [o.id for o in hit if o.id not in ending]
+        return annex, [o for o in live if o.id not in noticed], draining
 
     def launched(self, annex: Annex, count: int) -> None:
         """`count` instances were just launched for the annex: those owed count as

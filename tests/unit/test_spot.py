@@ -15,7 +15,7 @@ from fake_schedd import FakeSchedd
 from annex_gahp import names, offerings, spec
 from annex_gahp.cloud.aws import capacity_faults, fleet
 from annex_gahp.cloud.aws.cloud import AwsCloud
-from annex_gahp.controllers.interruptions import notices
+from annex_gahp.controllers.interruptions import DRAIN_LIMIT, Notice, notices
 from annex_gahp.offerings import Offering
 from annex_gahp.reconcile import Reconciler
 from annex_gahp.schedd import Demand
@@ -247,13 +247,15 @@ def test_every_type_unavailable_says_so_without_a_call(world: World) -> None:
 # --- interruption notices ----------------------------------------------------------------------
 
 
-def _notice(world: World, instance: dict[str, Any], name: str, when: int) -> None:
+def _notice(
+    world: World, instance: dict[str, Any], name: str, when: int, state: str = "Owner"
+) -> None:
     world.collector.ads.append(
         {
             "AnnexOwner": "alice",
             "AnnexName": name,
             "AnnexInstanceId": instance["InstanceId"],
-            "State": "Owner",
+            "State": state,
             "EnteredCurrentState": when,
             "AnnexInterruption": when,
         }
@@ -309,4 +311,30 @@ def test_notices_trust_only_well_formed_ads() -> None:
         mine | {"AnnexInstanceId": "i-0c", "AnnexInterruption": "5"},
         mine | {"AnnexInstanceId": "i-0d", "AnnexInterruption": True},
     ]
-    assert notices(ads) == {("alice", "a"): {"i-0a": 5}}
+    assert notices(ads) == {("alice", "a"): {"i-0a": Notice(5, busy=False)}}
+    # A dynamic slot still Claimed (its job not gone yet) makes the instance busy.
+    ads.append(mine | {"AnnexInstanceId": "i-0a", "State": "Claimed"})
+    assert notices(ads) == {("alice", "a"): {"i-0a": Notice(5, busy=True)}}
+
+
+def test_an_interrupted_instance_is_ended_only_once_its_jobs_left(world: World) -> None:
+    """While a slot of the interrupted instance is still Claimed (its job being vacated), the
+    replacement is launched but the instance is not ended: ending it would strand the job as
+    running in the schedd. It ends when its slots are free, or DRAIN_LIMIT after the notice."""
+    world.want("drain", 1, instance_types="m5.large", spot_prices="0.10")
+    world.loop.run_once()
+    (first,) = world.live("drain")
+    world.clock.now += INTERVAL
+    _notice(world, first, "drain", int(world.clock.now), state="Claimed")
+    world.loop.run_once()
+    ids = {i["InstanceId"] for i in world.live("drain")}
+    assert first["InstanceId"] in ids and len(ids) == 2  # replacement launched, first kept
+    world.clock.now += INTERVAL
+    world.loop.run_once()
+    assert len(world.live("drain")) == 2  # no second replacement for the same notice
+    assert world.publisher.ads["drain"]["Interruptions"] == 1
+
+    world.clock.now += DRAIN_LIMIT
+    world.loop.run_once()  # still Claimed, but EC2 will not wait: ended
+    assert first["InstanceId"] not in {i["InstanceId"] for i in world.live("drain")}
+    assert len(world.live("drain")) == 1
