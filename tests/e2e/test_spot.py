@@ -13,6 +13,7 @@ instance types; the sandbox sets ANNEX_UNAVAILABLE_OFFERING_TTL = 20.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -29,7 +30,10 @@ pytestmark = pytest.mark.sandbox
 
 ALICE = "alice"
 HELPER_LOG = Path("/var/log/condor/AnnexGahpLog")
-FAULTS = Path("/var/lib/condor/annex/test-capacity-faults")
+STATE_DIR = subprocess.run(
+    ["condor_config_val", "ANNEX_STATE_DIR"], capture_output=True, text=True, check=False
+).stdout.strip()
+FAULTS = Path(STATE_DIR or "/var/lib/condor/annex") / "test-capacity-faults"
 TTL = 20  # ANNEX_UNAVAILABLE_OFFERING_TTL in the sandbox
 IDLE, RUNNING, DONE = 1, 2, 4
 # The spot test's own instance type: marks are pool-wide, so other tests' m5.large launches
