@@ -194,7 +194,7 @@ def main() -> int:
         BENCH,
         "median startd-ad-to-CreateFleet / reconcile interval",
         ad_to_fleet / interval,
-        (interval + 1) / interval,
+        round((interval + 1) / interval, 2),
     )
     return 0 if ok else 1
 
