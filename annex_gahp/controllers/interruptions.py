@@ -78,7 +78,10 @@ class Interruptions:
     ) -> tuple[Annex, list[Observed], list[str]]:
         """The annex's live instances without those that got a notice (returned third, as
         draining: not capacity, not to be counted as launched-but-unseen either)."""
-        hit = [o for o in live if o.id in noticed]
+        # Only EC2's spot instances get notices: one claimed by an on-demand instance is a
+        # lie (its startd stops itself; nothing else follows), and must not make the whole
+        # pool avoid an on-demand pool.
+        hit = [o for o in live if o.id in noticed and o.lifecycle == offerings.SPOT]
         if not hit:
             return annex, live, []
         store, settings = self.ctx.store, self.ctx.settings
@@ -92,8 +95,7 @@ class Interruptions:
                 ending.append(o.id)
         if new:
             pools = [
-                offerings.Offering(o.region, o.instance_type, o.zone, o.lifecycle or "spot")
-                for o in new
+                offerings.Offering(o.region, o.instance_type, o.zone, o.lifecycle) for o in new
             ]
             offerings.mark(store, pools, "interruption", settings.unavailable_offering_ttl, now)
             store.bump(annex.id, INTERRUPTIONS, len(new))
@@ -109,7 +111,7 @@ class Interruptions:
             self.actions.record_terminating(annex, ending, now)
             log.info("annex %s: interrupted, jobs gone: ended %s", annex.key, " ".join(ending))
         draining = [o.id for o in hit if o.id not in ending]
-        return annex, [o for o in live if o.id not in noticed], draining
+        return annex, [o for o in live if o not in hit], draining
 
     def launched(self, annex: Annex, count: int) -> None:
         """`count` instances were just launched for the annex: those owed count as

@@ -338,3 +338,17 @@ def test_an_interrupted_instance_is_ended_only_once_its_jobs_left(world: World) 
     world.loop.run_once()  # still Claimed, but EC2 will not wait: ended
     assert first["InstanceId"] not in {i["InstanceId"] for i in world.live("drain")}
     assert len(world.live("drain")) == 1
+
+
+def test_a_notice_from_an_on_demand_instance_is_ignored(world: World) -> None:
+    """EC2 sends notices to spot instances only: an on-demand instance's ad claiming one (its
+    owner's doing) ends nothing, replaces nothing and marks no pool for everyone."""
+    world.want("od", 1, instance_types="m5.large")
+    world.loop.run_once()
+    (first,) = world.live("od")
+    world.clock.now += INTERVAL
+    _notice(world, first, "od", int(world.clock.now))
+    world.loop.run_once()
+    assert [i["InstanceId"] for i in world.live("od")] == [first["InstanceId"]]
+    assert offerings.in_force(world.store, REGION, int(world.clock.now)) == []
+    assert world.publisher.ads["od"]["Interruptions"] == 0
