@@ -217,6 +217,9 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # Issue 14's small tables, read for every annex's view: cached, reset on each write.
+        self._counters: dict[int, dict[str, int]] | None = None
+        self._marks: list[Mark] | None = None
         self._depth = 0  # transactions open on the connection (the first, then savepoints)
         fresh = not os.path.exists(path)
         try:
@@ -505,14 +508,19 @@ class Store:
             row = db.execute(
                 "SELECT value FROM annex_counters WHERE annex_id=? AND name=?", (annex_id, name)
             ).fetchone()
+            self._counters = None
         return int(row[0])
 
     def counters(self, annex_id: int) -> dict[str, int]:
+        # Read for every annex's view (each ad, each ANNEX_STATUS): kept in memory, this
+        # process being the file's only writer.
         with self._lock:
-            rows = self._db.execute(
-                "SELECT name, value FROM annex_counters WHERE annex_id=?", (annex_id,)
-            ).fetchall()
-        return {r["name"]: int(r["value"]) for r in rows}
+            if self._counters is None:
+                rows = self._db.execute("SELECT annex_id, name, value FROM annex_counters")
+                self._counters = {}
+                for r in rows.fetchall():
+                    self._counters.setdefault(int(r[0]), {})[r[1]] = int(r[2])
+            return dict(self._counters.get(annex_id, {}))
 
     def note_interrupted(self, annex_id: int, instance_id: str, now: int) -> int | None:
         """Record that `instance_id` got an interruption notice, once: returns None the first
@@ -533,6 +541,7 @@ class Store:
         """Record (offering, until, reason); a mark already there keeps the later end. The
         table stays small (one row per capacity pool ever marked): expired rows are not read."""
         with self.transaction() as db:
+            self._marks = None
             for offering, until, reason in marks:
                 db.execute(
                     "INSERT INTO unavailable_offerings"
@@ -550,18 +559,18 @@ class Store:
                 )
 
     def unavailable(self, region: str, now: int) -> list[Mark]:
-        """The region's marks still in force at `now`."""
+        """The region's marks still in force at `now` (the table kept in memory, as counters)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM unavailable_offerings WHERE region=? AND until > ?"
-                " ORDER BY instance_type, zone",
-                (region, int(now)),
-            ).fetchall()
-        return [
-            Mark(
-                Offering(r["region"], r["instance_type"], r["zone"], r["lifecycle"]),
-                int(r["until"]),
-                r["reason"],
-            )
-            for r in rows
-        ]
+            if self._marks is None:
+                rows = self._db.execute(
+                    "SELECT * FROM unavailable_offerings ORDER BY region, instance_type, zone"
+                ).fetchall()
+                self._marks = [
+                    Mark(
+                        Offering(r["region"], r["instance_type"], r["zone"], r["lifecycle"]),
+                        int(r["until"]),
+                        r["reason"],
+                    )
+                    for r in rows
+                ]
+            return [m for m in self._marks if m.offering.region == region and m.until > now]

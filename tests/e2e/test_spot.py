@@ -106,11 +106,12 @@ def two_zones() -> list[dict]:
 
 def test_a_notice_vacates_the_job_which_completes_on_a_replacement_elsewhere() -> None:
     """A spot instance running a job gets EC2's interruption notice:
-    - within seconds its startd ad says AnnexInterruption and the job is idle again in the
-      schedd (vacated; the startd takes no new job);
-    - within a reconcile cycle of seeing it the helper ends the instance and launches a
-      replacement in the other subnet's zone (the interrupted pool is avoided), where the job
-      runs to completion;
+    - within seconds the job is idle again in the schedd (vacated: the agent's file, the
+      startd's cron job, START false, PREEMPT true);
+    - the helper, reading AnnexInterruption in the startd ad, launches a replacement in the
+      other subnet's zone (the interrupted pool is avoided) and ends the interrupted instance
+      once its job has left; the job runs again there to completion (its log shows the
+      eviction and then the end);
     - the Annex ad and `htcondor-annex status` count one interruption and one replacement and
       name the avoided pool."""
     name = unique("spot")
@@ -175,6 +176,9 @@ def test_a_notice_vacates_the_job_which_completes_on_a_replacement_elsewhere() -
         )
         assert (ad["Interruptions"], ad["Replacements"]) == (1, 1)
         wait(lambda: job_status(cluster) in (DONE, None), 120, "the job to complete")
+        log = (workdir / "job.log").read_text()
+        assert "Job was evicted" in log and "Job terminated" in log, log
+        assert log.count("Job executing on host") == 2, log
         ad = annex_ad(name)
         assert (ad["Interruptions"], ad["Replacements"]) == (1, 1)
         shown = annex_cli("status", "--name", name).stdout
