@@ -72,7 +72,7 @@ def describe(store: Store, annex: Annex, now: int | None = None) -> dict[str, An
 def capacity_health(store: Store, annex: Annex, now: int | None = None) -> dict[str, Any]:
     """Issue 14's spot numbers: interruption notices seen, replacements launched for them,
     and the capacity pools launches avoid now (`type/zone-or-region/lifecycle` strings; only
-    while the annex may still launch)."""
+    while the annex may still launch; None when there are none)."""
     counts = store.counters(annex.id)
     avoided: list[str] = []
     if annex.state in lifecycle.ACTIVE:
@@ -88,7 +88,9 @@ def capacity_health(store: Store, annex: Annex, now: int | None = None) -> dict[
     return {
         "Interruptions": counts.get("Interruptions", 0),
         "Replacements": counts.get("Replacements", 0),
-        "AvoidedOfferings": avoided,
+        # Absent from the ad while nothing is avoided (a list per ad costs the collector
+        # and the helper memory at 1,000 annexes).
+        "AvoidedOfferings": avoided or None,
     }
 
 

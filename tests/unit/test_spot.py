@@ -216,7 +216,7 @@ def test_a_capacity_error_moves_launches_to_another_type_until_the_ttl(world: Wo
         "m5a.large",
         "m5a.large",
     ]
-    assert world.publisher.ads["cap"]["AvoidedOfferings"] == []
+    assert world.publisher.ads["cap"]["AvoidedOfferings"] is None  # absent from the ad
 
 
 def test_every_type_unavailable_says_so_without_a_call(world: World) -> None:
