@@ -297,6 +297,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(format_table(annexes))
     if isinstance(data, dict):
         print(format_liveness(data))
+        health = capacity_health_line(data)
+        if health:
+            print(health)
         for inst in data.get("instances") or []:
             print(
                 f"  {inst.get('id', '?')}  {inst.get('state', '?')}  {inst.get('type', '') or ''}"
@@ -307,6 +310,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_liveness(annex: dict) -> str:
     """One annex's capacity health line: instances in a row that never joined the pool."""
     return f"join failures: {annex.get('JoinFailures', 0)} in a row"
+
+
+def capacity_health_line(annex: dict) -> str:
+    """Issue 14's spot numbers for one annex: interruption notices, replacements launched for
+    them, and the capacity pools launches avoid now."""
+    avoided = annex.get("AvoidedOfferings") or []
+    if not (annex.get("Interruptions") or annex.get("Replacements") or avoided):
+        return ""
+    return (
+        f"  interruptions {annex.get('Interruptions', 0)}, "
+        f"replacements {annex.get('Replacements', 0)}, "
+        f"avoiding {', '.join(str(a) for a in avoided) or 'nothing'}"
+    )
 
 
 COLUMNS = ("NAME", "OWNER", "STATE", "RUNNING/REQ", "LEASE LEFT", "LAST ERROR")

@@ -81,6 +81,7 @@ class AnnexSlots:
         "State",
         "Activity",
         "EnteredCurrentState",
+        "AnnexInterruption",  # a spot interruption notice's time (controllers/interruptions.py)
     )
 
     def slots(self, pool_id: str) -> list[dict[str, Any]]:

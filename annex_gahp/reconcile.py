@@ -29,6 +29,7 @@ from annex_gahp.controllers.actions import Actions
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
 from annex_gahp.controllers.liveness import Liveness, Presence, present
+from annex_gahp.controllers.interruptions import Interruptions, Notice, notices
 from annex_gahp.controllers.provisioning import Provisioning
 from annex_gahp.controllers.status import Status
 from annex_gahp.errors import AnnexError
@@ -61,6 +62,8 @@ class Reconciler:
         self.store = store
         self.resolve_region = resolve_region
         self.actions = Actions(self.ctx)
+        self.interruptions = Interruptions(self.ctx, self.actions)
+        self.actions.launched = self.interruptions.launched
         self.status = Status(self.ctx, self.actions)
         self.provisioning = Provisioning(self.ctx, self.actions)
         self.disruption = Disruption(self.ctx, self.actions)
@@ -144,6 +147,7 @@ class Reconciler:
         ads = self._slot_ads()
         unclaimed = self.disruption.unclaimed_instances(ads)
         presence = present(ads)
+        noticed = notices(ads or [])
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)
@@ -152,7 +156,12 @@ class Reconciler:
                     after = self._unobserved(annex, failed[annex.region])
                 else:
                     after = self._step(
-                        annex, mine.get(key, []), demand, unclaimed.get(key), presence
+                        annex,
+                        mine.get(key, []),
+                        demand,
+                        unclaimed.get(key),
+                        presence,
+                        noticed.get(key),
                     )
             except Exception as err:  # one annex's failure, of whatever kind, is its own
                 after = self._failed_step(annex, err)
@@ -255,6 +264,7 @@ class Reconciler:
         demand: dict[tuple[str, str], Demand] | None,
         unclaimed: dict[str, int] | None = None,
         presence: Presence | None = None,
+        noticed: dict[str, Notice] | None = None,
     ) -> Annex:
         now = self.ctx.now()
         if annex.last_error.startswith(_UNSEEN):  # its region answers again
@@ -263,12 +273,15 @@ class Reconciler:
         live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
         if annex.state in lifecycle.ACTIVE:
             annex = self.disruption.policy(annex, demand, now)
+        draining: list[str] = []
+        if annex.state in lifecycle.ACTIVE and noticed:
+            annex, live, draining = self.interruptions.handle(annex, live, noticed, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:
             annex, live = self.disruption.retire_unclaimed(annex, live, unclaimed, now)
         if annex.state in lifecycle.ACTIVE:
             annex, live = self.liveness.check(annex, live, presence, now)
         if annex.state in lifecycle.ACTIVE:
-            annex = self.provisioning.converge(annex, live, now)
+            annex = self.provisioning.converge(annex, live, now, draining)
             if annex.state == names.RETIRING:
                 return annex  # deleted during this cycle: retire it on a fresh observation
         if annex.state == names.RETIRING:

@@ -60,6 +60,9 @@ class Settings:
     # launch; after this many such failures in a row the annex stops launching.
     join_timeout: int = 600
     max_join_failures: int = 3
+    # Capacity health (issue 14): how long a capacity pool (type, zone, spot/on-demand) that
+    # gave a capacity error or an interruption is skipped by launches.
+    unavailable_offering_ttl: int = 180
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -136,6 +139,9 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
         schedds=_list(get("ANNEX_SCHEDDS")),
         **_liveness(get),
+        unavailable_offering_ttl=_duration(
+            "ANNEX_UNAVAILABLE_OFFERING_TTL", get("ANNEX_UNAVAILABLE_OFFERING_TTL", "3m")
+        ),
     )
 
 

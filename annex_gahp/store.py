@@ -23,6 +23,7 @@ from typing import Any
 
 from annex_gahp.errors import AnnexError
 from annex_gahp.names import RETIRED
+from annex_gahp.offerings import Mark, Offering
 from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,28 @@ CREATE TABLE IF NOT EXISTS instances (
     joined INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
+-- Issue 14 (capacity health). New tables rather than new columns: an older file gets them
+-- by CREATE IF NOT EXISTS, with no schema version change.
+CREATE TABLE IF NOT EXISTS annex_counters (
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (annex_id, name)
+);
+CREATE TABLE IF NOT EXISTS interrupted_instances (
+    id TEXT PRIMARY KEY,
+    annex_id INTEGER NOT NULL REFERENCES annexes(id),
+    noticed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unavailable_offerings (
+    region TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    lifecycle TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (region, instance_type, zone, lifecycle)
+);
 """
 
 
@@ -203,6 +226,9 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # Issue 14's small tables, read for every annex's view: cached, reset on each write.
+        self._counters: dict[int, dict[str, int]] | None = None
+        self._marks: list[Mark] | None = None
         self._depth = 0  # transactions open on the connection (the first, then savepoints)
         fresh = not os.path.exists(path)
         try:
@@ -489,3 +515,83 @@ class Store:
                 "SELECT annex_id FROM instances WHERE id=?", (instance_id,)
             ).fetchone()
         return row[0] if row else None
+
+    # --- capacity health (issue 14) -------------------------------------------------------
+
+    def bump(self, annex_id: int, name: str, by: int = 1) -> int:
+        """Add `by` to the annex's counter `name` (Interruptions, ...); returns the new value."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO annex_counters(annex_id, name, value) VALUES (?,?,?)"
+                " ON CONFLICT(annex_id, name) DO UPDATE SET value = value + excluded.value",
+                (annex_id, name, by),
+            )
+            row = db.execute(
+                "SELECT value FROM annex_counters WHERE annex_id=? AND name=?", (annex_id, name)
+            ).fetchone()
+            self._counters = None
+        return int(row[0])
+
+    def counters(self, annex_id: int) -> dict[str, int]:
+        # Read for every annex's view (each ad, each ANNEX_STATUS): kept in memory, this
+        # process being the file's only writer.
+        with self._lock:
+            if self._counters is None:
+                rows = self._db.execute("SELECT annex_id, name, value FROM annex_counters")
+                self._counters = {}
+                for r in rows.fetchall():
+                    self._counters.setdefault(int(r[0]), {})[r[1]] = int(r[2])
+            return dict(self._counters.get(annex_id, {}))
+
+    def note_interrupted(self, annex_id: int, instance_id: str, now: int) -> int | None:
+        """Record that `instance_id` got an interruption notice, once: returns None the first
+        time, else when it was first recorded."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT noticed FROM interrupted_instances WHERE id=?", (instance_id,)
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            db.execute(
+                "INSERT INTO interrupted_instances(id, annex_id, noticed) VALUES (?,?,?)",
+                (instance_id, annex_id, int(now)),
+            )
+        return None
+
+    def mark_unavailable(self, marks: Iterable[tuple[Offering, int, str]]) -> None:
+        """Record (offering, until, reason); a mark already there keeps the later end. The
+        table stays small (one row per capacity pool ever marked): expired rows are not read."""
+        with self.transaction() as db:
+            self._marks = None
+            for offering, until, reason in marks:
+                db.execute(
+                    "INSERT INTO unavailable_offerings"
+                    "(region, instance_type, zone, lifecycle, until, reason) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT(region, instance_type, zone, lifecycle) DO UPDATE SET"
+                    " until = max(until, excluded.until), reason = excluded.reason",
+                    (
+                        offering.region,
+                        offering.instance_type,
+                        offering.zone,
+                        offering.lifecycle,
+                        int(until),
+                        reason,
+                    ),
+                )
+
+    def unavailable(self, region: str, now: int) -> list[Mark]:
+        """The region's marks still in force at `now` (the table kept in memory, as counters)."""
+        with self._lock:
+            if self._marks is None:
+                rows = self._db.execute(
+                    "SELECT * FROM unavailable_offerings ORDER BY region, instance_type, zone"
+                ).fetchall()
+                self._marks = [
+                    Mark(
+                        Offering(r["region"], r["instance_type"], r["zone"], r["lifecycle"]),
+                        int(r["until"]),
+                        r["reason"],
+                    )
+                    for r in rows
+                ]
+            return [m for m in self._marks if m.offering.region == region and m.until > now]

@@ -2,7 +2,7 @@
 
     /opt/annex-venv/bin/python /src/bench/run.py [NAME ...]
 
-NAME: hook, latency, peers, api, socket (default: all, in that order). Before the benchmarks:
+NAME: hook, latency, peers, api, socket, spot (default: all, in that order). Before the benchmarks:
 start the counting proxy (bench/awsproxy.py) in front of the emulator, point the helper at it
 (a config file after the sandbox's own, then a restart of the helper by condor_master), raise
 the per-user instance cap so the 100-annex run fits, and give the gridmanager the emulator's
@@ -26,13 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Peers before the benchmarks that leave hundreds of instances (terminated ones included) in the
 # emulator: HTCondor's ec2_gahp probes with one DescribeInstances and does not follow
 # NextToken, and moto pages at 100 reservations (docs/benchmarks.md, "Caveats").
-ORDER = ["hook", "latency", "peers", "api", "socket"]
+ORDER = ["hook", "latency", "peers", "api", "socket", "spot"]
 SCRIPTS = {
     "hook": "hook_startup.py",
     "socket": "socket_throughput.py",
     "api": "api_efficiency.py",
     "latency": "latency.py",
     "peers": "peers.py",
+    "spot": "spot.py",
 }
 CONFIG = "/etc/condor/config.d/99-zz-bench.conf"
 TAGS = ("helper", "gahp", "annex", "fill")

@@ -7,11 +7,12 @@ loop, the request handlers or the transports: the dependency points from the loo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from annex_gahp import names
+from annex_gahp.offerings import Mark, Offering
 
 if TYPE_CHECKING:
     from annex_gahp.store import Annex
@@ -26,6 +27,8 @@ class Observed:
     instance_type: str
     region: str
     tags: dict[str, str]
+    zone: str = ""  # availability zone, where describe gives it
+    lifecycle: str = "on-demand"  # or "spot" (EC2's InstanceLifecycle)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -51,6 +54,9 @@ class LaunchOutcome:
 
     instance_ids: list[str]
     errors: list[str] = field(default_factory=list)
+    # Capacity pools the cloud said have no capacity now, each with its error code: the loop
+    # marks them unavailable (annex_gahp/offerings.py).
+    unavailable: list[tuple[Offering, str]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -85,9 +91,12 @@ class Cloud(Protocol):
         The loop records the answer before `ensure`, so a crash after it can clean up."""
         ...
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid: Sequence[Mark] = ()
+    ) -> LaunchOutcome:
         """Capacity for the annex at `target` instances, `have` of which the loop sees;
-        `request` tags what this call launches (the loop's recorded intent)."""
+        `request` tags what this call launches (the loop's recorded intent); no capacity pool
+        that `avoid` covers is asked for."""
         ...
 
     def remove(self, region: str, ids: list[str]) -> None:
@@ -119,7 +128,9 @@ class Backend(Protocol):
 
     def prepare(self, annex: Annex) -> Resources: ...
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome: ...
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid: Sequence[Mark] = ()
+    ) -> LaunchOutcome: ...
 
     def extend(self, annex: Annex, ids: list[str]) -> None: ...
 

@@ -86,9 +86,13 @@ class Context:
         return int(self.clock())
 
 
-def recent(store: Store, annex: Annex, live: list[Observed], now: int) -> list[str]:
-    """Launched by us, not yet visible to describe: counted so we do not launch twice."""
-    known = {o.id for o in live}
+def recent(
+    store: Store, annex: Annex, live: list[Observed], now: int, seen: Iterable[str] = ()
+) -> list[str]:
+    """Launched by us, not yet visible to describe: counted so we do not launch twice.
+    `seen`: ids describe did show but the caller does not count (an interrupted instance
+    draining its jobs)."""
+    known = {o.id for o in live} | set(seen)
     return [
         i.id
         for i in store.instances(annex.id)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from annex_gahp import faults, lifecycle
+from annex_gahp import faults, lifecycle, offerings
 from annex_gahp.controllers import Context
 from annex_gahp.errors import AnnexError
 from annex_gahp.lifecycle import Event, InstanceEvent, RetireReason
@@ -25,6 +26,8 @@ class Actions:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._rescheduled_at = 0.0
+        # Told how many instances each launch made (interruptions counts replacements).
+        self.launched: Callable[[Annex, int], None] = lambda annex, count: None
 
     def terminate(self, region: str, ids: list[str]) -> None:
         """Terminate, then drop the instances' startd ads from the collector: a startd that
@@ -69,6 +72,16 @@ class Actions:
         the intent written first."""
         store, cloud = self.ctx.store, self.ctx.cloud
         count = annex.requested - have
+        types = annex.spec.instance_types or self.ctx.settings.default_instance_types
+        avoid = offerings.avoided(store, annex, types, now)
+        if offerings.every_type_blocked(annex, types, avoid):
+            # No call could launch anything: none is made, and no failure counted; the first
+            # mark to expire lets the next cycle try again.
+            message = offerings.all_unavailable_message(annex, avoid)
+            if message != annex.last_error:
+                log.warning("annex %s: %s", annex.key, message)
+                annex = store.update_annex(annex.id, last_error=message)
+            return annex
         try:
             prepared = cloud.prepare(annex)
         except AnnexError as err:
@@ -90,7 +103,9 @@ class Actions:
         op = store.begin_op(annex.id, "launch", {"count": count, "region": annex.region})
         faults.checkpoint("create.intent")
         try:
-            outcome: LaunchOutcome = cloud.ensure(annex, annex.requested, have, op.request)
+            outcome: LaunchOutcome = cloud.ensure(
+                annex, annex.requested, have, op.request, avoid
+            )
         except AnnexError as err:
             store.finish_op(op.id, error=str(err))
             return self.launch_failed(annex, str(err), now)
@@ -112,6 +127,8 @@ class Actions:
             annex.id, op.request, [(i, pending, "") for i in outcome.instance_ids], now
         )
         faults.checkpoint("create.finished")
+        self._mark_unavailable(outcome, now)
+        self.launched(annex, len(outcome.instance_ids))
         log.info(
             "annex %s: launched %d of %d (request %s)%s",
             annex.key,
@@ -126,6 +143,19 @@ class Actions:
         if not error and annex.join_failures:
             error = annex.last_error  # why this is a replacement stays until one joins (liveness)
         return lifecycle.record(store, annex, Event.LAUNCH, last_error=error, **lifecycle.LAUNCHED)
+
+    def _mark_unavailable(self, outcome: LaunchOutcome, now: int) -> None:
+        """The capacity pools the cloud said are out of capacity: skipped by every launch
+        for ANNEX_UNAVAILABLE_OFFERING_TTL."""
+        by_code: dict[str, list[offerings.Offering]] = {}
+        for offering, code in outcome.unavailable:
+            by_code.setdefault(code, []).append(offering)
+        ttl = self.ctx.settings.unavailable_offering_ttl
+        for code, pools in by_code.items():
+            offerings.mark(self.ctx.store, pools, code, ttl, now)
+            log.info(
+                "unavailable for %d s (%s): %s", ttl, code, ", ".join(p.label() for p in pools)
+            )
 
     def launch_failed(self, annex: Annex, error: str, now: int) -> Annex:
         """Count the failed attempt and set when the next may be made; LastError says both,

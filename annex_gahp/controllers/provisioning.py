@@ -5,6 +5,7 @@ have all ended or could not be launched."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from annex_gahp import lifecycle, names
@@ -24,9 +25,12 @@ class Provisioning:
         self.ctx = ctx
         self.actions = actions
 
-    def converge(self, annex: Annex, live: list[Observed], now: int) -> Annex:
+    def converge(
+        self, annex: Annex, live: list[Observed], now: int, draining: Iterable[str] = ()
+    ) -> Annex:
+        """`draining`: live instances not counted (interrupted, their jobs leaving)."""
         store = self.ctx.store
-        have = len(live) + len(recent(store, annex, live, now))
+        have = len(live) + len(recent(store, annex, live, now, draining))
         if annex.spec.mode == "provision":
             ended = self._provision_ended(annex, have)
             if ended is not None:

@@ -4,9 +4,10 @@ jobs' attributes), and keeping the ads and the jobs up to date once per cycle.""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from annex_gahp import compat, lifecycle, names
+from annex_gahp import compat, lifecycle, names, offerings
 from annex_gahp.controllers import Context
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.store import Annex, Store
@@ -39,8 +40,9 @@ def classad_literal(value: Any) -> str:
     return compat.quote(str(value))
 
 
-def describe(store: Store, annex: Annex) -> dict[str, Any]:
-    """The annex as the collector ad, the CLI and the job ads see it."""
+def describe(store: Store, annex: Annex, now: int | None = None) -> dict[str, Any]:
+    """The annex as the collector ad, the CLI and the job ads see it (`now`: the loop's clock,
+    for which unavailable offerings are still avoided)."""
     live = [i for i in store.instances(annex.id) if i.state in lifecycle.INSTANCE_LIVE]
     running = sum(1 for i in live if i.state == lifecycle.I_RUNNING)
     return {
@@ -64,12 +66,37 @@ def describe(store: Store, annex: Annex) -> dict[str, Any]:
         # absent from the ad when none is waiting): lifecycle.retry_delay.
         "LaunchFailures": annex.launch_failures,
         "NextLaunchAttempt": annex.retry_at if lifecycle.backing_off(annex) else None,
-    } | liveness_view(annex)
+    } | liveness_view(annex) | capacity_health(store, annex, now)
 
 
 def liveness_view(annex: Annex) -> dict[str, Any]:
     """Capacity health (controllers/liveness.py): instances in a row that never joined."""
     return {"JoinFailures": annex.join_failures}
+
+
+def capacity_health(store: Store, annex: Annex, now: int | None = None) -> dict[str, Any]:
+    """Issue 14's spot numbers: interruption notices seen, replacements launched for them,
+    and the capacity pools launches avoid now (`type/zone-or-region/lifecycle` strings; only
+    while the annex may still launch; None when there are none)."""
+    counts = store.counters(annex.id)
+    avoided: list[str] = []
+    if annex.state in lifecycle.ACTIVE:
+        marks = store.unavailable(annex.region, int(time.time()) if now is None else now)
+        types = set(annex.spec.instance_types)
+        lifecycle_ = offerings.lifecycle_of(annex)
+        avoided = offerings.labels(
+            m
+            for m in marks
+            if m.offering.lifecycle == lifecycle_
+            and (not types or m.offering.instance_type in types)
+        )
+    return {
+        "Interruptions": counts.get("Interruptions", 0),
+        "Replacements": counts.get("Replacements", 0),
+        # Absent from the ad while nothing is avoided (a list per ad costs the collector
+        # and the helper memory at 1,000 annexes).
+        "AvoidedOfferings": avoided or None,
+    }
 
 
 def failed_instances(store: Store, annex: Annex) -> int:
@@ -146,7 +173,7 @@ class Status:
                 self._published.pop(annex.id, None)
                 continue
             try:
-                view = describe(self.ctx.store, annex)
+                view = describe(self.ctx.store, annex, self.ctx.now())
                 if due or self._published.get(annex.id) != view:
                     self._annotate_jobs(annex, view)
                     views.append(view)

@@ -3,9 +3,12 @@
 
 `boot`: IMDSv2 identity; the annex's IDTOKEN from SSM (or the stack strategy's S3 bucket) with
 the instance role (SigV4 here: no boto3); token and HTCondor config; start HTCondor. `watch`:
-follow the lease (expires tag via IMDS), power off past it, re-fetch the token when it moves.
+follow the lease (expires tag via IMDS), power off past it, re-fetch the token when it moves;
+and every ~5 s look for a spot interruption notice (then the startd takes no new job and
+vacates the running ones: see `interrupted`) or a rebalance recommendation.
 The token is never logged. Env: ANNEX_IMDS_URL, ANNEX_POWEROFF_CMD; for tests ANNEX_AGENT_ROOT,
-ANNEX_AGENT_CONFIG, ANNEX_CONDOR_START_CMD, ANNEX_AGENT_INTERVAL, ANNEX_AGENT_FETCH_TIMEOUT.
+ANNEX_AGENT_CONFIG, ANNEX_CONDOR_START_CMD, ANNEX_AGENT_INTERVAL, ANNEX_AGENT_FETCH_TIMEOUT,
+ANNEX_AGENT_SPOT_INTERVAL.
 """
 
 import datetime
@@ -27,6 +30,11 @@ CONFIG = os.environ.get("ANNEX_AGENT_CONFIG", ROOT + "/etc/htcondor-annex/boot.j
 TOKEN_FILE = ROOT + "/etc/condor/tokens.d/annex"
 CONFIG_FILE = ROOT + "/etc/condor/config.d/50-annex.conf"
 EXPIRES_TAG = "htcondor-annex:expires"
+# What the startd publishes about a spot notice: the agent writes ClassAd lines here, a startd
+# cron job reads them into the slot ads (no reconfig, no HTCondor command authorization).
+NOTICE_FILE = "/etc/htcondor-annex/interruption.ad"
+INSTANCE_ACTION = "meta-data/spot/instance-action"
+REBALANCE = "meta-data/events/recommendations/rebalance"
 
 
 class AgentError(Exception):
@@ -254,10 +262,69 @@ def boot():
     config = cfg["condor_config"] + (
         f'\nAnnexInstanceId = "{instance_id}"\nSTARTD_ATTRS = $(STARTD_ATTRS) AnnexInstanceId\n'
     )
-    write_file(CONFIG_FILE, config, 0o644)
+    if not os.path.exists(ROOT + NOTICE_FILE):
+        write_file(ROOT + NOTICE_FILE, "", 0o644)
+    write_file(CONFIG_FILE, config + interruption_config(), 0o644)
     log.info("wrote %s", CONFIG_FILE)
     start_condor()
     return 0
+
+
+def interruption_config():
+    """Startd config for spot notices. A cron job publishes NOTICE_FILE (empty until a notice)
+    1 s after each run; once it carries AnnexInterruption the startd starts no job (START) and
+    preempts the running ones at its next policy evaluation (PREEMPT, no retirement time): the
+    jobs go back to idle in their schedd, with the usual soft kill first for jobs that
+    checkpoint. No benchmarks: 23.9 holds cron jobs while they run (~15 s after boot)."""
+    return f"""
+# Spot interruption notices (htcondor-annex agent, `watch`).
+RUNBENCHMARKS = False
+STARTD_CRON_JOBLIST = $(STARTD_CRON_JOBLIST) ANNEXSPOT
+STARTD_CRON_ANNEXSPOT_EXECUTABLE = /bin/cat
+STARTD_CRON_ANNEXSPOT_ARGS = {NOTICE_FILE}
+STARTD_CRON_ANNEXSPOT_MODE = WaitForExit
+STARTD_CRON_ANNEXSPOT_PERIOD = 1
+START = ($(START)) && (MY.AnnexInterruption =?= undefined)
+PREEMPT = ($(PREEMPT:False)) || (MY.AnnexInterruption =!= undefined)
+MAXJOBRETIREMENTTIME = ifThenElse(MY.AnnexInterruption =!= undefined, 0, $(MAXJOBRETIREMENTTIME:0))
+"""
+
+
+def notice_lines(action_text, now):
+    """The ClassAd lines for NOTICE_FILE from IMDS's instance-action JSON: the notice's time
+    as this agent saw it (epoch seconds) and the action when it is one EC2 names."""
+    lines = [f"AnnexInterruption = {int(now)}"]
+    try:
+        action = json.loads(action_text).get("action", "")
+    except (ValueError, AttributeError):
+        action = ""
+    if action in ("terminate", "stop", "hibernate"):
+        lines.append(f'AnnexInterruptionAction = "{action}"')
+    return "\n".join(lines) + "\n"
+
+
+def check_spot(imds, state):
+    """One look at IMDS's spot notices; `state` remembers what was already acted on."""
+    if not state.get("interrupted"):
+        try:
+            action = imds.get(INSTANCE_ACTION)
+        except (OSError, ValueError) as err:
+            log.debug("cannot read %s: %s", INSTANCE_ACTION, err)
+            action = None
+        if action:
+            now = time.time()
+            log.warning("spot interruption notice (%s): no new jobs, vacating", action.strip())
+            write_file(ROOT + NOTICE_FILE, notice_lines(action, now), 0o644)
+            state["interrupted"] = now
+    if not state.get("rebalance"):
+        try:
+            hint = imds.get(REBALANCE)
+        except (OSError, ValueError):
+            hint = None
+        if hint:
+            # A recommendation only: jobs keep running; the notice, if it comes, acts.
+            log.warning("rebalance recommendation: %s", hint.strip())
+            state["rebalance"] = time.time()
 
 
 def read_expiry(imds, fallback):
@@ -277,23 +344,29 @@ def watch():
     imds = Imds()
     known = int(cfg["expires"])
     interval = float(os.environ.get("ANNEX_AGENT_INTERVAL", "45"))
-    log.info("watching the lease: expires at %d", known)
+    spot_every = float(os.environ.get("ANNEX_AGENT_SPOT_INTERVAL", "5"))
+    log.info("watching the lease: expires at %d; spot notices every %.0f s", known, spot_every)
+    spot = {}
+    next_lease = 0.0
     while True:
-        expires = read_expiry(imds, known)
-        if expires > known:
-            log.info("lease extended to %d: refreshing the token", expires)
-            try:
-                install_token(cfg, imds)
-                known = expires
-            except (AgentError, OSError) as err:
-                log.error("token refresh failed: %s", err)
-        now = time.time()
-        if now >= expires:
-            command = os.environ.get("ANNEX_POWEROFF_CMD") or "poweroff"
-            log.info("lease ended at %d: running %s", expires, command)
-            if subprocess.run(["/bin/sh", "-c", command], check=False).returncode == 0:
-                return 0
-        time.sleep(max(1.0, min(interval, expires - now if expires > now else interval)))
+        if time.time() >= next_lease:
+            expires = read_expiry(imds, known)
+            if expires > known:
+                log.info("lease extended to %d: refreshing the token", expires)
+                try:
+                    install_token(cfg, imds)
+                    known = expires
+                except (AgentError, OSError) as err:
+                    log.error("token refresh failed: %s", err)
+            now = time.time()
+            if now >= expires:
+                command = os.environ.get("ANNEX_POWEROFF_CMD") or "poweroff"
+                log.info("lease ended at %d: running %s", expires, command)
+                if subprocess.run(["/bin/sh", "-c", command], check=False).returncode == 0:
+                    return 0
+            next_lease = now + max(1.0, min(interval, expires - now if expires > now else interval))
+        check_spot(imds, spot)
+        time.sleep(max(0.2, min(spot_every, next_lease - time.time())))
 
 
 def main(argv=None):

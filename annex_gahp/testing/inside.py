@@ -11,11 +11,13 @@ uses run_as below when inside.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -240,6 +242,18 @@ def console_log(instance_id: str) -> str:
         if p.exists():
             return p.read_text(errors="replace")
     return ""
+
+
+def interrupt(instance_id: str, action: str = "terminate", in_seconds: int = 120) -> str:
+    """Serve a spot interruption notice at the instance's IMDS (the booter's test control), as
+    EC2 does two minutes before it reclaims a spot instance; returns the notice's JSON."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + in_seconds))
+    notice = json.dumps({"action": action, "time": when})
+    target = instance_dir(instance_id) / "spot-instance-action"
+    temp = target.with_suffix(".tmp")
+    temp.write_text(notice)
+    temp.replace(target)
+    return notice
 
 
 def imds_url(instance_id: str) -> str:

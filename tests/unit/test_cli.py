@@ -439,3 +439,17 @@ def test_format_table_lease_column() -> None:
     ]
     lines = cli.format_table(rows, now=1000).splitlines()
     assert [line.split()[4] for line in lines[1:]] == ["59s", "-", "expired"]
+
+
+def test_status_shows_interruptions_replacements_and_avoided_pools() -> None:
+    quiet = {"AnnexName": "a", "Interruptions": 0, "Replacements": 0, "AvoidedOfferings": []}
+    assert cli.capacity_health_line(quiet) == ""
+    busy = quiet | {
+        "Interruptions": 2,
+        "Replacements": 1,
+        "AvoidedOfferings": ["m5.large/us-east-1a/spot", "c5.large/us-east-1/on-demand"],
+    }
+    assert cli.capacity_health_line(busy) == (
+        "  interruptions 2, replacements 1, avoiding m5.large/us-east-1a/spot, "
+        "c5.large/us-east-1/on-demand"
+    )

@@ -138,7 +138,9 @@ class ThirdBackend:
         self.calls.append(("prepare", annex.name))
         return {"thing": f"third-{annex.name}"}
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid=()
+    ) -> LaunchOutcome:
         self.calls.append(("ensure", annex.cloud_resources["thing"], target, have))
         return LaunchOutcome(instance_ids=[], errors=[])  # capacity comes later, in its time
 

@@ -150,6 +150,8 @@ class FakeImds:
     url: str
     tags: dict[str, str]
     calls: list[str]
+    # More paths under latest/ and their answers (a spot notice, ...).
+    more: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @pytest.fixture
@@ -198,6 +200,7 @@ def imds() -> Iterator[FakeImds]:
             }
             for key, value in state.tags.items():
                 answers[f"meta-data/tags/instance/{key}"] = value
+            answers.update(state.more)
             if path in answers:
                 self._reply(200, answers[path])
             else:
@@ -458,3 +461,57 @@ def test_failed_install_fails_fast_on_the_console(tmp_path: Path, imds: FakeImds
     assert "installing HTCondor failed" in log
     assert not (tmp_path / "root/condor-started").exists()
     assert not (tmp_path / "root/usr/sbin/policy-rc.d").exists()
+def test_agent_publishes_a_spot_notice_for_the_startd(tmp_path: Path, imds: FakeImds) -> None:
+    """`watch` polls IMDS's instance-action every ANNEX_AGENT_SPOT_INTERVAL: nothing while
+    there is no notice; then the startd's cron file carries AnnexInterruption (the time it saw
+    the notice) and the action, and the config written at boot makes the startd act on it."""
+    root = tmp_path / "root"
+    ctx = context(expires=int(time.time()) + 3600)
+    _write_boot_json(root, ctx)
+    env = _agent_env(tmp_path, imds, ANNEX_AGENT_SPOT_INTERVAL="0.2", ANNEX_AGENT_INTERVAL="60")
+    notice = root / "etc/htcondor-annex/interruption.ad"
+    agent = subprocess.Popen(
+        [sys.executable, str(AGENT), "watch"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(
+            lambda: imds.calls.count("GET /latest/meta-data/spot/instance-action") >= 2,
+            10,
+            "two looks at the notice",
+        )
+        assert not notice.exists() or notice.read_text() == ""
+        before = int(time.time())
+        imds.more["meta-data/spot/instance-action"] = json.dumps(
+            {"action": "terminate", "time": "2026-12-05T08:00:00Z"}
+        )
+        imds.more["meta-data/events/recommendations/rebalance"] = json.dumps(
+            {"noticeTime": "2026-12-05T07:58:00Z"}
+        )
+        _wait_for(lambda: notice.exists() and notice.read_text() != "", 10, "the notice file")
+        lines = dict(
+            line.split(" = ", 1) for line in notice.read_text().splitlines() if line.strip()
+        )
+        assert before <= int(lines["AnnexInterruption"]) <= int(time.time())
+        assert lines["AnnexInterruptionAction"] == '"terminate"'
+    finally:
+        agent.terminate()
+        _, err = agent.communicate(timeout=10)
+    assert "spot interruption notice" in err and "rebalance recommendation" in err
+    config = load_agent().interruption_config()
+    assert "STARTD_CRON_ANNEXSPOT_ARGS = /etc/htcondor-annex/interruption.ad" in config
+    assert "START = ($(START)) && (MY.AnnexInterruption =?= undefined)" in config
+
+
+def test_agent_notice_lines_take_only_known_actions() -> None:
+    agent = load_agent()
+    assert agent.notice_lines('{"action": "stop"}', 7.9) == (
+        'AnnexInterruption = 7\nAnnexInterruptionAction = "stop"\n'
+    )
+    # IMDS text is not copied into the startd's ClassAd beyond the known words.
+    hostile = json.dumps({"action": 'terminate"\nSTART = True'})
+    assert agent.notice_lines(hostile, 1) == "AnnexInterruption = 1\n"
+    assert agent.notice_lines("not json", 1) == "AnnexInterruption = 1\n"

@@ -5,13 +5,14 @@ sees them (a backend may own instances the loop only knows by tags)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from annex_gahp.cloud import Backend, LaunchOutcome, Observed, Resources
 from annex_gahp.cloud.aws import backends, instances
 from annex_gahp.cloud.aws.context import AwsContext, ClientFactory, pilot_variables
 from annex_gahp.errors import InputError
+from annex_gahp.offerings import Mark
 from annex_gahp.settings import Settings
 from annex_gahp.store import Annex
 
@@ -73,6 +74,8 @@ class AwsCloud:
                     instance_type=view.instance_type,
                     region=region,
                     tags=view.tags,
+                    zone=view.zone,
+                    lifecycle=view.lifecycle,
                 )
                 for view in instances.describe_pool(
                     self.ctx.client("ec2", region), self.settings.pool_id
@@ -86,8 +89,10 @@ class AwsCloud:
     def prepare(self, annex: Annex) -> Resources:
         return self.backend(annex).prepare(annex)
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
-        return self.backend(annex).ensure(annex, target, have, request)
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid: Sequence[Mark] = ()
+    ) -> LaunchOutcome:
+        return self.backend(annex).ensure(annex, target, have, request, avoid)
 
     def remove(self, region: str, ids: list[str]) -> None:
         rest = list(ids)

@@ -30,11 +30,12 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from annex_gahp import names
+from annex_gahp import names, offerings
 from annex_gahp.cloud.aws.session import aws_errors, cloud_error, error_code
 from annex_gahp.errors import CloudError, InputError
 
@@ -56,6 +57,14 @@ CAPACITY_CODES = frozenset(
     }
 )
 MAX_FLEET_CALLS = 4  # one normally; more only when AWS leaves capacity on the table
+# CreateFleet's documented cap on overrides across a request's launch templates (stated for
+# `request` and `maintain` fleets; kept for `instant` too): types x subnets beyond it are cut,
+# the user's first choices kept.
+MAX_OVERRIDES = 300
+# The allocation strategies (issue 14): spot from the pools with the lowest price and the
+# least chance of interruption, on-demand the cheapest.
+SPOT_STRATEGY = "price-capacity-optimized"
+ON_DEMAND_STRATEGY = "lowest-price"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +125,8 @@ class LaunchResult:
     instance_ids: list[str]
     errors: list[str]  # one line per override or call that failed, for AnnexLastError
     fleet_ids: list[str] = dataclasses.field(default_factory=list)
+    # Capacity pools AWS said have no capacity (with its error code), for offerings.py.
+    unavailable: list[tuple[offerings.Offering, str]] = dataclasses.field(default_factory=list)
 
 
 def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
@@ -350,12 +361,12 @@ def fleet_request(
             {"ResourceType": "fleet", "Tags": _tag_list(plan.tags())},
         ],
     }
-    # Priorities express the user's order; instant fleets fall through to the next override
-    # when one has no capacity.
+    # AWS picks among the overrides (priorities are kept as the user's order, for the record):
+    # spot where price and interruption risk are lowest together, on-demand the cheapest.
     if plan.spot:
-        request["SpotOptions"] = {"AllocationStrategy": "capacity-optimized-prioritized"}
+        request["SpotOptions"] = {"AllocationStrategy": SPOT_STRATEGY}
     else:
-        request["OnDemandOptions"] = {"AllocationStrategy": "prioritized"}
+        request["OnDemandOptions"] = {"AllocationStrategy": ON_DEMAND_STRATEGY}
     if plan.client_token:
         request["ClientToken"] = plan.client_token
     return request
@@ -420,8 +431,79 @@ def resolve_vpc(ec2: Any, plan: LaunchPlan) -> LaunchPlan:
     return dataclasses.replace(plan, subnets=chosen)
 
 
+def subnet_zones(ec2: Any, subnets: Sequence[str]) -> dict[str, str]:
+    """subnet id -> its availability zone (one DescribeSubnets; {} when none is given or the
+    call fails: a capacity pool is then taken as the whole region)."""
+    if not subnets:
+        return {}
+    try:
+        found = ec2.describe_subnets(SubnetIds=list(subnets))["Subnets"]
+    except ClientError as err:
+        log.warning("zones of subnets %s unknown: %s", ",".join(subnets), error_code(err))
+        return {}
+    return {s["SubnetId"]: s.get("AvailabilityZone", "") for s in found}
+
+
+class _Pools:
+    """The capacity pool (offerings.Offering) of each override; subnet zones looked up once,
+    only when a decision needs them."""
+
+    def __init__(self, ec2: Any, plan: LaunchPlan) -> None:
+        self.ec2 = ec2
+        self.plan = plan
+        self.region = ec2.meta.region_name
+        self.lifecycle = offerings.SPOT if plan.spot else offerings.ON_DEMAND
+        self._zones: dict[str, str] | None = None
+
+    def zone(self, subnet: str | None) -> str:
+        if not subnet:
+            return ""
+        if self._zones is None:
+            self._zones = subnet_zones(self.ec2, self.plan.subnets)
+        return self._zones.get(subnet, "")
+
+    def of(self, instance_type: str, subnet: str | None, zone: str = "") -> offerings.Offering:
+        return offerings.Offering(
+            self.region, instance_type, zone or self.zone(subnet), self.lifecycle
+        )
+
+
+def cap_overrides(candidates: list[_Override], annex: str) -> list[_Override]:
+    """At most MAX_OVERRIDES, the user's first choices (types first, then subnets) kept."""
+    if len(candidates) <= MAX_OVERRIDES:
+        return candidates
+    log.info(
+        "annex %s: %d overrides, CreateFleet takes %d: the first kept",
+        annex,
+        len(candidates),
+        MAX_OVERRIDES,
+    )
+    return candidates[:MAX_OVERRIDES]
+
+
+def _skip_avoided(
+    candidates: list[_Override], pools: _Pools, avoid: Sequence[offerings.Mark]
+) -> tuple[list[_Override], list[offerings.Mark]]:
+    """The candidates no mark covers, and the marks that removed some."""
+    if not avoid:
+        return candidates, []
+    kept, used = [], []
+    for c in candidates:
+        mark = offerings.blocked(avoid, pools.of(c.instance_type, c.subnet))
+        if mark is None:
+            kept.append(c)
+        elif mark not in used:
+            used.append(mark)
+    return kept, used
+
+
 def launch(
-    ec2: Any, plan: LaunchPlan, base_launch_template: str, *, annex_template_id: str = ""
+    ec2: Any,
+    plan: LaunchPlan,
+    base_launch_template: str,
+    *,
+    annex_template_id: str = "",
+    avoid: Sequence[offerings.Mark] = (),
 ) -> LaunchResult:
     """Launch `plan.count` instances with one CreateFleet call (more only to fall through
     capacity errors AWS reported but did not itself route around).
@@ -429,11 +511,24 @@ def launch(
     `annex_template_id`: the id `ensure_annex_template` returned earlier for this annex; given,
     no launch-template call is made. Otherwise the annex's template is ensured first, unless
     the plan adds nothing to `base_launch_template` (no user data, key pair or groups), in
-    which case that template is launched as it is."""
+    which case that template is launched as it is.
+
+    `avoid`: capacity pools marked unavailable (offerings.py); their overrides are left out.
+    Capacity errors AWS gives are returned in `unavailable`."""
     if plan.count <= 0:
         return LaunchResult([], [])
     plan = resolve_vpc(ec2, plan)
-    candidates = overrides(plan)
+    pools = _Pools(ec2, plan)
+    candidates, used = _skip_avoided(overrides(plan), pools, avoid)
+    if not candidates:
+        return LaunchResult(
+            [],
+            [
+                f"every instance type and subnet of annex {plan.annex} is unavailable for now: "
+                f"{offerings.describe(used)}"
+            ],
+        )
+    candidates = cap_overrides(candidates, plan.annex)
     if annex_template_id:
         template_id = annex_template_id
     elif not (plan.user_data or plan.keypair or plan.security_groups) and base_launch_template:
@@ -459,6 +554,7 @@ def launch(
             # The whole call failed for capacity: give up the most preferred type.
             dropped = candidates[0].instance_type
             candidates = [c for c in candidates if c.instance_type != dropped]
+            result.unavailable.append((pools.of(dropped, None), code))
             continue
         if response.get("FleetId"):
             result.fleet_ids.append(response["FleetId"])
@@ -477,6 +573,11 @@ def launch(
             )
             if code in CAPACITY_CODES:
                 retry_worthy.extend(c for c in candidates if _matches(c, spec))
+                if over.get("InstanceType"):
+                    pool = pools.of(
+                        over["InstanceType"], over.get("SubnetId"), over.get("AvailabilityZone", "")
+                    )
+                    result.unavailable.append((pool, code))
         log.info(
             "annex %s: fleet %s launched %d of %d (%d override errors)",
             plan.annex,

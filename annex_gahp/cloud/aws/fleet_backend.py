@@ -4,12 +4,14 @@ of the annex's own that carries the boot script (fleet.py has the API shapes).""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from annex_gahp.cloud import LaunchOutcome, Observed, Resources
 from annex_gahp.cloud.aws import fleet
 from annex_gahp.cloud.aws.context import AwsContext
 from annex_gahp.cloud.aws.tokenstores import AnnexTokens, TokenStore
 from annex_gahp.errors import CloudError
+from annex_gahp.offerings import Mark
 from annex_gahp.store import Annex
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,9 @@ class FleetBackend:
         )
         return {"launch_template": template, "token": location, "images": ",".join(images)}
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid: Sequence[Mark] = ()
+    ) -> LaunchOutcome:
         # The annex's own template (made by prepare) carries the user data; naming it saves the
         # launch-template calls and never launches without the boot script.
         resources = annex.cloud_resources
@@ -44,6 +48,7 @@ class FleetBackend:
             self.ctx.plan(annex, target - have, request, ""),
             self.ctx.settings.launch_template,
             annex_template_id=template,
+            avoid=avoid,
         )
         errors = list(result.errors)
         if annex.spec.mode == "pool":
@@ -56,7 +61,11 @@ class FleetBackend:
                 errors.append(str(err))
         if not result.instance_ids and not errors:
             errors.append("no capacity")
-        return LaunchOutcome(instance_ids=list(result.instance_ids), errors=errors)
+        return LaunchOutcome(
+            instance_ids=list(result.instance_ids),
+            errors=errors,
+            unavailable=list(result.unavailable),
+        )
 
     def extend(self, annex: Annex, ids: list[str]) -> None:
         self.ctx.retag(annex, ids)

@@ -35,6 +35,7 @@ from botocore.exceptions import (
     WaiterError,
 )
 
+from annex_gahp.cloud.aws import capacity_faults
 from annex_gahp.errors import CloudError, CredentialsError, SetupError
 from annex_gahp.settings import Settings
 
@@ -160,6 +161,9 @@ def client(
         made = session.client(service, **kwargs)
     except BotoCoreError as err:
         raise cloud_error(err, f"create {service} client") from None
+    if settings.endpoint_url and service == "ec2":
+        # Emulator only: capacity errors a test asks for (never armed against real AWS).
+        capacity_faults.arm(made, settings.state_dir)
     return made
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -16,6 +17,7 @@ from annex_gahp.cloud.aws.context import AwsContext
 from annex_gahp.cloud.aws.session import aws_errors
 from annex_gahp.cloud.aws.tokenstores import AnnexTokens, S3Tokens, recorded_token
 from annex_gahp.errors import CloudError, SetupError
+from annex_gahp.offerings import Mark
 from annex_gahp.store import Annex
 
 log = logging.getLogger(__name__)
@@ -106,10 +108,13 @@ class StackBackend:
         location = "" if provision else self.tokens.store_token(annex)
         return {"stack": name, "token": location, "images": images}
 
-    def ensure(self, annex: Annex, target: int, have: int, request: str) -> LaunchOutcome:
+    def ensure(
+        self, annex: Annex, target: int, have: int, request: str, avoid: Sequence[Mark] = ()
+    ) -> LaunchOutcome:
         """Create the annex's stack, or set its groups' capacity: the stack is asked for the
         whole `target`, so asking again is no change. Instances the groups have not launched
-        yet come later: no id and no error is not a failure."""
+        yet come later: no id and no error is not a failure. `avoid` is not applied: Auto
+        Scaling groups choose and fall over between their own types and zones."""
         region = annex.region
         location = self.buckets.location(annex)
         plan = dataclasses.replace(
