@@ -28,8 +28,8 @@ from annex_gahp.controllers import (
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
-from annex_gahp.controllers.liveness import Liveness, Presence, present
 from annex_gahp.controllers.interruptions import Interruptions, Notice, notices
+from annex_gahp.controllers.liveness import Liveness, Presence, present
 from annex_gahp.controllers.provisioning import Provisioning
 from annex_gahp.controllers.status import Status
 from annex_gahp.errors import AnnexError
@@ -159,9 +159,9 @@ class Reconciler:
                         annex,
                         mine.get(key, []),
                         demand,
-                        unclaimed.get(key),
-                        presence,
-                        noticed.get(key),
+                        unclaimed=unclaimed.get(key),
+                        presence=presence,
+                        noticed=noticed.get(key),
                     )
             except Exception as err:  # one annex's failure, of whatever kind, is its own
                 after = self._failed_step(annex, err)
@@ -262,6 +262,7 @@ class Reconciler:
         annex: Annex,
         seen: list[Observed],
         demand: dict[tuple[str, str], Demand] | None,
+        *,
         unclaimed: dict[str, int] | None = None,
         presence: Presence | None = None,
         noticed: dict[str, Notice] | None = None,
