@@ -49,6 +49,7 @@ SPEC_HELP = {
     "tags": "key=value,key=value extra EC2 tags",
     "strategy": "fleet (EC2 Fleet, default) or stack (CloudFormation)",
     "stack_name": "stack strategy: the stack's name",
+    "max_cost": "the most this annex may spend (e.g. 25): it retires when it gets there",
 }
 LEASE_HELP = "how long the annex lives: 3600, 90m, 2h"
 EXPIRY_HELP = "absolute end: '2030-04-06 17:00' (UTC) or ISO 8601"

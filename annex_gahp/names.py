@@ -50,6 +50,8 @@ JOB_ATTRS = {
     "tags": "AnnexTags",
     "strategy": "AnnexStrategy",
     "stack_name": "AnnexStackName",
+    # Cost (issue 16): the most this annex may spend, in the pool's currency.
+    "max_cost": "AnnexMaxCost",
 }
 
 # Job attributes the system sets while a job waits for its annex.
@@ -60,6 +62,8 @@ JOB_STATUS_ATTRS = (
     "AnnexLeaseExpiration",
     "AnnexLastError",
 )
+# ... and what it has cost so far (controllers/status.py; absent while a price is missing).
+JOB_COST_ATTR = "AnnexCostSoFar"
 # ... and, in provision mode, while the job stands for its annex (docs/users.md).
 JOB_PROVISION_ATTRS = (
     "AnnexId",

@@ -21,11 +21,13 @@ from annex_gahp.cloud import Cloud, Observed
 from annex_gahp.controllers import (
     Context,
     DemandSource,
+    PriceRefresher,
     Publisher,
     SlotSource,
     one_line,
 )
 from annex_gahp.controllers.actions import Actions
+from annex_gahp.controllers.budget import Budget
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
 from annex_gahp.controllers.provisioning import Provisioning
@@ -55,8 +57,12 @@ class Reconciler:
         slots: SlotSource | None = None,
         wake: Callable[[], None] = lambda: None,
         resolve_region: Callable[[str, Settings], str] = settings_mod.resolve_region,
+        prices: PriceRefresher | None = None,
+        budget_ads: Publisher | None = None,
     ) -> None:
-        self.ctx = Context(store, settings, cloud, demand, publisher, slots, clock, wake)
+        self.ctx = Context(
+            store, settings, cloud, demand, publisher, slots, clock, wake, prices, budget_ads
+        )
         self.store = store
         self.resolve_region = resolve_region
         self.actions = Actions(self.ctx)
@@ -64,6 +70,7 @@ class Reconciler:
         self.provisioning = Provisioning(self.ctx, self.actions)
         self.disruption = Disruption(self.ctx, self.actions)
         self.gc = GarbageCollector(self.ctx, self.actions, self.status)
+        self.budget = Budget(self.ctx, self.actions)
         # region -> (failed looks in a row, when to look again, why) while it cannot be seen.
         self._unreachable: dict[str, tuple[int, int, str]] = {}
         # Regions whose tags the start-up (fresh state file) could not read yet.
@@ -140,6 +147,11 @@ class Reconciler:
         for o in observed:
             mine[o.key].append(o)
         unclaimed = self.disruption.unclaimed_instances()
+        try:
+            # Before the steps: an annex at its budget launches nothing more this cycle.
+            annexes = self.budget.enforce(annexes)
+        except Exception as err:  # the budget's failure must not stop the loop
+            log.error("could not check budgets: %s", one_line(err), exc_info=True)
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)

@@ -50,6 +50,12 @@ class Settings:
     # Where `resolve:ssm:` image references may point: AWS's public parameters only, so no
     # user makes the helper read the pool's own (its tokens live in Parameter Store too).
     image_parameter_prefixes: tuple[str, ...] = ("/aws/service/",)
+    # Cost (issue 16; budgets.py, prices.py): budgets as written (`500 USD/30d`, "" = none),
+    # the price file ("" = $(ANNEX_STATE_DIR)/prices.json) and how often spot prices are read.
+    budget_per_user: str = ""
+    budget_per_pool: str = ""
+    price_file: str = ""
+    price_refresh: int = 3600
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -123,7 +129,31 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         allowed_image_ids=_list(get("ANNEX_ALLOWED_IMAGE_IDS")),
         allowed_regions=_list(get("ANNEX_ALLOWED_REGIONS")),
         reaper_grace=_duration("ANNEX_REAPER_GRACE", get("ANNEX_REAPER_GRACE", "10m")),
+        **_cost_knobs(get, state_dir),
     )
+
+
+def _cost_knobs(get: Callable[..., str], state_dir: str) -> dict[str, object]:
+    """The cost knobs (issue 16), each checked here so a bad budget stops the start-up."""
+    from annex_gahp import budgets, prices  # noqa: PLC0415 - stdlib-only modules of ours
+
+    knobs = {
+        "budget_per_user": get("ANNEX_BUDGET_PER_USER"),
+        "budget_per_pool": get("ANNEX_BUDGET_PER_POOL"),
+    }
+    for knob, text in (
+        ("ANNEX_BUDGET_PER_USER", knobs["budget_per_user"]),
+        ("ANNEX_BUDGET_PER_POOL", knobs["budget_per_pool"]),
+    ):
+        try:
+            budgets.parse(knob, text)
+        except Exception as err:
+            raise SetupError(str(err)) from None
+    return {
+        **knobs,
+        "price_file": get("ANNEX_PRICE_FILE", prices.default_path(state_dir)),
+        "price_refresh": _duration("ANNEX_PRICE_REFRESH", get("ANNEX_PRICE_REFRESH", "1h")),
+    }
 
 
 def resolve_region(job_region: str, settings: Settings) -> str:

@@ -27,7 +27,7 @@ from annex_gahp.spec import AnnexSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added since version 1, as (name, definition): an older file gets them when it is
 # opened (ADD COLUMN keeps every row, with the default), and is then the current version.
 _ADDED_COLUMNS = (
@@ -35,6 +35,16 @@ _ADDED_COLUMNS = (
     ("retry_at", "INTEGER"),
     ("cloud_resources", "TEXT NOT NULL DEFAULT '{}'"),
 )
+# Version 4 (cost, issue 16) keeps what billing needs with each instance: its lifecycle (spot or
+# on-demand), its zone and when it was first seen ending; and the prices the helper used
+# (the `prices` table), so a restarted helper computes the same cost from the same records.
+_ADDED_INSTANCE_COLUMNS = (
+    ("lifecycle", "TEXT NOT NULL DEFAULT ''"),
+    ("zone", "TEXT NOT NULL DEFAULT ''"),
+    ("ended", "INTEGER"),
+)
+# An instance in one of these states is no longer billed from the first time it is seen so.
+ENDING_STATES = ("shutting-down", "terminated")
 # Version 3 keeps what the cloud backend's `prepare` made in one JSON dict only the backend
 # reads (cloud_resources); versions 1 and 2 had two columns that meant a launch template and an
 # SSM parameter, or a stack name and an s3:// URL. Their values move into the dict under their
@@ -86,9 +96,23 @@ CREATE TABLE IF NOT EXISTS instances (
     state TEXT NOT NULL,
     instance_type TEXT NOT NULL DEFAULT '',
     launched INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL
+    last_seen INTEGER NOT NULL,
+    lifecycle TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    ended INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
+CREATE TABLE IF NOT EXISTS prices (
+    region TEXT NOT NULL,
+    zone TEXT NOT NULL DEFAULT '',
+    instance_type TEXT NOT NULL,
+    lifecycle TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    per_hour REAL NOT NULL,
+    currency TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (region, zone, instance_type, lifecycle, since)
+);
 """
 
 
@@ -149,6 +173,21 @@ class InstanceRecord:
     instance_type: str
     launched: int
     last_seen: int
+    lifecycle: str = ""
+    zone: str = ""
+    ended: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceRow:
+    region: str
+    zone: str
+    instance_type: str
+    lifecycle: str
+    since: int
+    per_hour: float
+    currency: str
+    source: str
 
 
 _ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
@@ -226,7 +265,7 @@ class Store:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) in (1, 2):
+        elif int(row[0]) in (1, 2, 3):
             self._add_columns()
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -239,6 +278,10 @@ class Store:
             for name, definition in _ADDED_COLUMNS:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE annexes ADD COLUMN {name} {definition}")
+            have_instances = {info[1] for info in self._db.execute("PRAGMA table_info(instances)")}
+            for name, definition in _ADDED_INSTANCE_COLUMNS:
+                if name not in have_instances:
+                    self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {definition}")
             if set(_LEGACY_RESOURCE_COLUMNS) <= have:
                 self._db.execute(
                     "UPDATE annexes SET cloud_resources = json_object("
@@ -440,19 +483,47 @@ class Store:
     # --- instances -----------------------------------------------------------------------
 
     def record_instances(
-        self, annex_id: int, request: str, rows: Iterable[tuple[str, str, str]], now: int
+        self,
+        annex_id: int,
+        request: str,
+        rows: Iterable[tuple[str, str, str]],
+        now: int,
+        details: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """Upsert (instance id, state, type) as last seen."""
+        """Upsert (instance id, state, type) as last seen; `details` adds an instance's
+        (lifecycle, zone) where known. The first write in an ending state records when it
+        ended (billing stops there); a later write never moves that time, so a replayed
+        observation after a crash counts nothing twice."""
+        details = details or {}
         with self.transaction() as db:
             for instance_id, state, instance_type in rows:
+                lifecycle, zone = details.get(instance_id, ("", ""))
+                ended = now if state in ENDING_STATES else None
                 db.execute(
                     "INSERT INTO instances(id, annex_id, request, state, instance_type,"
-                    " launched, last_seen) VALUES (?,?,?,?,?,?,?)"
+                    " launched, last_seen, lifecycle, zone, ended) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
-                    " last_seen=excluded.last_seen, instance_type=CASE WHEN"
+                    " last_seen=MAX(instances.last_seen, excluded.last_seen),"
+                    " instance_type=CASE WHEN"
                     " excluded.instance_type != '' THEN excluded.instance_type"
-                    " ELSE instances.instance_type END",
-                    (instance_id, annex_id, request, state, instance_type, now, now),
+                    " ELSE instances.instance_type END,"
+                    " lifecycle=CASE WHEN excluded.lifecycle != '' THEN excluded.lifecycle"
+                    " ELSE instances.lifecycle END,"
+                    " zone=CASE WHEN excluded.zone != '' THEN excluded.zone"
+                    " ELSE instances.zone END,"
+                    " ended=COALESCE(instances.ended, excluded.ended)",
+                    (
+                        instance_id,
+                        annex_id,
+                        request,
+                        state,
+                        instance_type,
+                        now,
+                        now,
+                        lifecycle,
+                        zone,
+                        ended,
+                    ),
                 )
 
     def instances(self, annex_id: int) -> list[InstanceRecord]:
@@ -468,3 +539,58 @@ class Store:
                 "SELECT annex_id FROM instances WHERE id=?", (instance_id,)
             ).fetchone()
         return row[0] if row else None
+
+    def all_instances(self, since: int | None = None) -> list[tuple[InstanceRecord, str, str, str]]:
+        """Every instance record with its annex's (owner, name, region), for cost figures;
+        with `since`, only those that may have run after it."""
+        query = (
+            "SELECT i.*, a.owner AS a_owner, a.name AS a_name, a.region AS a_region"
+            " FROM instances i JOIN annexes a ON a.id = i.annex_id"
+        )
+        params: list[Any] = []
+        if since is not None:
+            query += " WHERE COALESCE(i.ended, i.last_seen) >= ?"
+            params.append(since)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY i.launched, i.id", params).fetchall()
+        out = []
+        for row in rows:
+            values = dict(row)
+            extra = (values.pop("a_owner"), values.pop("a_name"), values.pop("a_region"))
+            out.append((InstanceRecord(**values), *extra))
+        return out
+
+    # --- prices ------------------------------------------------------------------------
+
+    def record_price(
+        self,
+        *,
+        region: str,
+        zone: str,
+        instance_type: str,
+        lifecycle: str,
+        per_hour: float,
+        currency: str,
+        source: str,
+        now: int,
+    ) -> bool:
+        """Add a price point from `now` if it differs from the one in force; True if added."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT per_hour, currency FROM prices WHERE region=? AND zone=? AND"
+                " instance_type=? AND lifecycle=? AND since <= ? ORDER BY since DESC LIMIT 1",
+                (region, zone, instance_type, lifecycle, now),
+            ).fetchone()
+            if row is not None and (row[0], row[1]) == (per_hour, currency):
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO prices(region, zone, instance_type, lifecycle, since,"
+                " per_hour, currency, source) VALUES (?,?,?,?,?,?,?,?)",
+                (region, zone, instance_type, lifecycle, now, per_hour, currency, source),
+            )
+        return True
+
+    def prices(self) -> list[PriceRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM prices ORDER BY since").fetchall()
+        return [PriceRow(**dict(row)) for row in rows]

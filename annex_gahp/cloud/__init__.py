@@ -26,6 +26,9 @@ class Observed:
     instance_type: str
     region: str
     tags: dict[str, str]
+    # What billing needs (cost.py): "spot" or "on-demand", and the availability zone.
+    lifecycle: str = "on-demand"
+    zone: str = ""
 
     @property
     def key(self) -> tuple[str, str]:

@@ -219,7 +219,7 @@ def test_a_version_2_state_file_keeps_what_prepare_made(tmp_path):
     db.close()
 
     store = Store(path)
-    assert store._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "3"
+    assert store._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "4"
     stacked = store.live("alice", "stacked")
     assert stacked.cloud_resources == {
         "template_id": "annex-p-alice-stacked",

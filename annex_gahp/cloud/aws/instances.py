@@ -41,6 +41,7 @@ class InstanceView:
     expires: int | None  # epoch seconds from htcondor-annex:expires, None if absent/garbled
     lifecycle: str = "on-demand"  # or "spot"
     private_ip: str = ""
+    zone: str = ""
 
     @classmethod
     def from_api(cls, raw: dict[str, Any]) -> InstanceView:
@@ -62,6 +63,7 @@ class InstanceView:
             expires=expires,
             lifecycle=raw.get("InstanceLifecycle", "on-demand"),
             private_ip=raw.get("PrivateIpAddress", ""),
+            zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
         )
 
 
@@ -200,6 +202,8 @@ def parse_instances_page(body: bytes) -> tuple[dict[str, Any], str]:
                 instance["Tags"] = tags
         elif in_instance and depth == 7 and path[5] == "instanceState" and name == "name":
             instance["State"] = {"Name": text}
+        elif in_instance and depth == 7 and path[5] == "placement" and name == "availabilityZone":
+            instance["Placement"] = {"AvailabilityZone": text}
         elif in_instance and depth == 8 and path[5:7] == ["tagSet", "item"]:
             if name in ("key", "value"):
                 tag["Key" if name == "key" else "Value"] = text
