@@ -78,11 +78,25 @@ def request_price(
         if spec.spot_prices:
             worst = max(worst, float(spec.spot_prices[min(i, len(spec.spot_prices) - 1)]))
             continue
-        point = cost.price_now(table, cost.PriceKey(region, itype), now)
+        point = cost.price_now(table, cost.PriceKey(region, itype), now) or _from_file(
+            settings, cost.PriceKey(region, itype)
+        )
         if point is None:
             return None, cost.PriceKey(region, itype).shown()
         worst = max(worst, point.per_hour)
     return worst, ""
+
+
+def _from_file(settings: Settings, key: cost.PriceKey) -> cost.PricePoint | None:
+    """The price file's on-demand price, for a request made before the loop recorded it."""
+    try:
+        data = prices.read_file(settings.price_file) if settings.price_file else {}
+    except Exception:  # unreadable: the loop logs it; here the price is missing
+        return None
+    for found, per_hour, currency in prices.file_points(data):
+        if found == key:
+            return cost.PricePoint(0, per_hour, currency)
+    return None
 
 
 def refusal(  # noqa: PLR0917 - one request's facts, as ensure has them

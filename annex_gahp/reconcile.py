@@ -148,10 +148,9 @@ class Reconciler:
             mine[o.key].append(o)
         unclaimed = self.disruption.unclaimed_instances()
         try:
-            # Before the steps: an annex at its budget launches nothing more this cycle.
-            annexes = self.budget.enforce(annexes)
+            self.budget.begin_cycle(annexes)
         except Exception as err:  # the budget's failure must not stop the loop
-            log.error("could not check budgets: %s", one_line(err), exc_info=True)
+            log.error("could not read the spending: %s", one_line(err), exc_info=True)
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)
@@ -255,6 +254,9 @@ class Reconciler:
             annex = self.store.update_annex(annex.id, last_error="")
         self.gc.record(annex.id, seen, now)
         live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
+        if annex.state in lifecycle.ACTIVE:
+            # At its budget (annex_max_cost, the owner's or the pool's): it grows no more.
+            annex = self.budget.check(annex, now)
         if annex.state in lifecycle.ACTIVE:
             annex = self.disruption.policy(annex, demand, now)
         if annex.state in lifecycle.ACTIVE and unclaimed:

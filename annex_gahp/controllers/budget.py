@@ -37,42 +37,54 @@ class Budget:
         self.ctx = ctx
         self.actions = actions
         self._published_at = -1.0
+        self._user: budgets.Budget | None = None
+        self._pool: budgets.Budget | None = None
+        self._owners: dict[str, cost.Cost] = {}
+        self._pool_spent: cost.Cost | None = None
+        self._table: cost.Prices = {}
 
-    def enforce(self, annexes: list[Annex]) -> list[Annex]:
-        """The annexes as they are after this cycle's budget checks."""
+    def begin_cycle(self, annexes: list[Annex]) -> None:
+        """Once per cycle, before the steps: prices refreshed, spending per owner and of the
+        pool computed (as of the last cycle's records), the budget ads published."""
         now = self.ctx.now()
-        store, settings = self.ctx.store, self.ctx.settings
+        settings = self.ctx.settings
         self._refresh_prices(now)
-        user_budget = budgets.parse("ANNEX_BUDGET_PER_USER", settings.budget_per_user)
-        pool_budget = budgets.parse("ANNEX_BUDGET_PER_POOL", settings.budget_per_pool)
+        self._user = budgets.parse("ANNEX_BUDGET_PER_USER", settings.budget_per_user)
+        self._pool = budgets.parse("ANNEX_BUDGET_PER_POOL", settings.budget_per_pool)
+        self._owners: dict[str, cost.Cost] = {}
+        self._pool_spent: cost.Cost | None = None
         capped = any(a.spec.max_cost for a in annexes if a.state in lifecycle.ACTIVE)
-        if not (capped or user_budget or pool_budget):
-            return annexes
-        table = accounting.price_table(store)
-        periods = [b.period for b in (user_budget, pool_budget) if b]
+        self._table: cost.Prices = {}
+        if not (capped or self._user or self._pool):
+            return
+        store = self.ctx.store
+        self._table = accounting.price_table(store)
+        periods = [b.period for b in (self._user, self._pool) if b]
         history = accounting.usages(store, since=now - max(periods)) if periods else []
-        pool_spent = (
-            accounting.spent(history, table, now - pool_budget.period) if pool_budget else None
-        )
-        owners: dict[str, cost.Cost] = {}
-        if user_budget:
+        if self._pool:
+            self._pool_spent = accounting.spent(history, self._table, now - self._pool.period)
+        if self._user:
             for owner in {a.owner for a in annexes} | {u.owner for u in history}:
-                owners[owner] = accounting.spent(history, table, now - user_budget.period, owner)
-        out = []
-        for annex in annexes:
-            why = None
-            if annex.state in lifecycle.ACTIVE:
-                why = self._reached(
-                    annex,
-                    table,
-                    user_budget=user_budget,
-                    owners=owners,
-                    pool_budget=pool_budget,
-                    pool_spent=pool_spent,
+                self._owners[owner] = accounting.spent(
+                    history, self._table, now - self._user.period, owner
                 )
-            out.append(self._stop(annex, why, now) if why else annex)
-        self._publish(user_budget, owners, pool_budget, pool_spent)
-        return out
+        self._publish(self._user, self._owners, self._pool, self._pool_spent)
+
+    def check(self, annex: Annex, now: int) -> Annex:
+        """One annex's step, after its instances were recorded this cycle: at its budget, it
+        retires (and launches nothing more)."""
+        if annex.state not in lifecycle.ACTIVE or not (annex.spec.max_cost or self._owners
+                                                       or self._pool_spent):  # fmt: skip
+            return annex
+        why = self._reached(
+            annex,
+            self._table,
+            user_budget=self._user,
+            owners=self._owners,
+            pool_budget=self._pool,
+            pool_spent=self._pool_spent,
+        )
+        return self._stop(annex, why, now) if why else annex
 
     def _reached(
         self,
