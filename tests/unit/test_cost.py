@@ -17,6 +17,7 @@ from test_reconcile import build, want
 
 from annex_gahp import accounting, budgets, cost, names, prices, spec
 from annex_gahp.errors import InputError, LimitExceeded
+from annex_gahp.gahp import Caller
 from annex_gahp.lifecycle import RetireReason
 from annex_gahp.schedd import Demand
 from annex_gahp.store import Store
@@ -310,3 +311,23 @@ def test_a_budget_with_no_price_refuses_rather_than_guessing(moto_url, tmp_path)
     )
     with pytest.raises(LimitExceeded, match=r"no price for c5\.large on-demand in us-east-1"):
         world.service.ensure(wanted)
+
+
+def test_the_report_matches_the_records_and_shows_users_their_own(moto_url, tmp_path):  # noqa: F811
+    world = _priced_world(moto_url, tmp_path, 2.0)
+    want(world, owner="alice", name="a1", instances=1)
+    want(world, owner="bob", name="b1", instances=2)
+    world.loop.run_once()
+    world.clock.now += 1800
+    world.loop.run_once()
+    alice = json.loads(world.service.report(Caller(1000, "alice", False), {"by": "annex"})["json"])
+    assert [r["key"] for r in alice["rows"]] == ["alice/a1"]  # not bob's
+    assert alice["total"]["cost"] == pytest.approx(1.0)  # 1 instance x 30 min x 2.0/h
+    assert alice["total"]["instance_hours"] == pytest.approx(0.5)
+    admin = json.loads(world.service.report(Caller(0, "root", True), {"by": "owner"})["json"])
+    assert {r["key"]: r["cost"] for r in admin["rows"]} == {
+        "alice": pytest.approx(1.0),
+        "bob": pytest.approx(2.0),
+    }
+    with pytest.raises(Exception, match="may not act on annexes of bob"):
+        world.service.report(Caller(1000, "alice", False), {"owner": "bob"})
