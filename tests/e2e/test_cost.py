@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
 # A high test price so a tiny budget is reached in seconds: one instance-hour of m5.large costs
 # 3600 USD here, one second one dollar.
 PRICE = 3600.0
+BUDGET_ADS = "condor_status -any -constraint 'MyType == \"AnnexBudget\"'"
 # The helper's records, read as root with the sandbox's python (no helper call in between).
 RECORDS = """
 import json, os, sqlite3, sys
@@ -79,6 +80,7 @@ def test_a_request_over_budget_is_refused_at_submit_and_by_the_helper(priced):
 
 def test_an_annex_stops_at_its_max_cost_and_the_report_matches(priced):
     pool = priced
+    pool.config(ANNEX_BUDGET_PER_USER="1000 USD/30d", ANNEX_BUDGET_PER_POOL="5000 USD/30d")
     name = f"capped-{uuid.uuid4().hex[:8]}"
     cluster = pool.submit(job(name, "annex_max_cost = 5"))
     ad = wait_for(
@@ -88,6 +90,7 @@ def test_an_annex_stops_at_its_max_cost_and_the_report_matches(priced):
     )
     assert ad["Currency"] == "USD" and ad["CostPerHour"] == pytest.approx(PRICE)
     assert ad["CostSoFar"] >= 0
+
     def held_ad():
         found = pool.job_ad(cluster)
         return found if found and found.get("JobStatus") == 5 else None
@@ -111,4 +114,15 @@ def test_an_annex_stops_at_its_max_cost_and_the_report_matches(priced):
     assert mine["cost"] == pytest.approx(expected, abs=1e-6)
     assert mine["cost"] >= 5  # stopped at the cap, not before
     print(pool.run("htcondor-annex report --since 1h --by annex", user="alice").stdout)
+    # The admin sees each user's spending against the budget: one AnnexBudget ad per user.
+    spent = wait_for(
+        lambda: next(
+            (a for a in pool.json_ads(BUDGET_ADS) if a.get("Owner") == "alice"
+             and a.get("Spent", 0) >= mine["cost"] - 1e-6), None),
+        timeout=60,
+        what="alice's AnnexBudget ad with this annex's cost",
+    )  # fmt: skip
+    assert spent["Budget"] == 1000 and spent["BudgetKnob"] == "ANNEX_BUDGET_PER_USER"
+    assert spent["Remaining"] == pytest.approx(1000 - spent["Spent"])
+    assert any(a.get("BudgetKnob") == "ANNEX_BUDGET_PER_POOL" for a in pool.json_ads(BUDGET_ADS))
     pool.run(f"condor_rm {cluster}")
