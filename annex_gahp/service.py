@@ -290,6 +290,24 @@ class AnnexService:
             self.wake()
             return annex
 
+    def _check_budget(
+        self,
+        annex: Annex,
+        requested: int,
+        lease_end: int,
+        now: int,
+        wanted: spec.AnnexSpec | None = None,
+    ) -> None:
+        """Growth of a live annex (more instances, a later end) is judged as a new request
+        is: its worst case from now against what is left of the budgets."""
+        if requested <= annex.requested and lease_end <= annex.lease_expiration:
+            return
+        over = accounting.refusal(
+            self.store, self.settings, wanted or annex.spec, annex.region, requested, lease_end, now
+        )
+        if over:
+            raise LimitExceeded(over)
+
     def _fold(self, live: Annex, wanted: spec.AnnexSpec, user_data: bytes | None) -> Annex:
         """A request for a live annex: folded into it (inside ensure's transaction)."""
         if live.state not in lifecycle.ACTIVE:
@@ -316,6 +334,7 @@ class AnnexService:
             changes["binding_limit"] = limit
         if not changes:
             return live
+        self._check_budget(live, requested, lease, int(self._clock()), merged)
         annex = self.store.update_annex(live.id, **changes)
         log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
         self.wake()
@@ -488,6 +507,12 @@ class AnnexService:
                 changes["requested"], changes["binding_limit"] = self._capped(
                     annex.owner, wanted, exclude=annex.id
                 )
+            self._check_budget(
+                current,
+                changes.get("requested", current.requested),
+                changes.get("lease_expiration", current.lease_expiration),
+                now,
+            )
             annex = self.store.update_annex(annex.id, **changes)
         log.info("annex %s extended: %s", annex.key, changes)
         self.wake()

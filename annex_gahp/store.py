@@ -234,6 +234,7 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self._depth = 0  # transactions open on the connection (the first, then savepoints)
+        self._price_rows: list[PriceRow] | None = None  # Store.prices, until the next write
         fresh = not os.path.exists(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -583,14 +584,20 @@ class Store:
             ).fetchone()
             if row is not None and (row[0], row[1]) == (per_hour, currency):
                 return False
+            self._price_rows = None
             db.execute(
                 "INSERT OR REPLACE INTO prices(region, zone, instance_type, lifecycle, since,"
                 " per_hour, currency, source) VALUES (?,?,?,?,?,?,?,?)",
                 (region, zone, instance_type, lifecycle, now, per_hour, currency, source),
             )
+        self._price_rows = None  # what a read inside the transaction cached may be undone
         return True
 
     def prices(self) -> list[PriceRow]:
+        """Every price point, oldest first. Read for every annex's view each cycle, written
+        rarely: kept in memory until the next write (this process is the only writer)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM prices ORDER BY since").fetchall()
-        return [PriceRow(**dict(row)) for row in rows]
+            if self._price_rows is None:
+                rows = self._db.execute("SELECT * FROM prices ORDER BY since").fetchall()
+                self._price_rows = [PriceRow(**dict(row)) for row in rows]
+            return list(self._price_rows)

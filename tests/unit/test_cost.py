@@ -290,8 +290,12 @@ def test_an_annex_at_its_max_cost_retires_and_its_jobs_are_held(moto_url, tmp_pa
 
 def test_a_request_over_what_is_left_is_refused_by_the_helper(moto_url, tmp_path):  # noqa: F811
     world = _priced_world(moto_url, tmp_path, 1.0, budget_per_user="10 USD/30d")
-    # 2 instances x 1 h x 1.0 = 2: fits.
-    want(world, name="small", instances=2)
+    # 2 instances x 5 h x 1.0 = 10: fits, just.
+    small = spec.from_keywords(
+        {"name": "small", "instances": 2, "lease": "5h"}, "alice", world.service.settings
+    )
+    world.demand.jobs[("alice", "small")] = Demand(idle=4)
+    world.service.ensure(small)
     world.loop.run_once()
     world.clock.now += 3600 * 4
     world.loop.run_once()  # 8 spent
@@ -302,6 +306,11 @@ def test_a_request_over_what_is_left_is_refused_by_the_helper(moto_url, tmp_path
         world.service.ensure(wanted)
     # bob has his own budget.
     world.service.ensure(dataclasses.replace(wanted, owner="bob"))
+    # Growing a live annex is judged the same way; shrinking or keeping it is not refused.
+    alice = Caller(1000, "alice", False)
+    with pytest.raises(LimitExceeded, match="ANNEX_BUDGET_PER_USER"):
+        world.service.extend(alice, {"name": "small", "instances": "5"})
+    assert world.service.extend(alice, {"name": "small", "instances": "1"})["requested"] == "1"
 
 
 def test_a_budget_with_no_price_refuses_rather_than_guessing(moto_url, tmp_path):  # noqa: F811
