@@ -130,10 +130,11 @@ class Budget:
         if self.ctx.prices is None:
             return
         spot: dict[str, set[str]] = defaultdict(set)
-        for annex in self.ctx.store.annexes():
-            for record in self.ctx.store.instances(annex.id):
-                if record.lifecycle == cost.SPOT and record.state in lifecycle.INSTANCE_LIVE:
-                    spot[annex.region].add(record.instance_type)
+        # One query for the pool: the instances seen lately (a live one is seen every cycle).
+        recently = now - max(3 * self.ctx.settings.reconcile_interval, 600)
+        for record, _owner, _name, region in self.ctx.store.all_instances(since=recently):
+            if record.lifecycle == cost.SPOT and record.state in lifecycle.INSTANCE_LIVE:
+                spot[region].add(record.instance_type)
         try:
             self.ctx.prices.refresh(self.ctx.store, dict(spot), now)
         except Exception as err:  # a bad price file: said in the log, the loop goes on

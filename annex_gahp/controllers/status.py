@@ -75,8 +75,8 @@ def cost_view(store: Store, annex: Annex) -> dict[str, Any]:
     so_far, per_hour = figures.so_far, figures.per_hour
     missing = ", ".join(dict.fromkeys(so_far.unpriced + per_hour.unpriced))
     return {
-        "CostPerHour": round(per_hour.amount, 6) if per_hour.known else None,
-        "CostSoFar": round(so_far.amount, 6) if so_far.known else None,
+        "CostPerHour": round(per_hour.amount, 9) if per_hour.known else None,
+        "CostSoFar": round(so_far.amount, 9) if so_far.known else None,
         "Currency": so_far.currency if so_far.amount else per_hour.currency,
         "InstanceHours": round(so_far.hours, 4),
         "CostUnpriced": f"no price for {missing}" if missing else None,

@@ -340,3 +340,29 @@ def test_the_report_matches_the_records_and_shows_users_their_own(moto_url, tmp_
     }
     with pytest.raises(Exception, match="may not act on annexes of bob"):
         world.service.report(Caller(1000, "alice", False), {"owner": "bob"})
+
+
+def test_a_spot_annex_is_billed_at_ec2s_spot_price_of_its_zone(moto_url, tmp_path):  # noqa: F811
+    world = build(moto_url, tmp_path)
+    world.loop.ctx.prices = prices.PriceSource(
+        str(tmp_path / "none.json"), 3600, world.cloud.spot_prices
+    )
+    wanted = spec.from_keywords(
+        {"name": "cheap", "spot_prices": "0.5"}, "alice", world.service.settings
+    )
+    world.demand.jobs[("alice", "cheap")] = Demand(idle=1)
+    annex = world.service.ensure(wanted)
+    world.loop.run_once()
+    world.clock.now += 30
+    world.loop.run_once()  # its instance is seen as spot...
+    (record,) = world.store.instances(annex.id)
+    assert (record.lifecycle, bool(record.zone)) == ("spot", True)
+    world.clock.now += 10
+    world.loop.run_once()  # ...so EC2's spot prices are read
+    world.clock.now += 3600
+    world.loop.run_once()
+    ad = world.publisher.ads["alice/cheap"]
+    # The emulator's spot price is 0.00001 an hour in every zone (moto 5.2).
+    assert ad["CostPerHour"] == pytest.approx(0.00001)
+    (record,) = world.store.instances(annex.id)
+    assert ad["CostSoFar"] == pytest.approx(0.00001 * 3640 / 3600, rel=1e-3), record
