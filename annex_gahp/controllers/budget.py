@@ -160,6 +160,9 @@ class Budget:
             views.append(budget_view("", "ANNEX_BUDGET_PER_POOL", pool_budget, pool_spent))
         if not views:
             return
+        # Not invalidated when a budget is removed: the collector drops them by themselves.
+        lifetime = 3 * max(1, self.ctx.settings.update_interval)
+        views = [{**view, "ClassAdLifetime": lifetime} for view in views]
         try:
             publisher.publish(views)
             self._published_at = clock

@@ -366,3 +366,20 @@ def test_a_spot_annex_is_billed_at_ec2s_spot_price_of_its_zone(moto_url, tmp_pat
     assert ad["CostPerHour"] == pytest.approx(0.00001)
     (record,) = world.store.instances(annex.id)
     assert ad["CostSoFar"] == pytest.approx(0.00001 * 3640 / 3600, rel=1e-3), record
+
+
+def test_an_owner_at_the_budget_has_every_annex_retired_and_held(moto_url, tmp_path):  # noqa: F811
+    world = _priced_world(moto_url, tmp_path, 1.0)
+    want(world, name="first", instances=2)
+    world.loop.run_once()
+    # The admin sets a budget the owner has nearly spent: 2 instances x 40 min x 1.0/h.
+    settings = dataclasses.replace(world.loop.settings, budget_per_user="1 USD/30d")
+    world.loop.settings = world.service.settings = settings
+    world.clock.now += 2400
+    world.loop.run_once()  # the spending as of the last cycle: still 0
+    world.clock.now += 10
+    world.loop.run_once()
+    annex = world.store.annexes(include_retired=True)[0]
+    assert annex.retire_reason == RetireReason.BUDGET.value
+    assert "alice reached the budget ANNEX_BUDGET_PER_USER = 1.00 USD/30d" in annex.last_error
+    assert any("ANNEX_BUDGET_PER_USER" in reason for _, _, reason in world.demand.held)
