@@ -34,6 +34,7 @@ ADMIN_VERBS = (
     "teardown",
     "render-submit-config",
     "image",
+    "prices",  # (cli_prices.py; report is everyone's)
 )
 HELPER_TIMEOUT = 60.0
 
@@ -56,6 +57,7 @@ SPEC_HELP = {
     "tags": "key=value,key=value extra EC2 tags",
     "strategy": "fleet (EC2 Fleet, default) or stack (CloudFormation)",
     "stack_name": "stack strategy: the stack's name",
+    "max_cost": "the most this annex may spend (e.g. 25): it retires when it gets there",
 }
 LEASE_HELP = "how long the annex lives: 3600, 90m, 2h"
 EXPIRY_HELP = "absolute end: '2030-04-06 17:00' (UTC) or ISO 8601"
@@ -155,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         "submit_args", nargs=argparse.REMAINDER, metavar="ARGS", help="more condor_submit args"
     )
     p.set_defaults(func=cmd_submit)
+
+    p = verb("report", help="what annexes cost: yours (everyone's for admins)")
+    p.add_argument("--since", default="30d", metavar="DURATION", help="how far back (30d)")
+    p.add_argument("--by", default="annex", choices=("owner", "annex", "type", "lifecycle"))
+    p.add_argument("--owner", help="only this user's annexes (admins)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the helper's JSON")
+    fmt.add_argument("--csv", action="store_true", help="comma-separated, with a header line")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -178,6 +189,7 @@ def _add_admin_parsers(sub: argparse._SubParsersAction, load: bool) -> None:  # 
         ("teardown", "admin: delete the AWS setup"),
         ("render-submit-config", "admin: print condor_config.d/20-annex-submit.conf"),
         ("image", "admin: images with HTCondor: image create (from a stock image), image list"),
+        ("prices", "admin: the price file the helper bills with (update, set, show)"),
     ):
         sub.add_parser(verb, help=text, add_help=False)
 
@@ -325,7 +337,73 @@ def capacity_health_line(annex: dict) -> str:
     )
 
 
-COLUMNS = ("NAME", "OWNER", "STATE", "RUNNING/REQ", "LEASE LEFT", "LAST ERROR")
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The cost history, from the helper's records (ANNEX_REPORT): through the helper like
+    every other verb, so a user sees only their own annexes and nobody reads the state file."""
+    kwargs = {"since": args.since, "by": args.by, **_owner(args)}
+    result = _call(args, "ANNEX_REPORT", **kwargs)
+    try:
+        data = json.loads(result.get("json", "null"))
+    except ValueError:
+        return _error("the helper sent unreadable JSON")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(format_report(data, csv_out=args.csv))
+    return 0
+
+
+def format_report(data: dict, *, csv_out: bool = False) -> str:
+    rows = [*data.get("rows", []), data.get("total", {})]
+    by = str(data.get("by", "annex")).upper()
+    header = (by, "INSTANCE-HOURS", "COST", "CURRENCY", "UNPRICED")
+    table = [
+        (
+            str(r.get("key", "")),
+            f"{float(r.get('instance_hours', 0)):.4f}",
+            f"{float(r.get('cost', 0)):.6f}" if csv_out else _money(float(r.get("cost", 0))),
+            str(r.get("currency", "")),
+            "; ".join(r.get("unpriced") or []) or ("" if csv_out else "-"),
+        )
+        for r in rows
+    ]
+    if csv_out:
+        import csv  # noqa: PLC0415
+        import io  # noqa: PLC0415
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([h.lower() for h in header])
+        writer.writerows(table)
+        return out.getvalue().rstrip("\n")
+    since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(int(data.get("since", 0))))
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(data.get("until", 0))))
+    widths = [max(len(r[i]) for r in (header, *table)) for i in range(len(header))]
+    lines = [f"cost from {since} to {until}, by {data.get('by')}"]
+    for r in (header, *table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _money(amount: float) -> str:
+    if amount and abs(amount) < 0.01:
+        return f"{amount:.6f}".rstrip("0")
+    return f"{amount:.2f}"
+
+
+def _cost_cell(annex: dict) -> str:
+    """COST column: so far (and per hour while instances run); "?" where a price is missing."""
+    so_far, rate = annex.get("CostSoFar"), annex.get("CostPerHour")
+    if so_far is None:
+        return "?" if annex.get("CostUnpriced") else "-"
+    text = f"{_money(float(so_far))} {annex.get('Currency') or ''}".strip()
+    if rate:
+        text += f" (+{_money(float(rate))}/h)"
+    return text
+
+
+COLUMNS = ("NAME", "OWNER", "STATE", "RUNNING/REQ", "LEASE LEFT", "COST", "LAST ERROR")
 
 
 def _lease_left(expiration: object, now: float | None = None) -> str:
@@ -345,6 +423,7 @@ def format_table(annexes: list[dict], now: float | None = None) -> str:
                 str(a.get("AnnexState", "?")),
                 f"{a.get('RunningInstances', 0)}/{a.get('RequestedInstances', 0)}",
                 _lease_left(a.get("LeaseExpiration"), now),
+                _cost_cell(a),
                 " ".join(str(a.get("LastError") or "").split()) or "-",
             )
         )

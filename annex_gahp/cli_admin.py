@@ -173,6 +173,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the admin verbs on the CLI's subparsers."""
+    from annex_gahp import cli_prices  # noqa: PLC0415
+
+    cli_prices.add_parsers(subparsers)
     p = subparsers.add_parser(
         "install-config",
         help="install the shipped HTCondor config files and help text (root, no AWS)",

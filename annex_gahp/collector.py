@@ -71,6 +71,36 @@ class Publisher:
         log.info("invalidated the Annex ad %s", name)
 
 
+class BudgetPublisher:
+    """One `AnnexBudget` ad per user (and one for the pool, Owner ""): spend and budget, for
+    the admin (`condor_status -any -constraint 'MyType == "AnnexBudget"'`); issue 16."""
+
+    MYTYPE = "AnnexBudget"
+
+    def __init__(self, schedd: str | None = None) -> None:
+        self.schedd = schedd or schedd_name()
+
+    def publish(self, views: Iterable[Mapping[str, Any]]) -> None:
+        import classad2  # noqa: PLC0415
+        import htcondor2  # noqa: PLC0415
+
+        ads = []
+        for view in views:
+            ad = classad2.ClassAd()
+            ad["MyType"] = self.MYTYPE
+            ad["Name"] = f"{view['Owner'] or '(pool)'}@{self.schedd}"
+            ad["ScheddName"] = self.schedd
+            for key, value in view.items():
+                if value is not None:
+                    ad[key] = value
+            ads.append(ad)
+        if ads:
+            htcondor2.Collector().advertise(ads, "UPDATE_AD_GENERIC")
+
+    def invalidate(self, owner: str, annex: str) -> None:  # Publisher's; budgets stay
+        return None
+
+
 class AnnexSlots:
     """The startds of this pool's annexes, for the idle-instance check: one query per cycle."""
 

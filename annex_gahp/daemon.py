@@ -273,7 +273,8 @@ class Helper:
 
     def __init__(self, cfg: settings_mod.Settings) -> None:
         from annex_gahp.cloud.aws.cloud import AwsCloud  # noqa: PLC0415
-        from annex_gahp.collector import AnnexSlots, Publisher  # noqa: PLC0415
+        from annex_gahp.collector import AnnexSlots, BudgetPublisher, Publisher  # noqa: PLC0415
+        from annex_gahp.prices import PriceSource  # noqa: PLC0415
         from annex_gahp.reconcile import Reconciler  # noqa: PLC0415
         from annex_gahp.schedd import ScheddDemand  # noqa: PLC0415
         from annex_gahp.service import AnnexService  # noqa: PLC0415
@@ -292,14 +293,17 @@ class Helper:
         self.service = AnnexService(
             self.store, cfg, wake=self._wake.set, hold_job=demand.hold_job, jobs=demand
         )
+        cloud = AwsCloud(cfg)
         self.reconciler = Reconciler(
             self.store,
             cfg,
-            AwsCloud(cfg),
+            cloud,
             demand,
             Publisher(),
             slots=AnnexSlots(),
             wake=self._wake.set,
+            prices=PriceSource(cfg.price_file, cfg.price_refresh, cloud.spot_prices),
+            budget_ads=BudgetPublisher(),
         )
 
     def reload(self) -> None:
@@ -316,6 +320,9 @@ class Helper:
         self.cfg = self.service.settings = self.reconciler.settings = cfg
         self.reconciler.cloud.settings = cfg
         self.demand.serve(cfg.schedds)
+        prices = self.reconciler.ctx.prices
+        if prices is not None:  # ANNEX_PRICE_FILE, ANNEX_PRICE_REFRESH
+            prices.path, prices.refresh_every = cfg.price_file, cfg.price_refresh
         log.info("configuration reloaded")
         self._wake.set()
 

@@ -72,6 +72,7 @@ class RetireReason(enum.Enum):
     IDLE = "idle"  # no job for the idle timeout
     ENDED = "ended"  # provision mode: every instance ended by itself
     FAILED = "failed"  # provision mode: no instance could be launched
+    BUDGET = "budget"  # its annex_max_cost, or its owner's or the pool's budget, was reached
 
 
 E = Event

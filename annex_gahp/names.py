@@ -50,6 +50,8 @@ JOB_ATTRS = {
     "tags": "AnnexTags",
     "strategy": "AnnexStrategy",
     "stack_name": "AnnexStackName",
+    # Cost (issue 16): the most this annex may spend, in the pool's currency.
+    "max_cost": "AnnexMaxCost",
 }
 
 # Job attributes the system sets while a job waits for its annex.
@@ -64,6 +66,8 @@ JOB_STATUS_ATTRS = (
 # value it does not accept): never an annex's state. The job stays idle, AnnexLastError says
 # why, and the job router asks again every polling period (docs/troubleshooting.md).
 JOB_REFUSED = "refused"
+# ... and what it has cost so far (controllers/status.py; absent while a price is missing).
+JOB_COST_ATTR = "AnnexCostSoFar"
 # ... and, in provision mode, while the job stands for its annex (docs/users.md).
 JOB_PROVISION_ATTRS = (
     "AnnexId",

@@ -21,11 +21,13 @@ from annex_gahp.cloud import Cloud, Observed
 from annex_gahp.controllers import (
     Context,
     DemandSource,
+    PriceRefresher,
     Publisher,
     SlotSource,
     one_line,
 )
 from annex_gahp.controllers.actions import Actions
+from annex_gahp.controllers.budget import Budget
 from annex_gahp.controllers.disruption import Disruption
 from annex_gahp.controllers.gc import GarbageCollector
 from annex_gahp.controllers.interruptions import Interruptions, Notice, notices
@@ -57,8 +59,12 @@ class Reconciler:
         slots: SlotSource | None = None,
         wake: Callable[[], None] = lambda: None,
         resolve_region: Callable[[str, Settings], str] = settings_mod.resolve_region,
+        prices: PriceRefresher | None = None,
+        budget_ads: Publisher | None = None,
     ) -> None:
-        self.ctx = Context(store, settings, cloud, demand, publisher, slots, clock, wake)
+        self.ctx = Context(
+            store, settings, cloud, demand, publisher, slots, clock, wake, prices, budget_ads
+        )
         self.store = store
         self.resolve_region = resolve_region
         self.actions = Actions(self.ctx)
@@ -69,6 +75,7 @@ class Reconciler:
         self.disruption = Disruption(self.ctx, self.actions)
         self.liveness = Liveness(self.ctx, self.actions)
         self.gc = GarbageCollector(self.ctx, self.actions, self.status)
+        self.budget = Budget(self.ctx, self.actions)
         # region -> (failed looks in a row, when to look again, why) while it cannot be seen.
         self._unreachable: dict[str, tuple[int, int, str]] = {}
         # Regions whose tags the start-up (fresh state file) could not read yet.
@@ -148,6 +155,10 @@ class Reconciler:
         unclaimed = self.disruption.unclaimed_instances(ads)
         presence = present(ads)
         noticed = notices(ads or [])
+        try:
+            self.budget.begin_cycle(annexes)
+        except Exception as err:  # the budget's failure must not stop the loop
+            log.error("could not read the spending: %s", one_line(err), exc_info=True)
         changed: list[Annex] = []
         for annex in annexes:
             key = (annex.owner, annex.name)
@@ -272,6 +283,9 @@ class Reconciler:
             annex = self.store.update_annex(annex.id, last_error="")
         self.gc.record(annex.id, seen, now)
         live = [o for o in seen if o.state in lifecycle.INSTANCE_LIVE]
+        if annex.state in lifecycle.ACTIVE:
+            # At its budget (annex_max_cost, the owner's or the pool's): it grows no more.
+            annex = self.budget.check(annex, now)
         if annex.state in lifecycle.ACTIVE:
             annex = self.disruption.policy(annex, demand, now)
         draining: list[str] = []

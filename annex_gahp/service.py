@@ -16,7 +16,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from annex_gahp import compat, durations, faults, lifecycle, names, pilotdata, spec
+from annex_gahp import (
+    accounting,
+    compat,
+    cost,
+    durations,
+    faults,
+    lifecycle,
+    names,
+    pilotdata,
+    spec,
+)
 from annex_gahp import settings as settings_mod
 from annex_gahp.controllers import status as annex_status
 from annex_gahp.errors import (
@@ -181,6 +191,7 @@ class AnnexService:
             "ANNEX_DELETE": self.delete,
             "ANNEX_STATUS": self.status,
             "ANNEX_LIST": self.list,
+            "ANNEX_REPORT": self.report,
             "JOB_ROUTED": self.job_routed,
             "JOB_UPDATE": self.job_update,
             "JOB_FINALIZE": self.job_finalize,
@@ -260,6 +271,17 @@ class AnnexService:
                     self._require_waiting(job)  # the live annex ended between the two looks
                 region = self._checked_region(wanted.region)
                 requested, limit = self._capped(wanted.owner, wanted.instances, exclude=None)
+                over = accounting.refusal(
+                    self.store,
+                    self.settings,
+                    wanted,
+                    region,
+                    requested,
+                    wanted.expires_at(now, self.settings),
+                    now,
+                )
+                if over:
+                    raise LimitExceeded(over)
                 annex = lifecycle.create(
                     self.store,
                     lifecycle.Event.REQUEST,
@@ -287,6 +309,24 @@ class AnnexService:
             self.wake()
             return annex
 
+    def _check_budget(
+        self,
+        annex: Annex,
+        requested: int,
+        lease_end: int,
+        now: int,
+        wanted: spec.AnnexSpec | None = None,
+    ) -> None:
+        """Growth of a live annex (more instances, a later end) is judged as a new request
+        is: its worst case from now against what is left of the budgets."""
+        if requested <= annex.requested and lease_end <= annex.lease_expiration:
+            return
+        over = accounting.refusal(
+            self.store, self.settings, wanted or annex.spec, annex.region, requested, lease_end, now
+        )
+        if over:
+            raise LimitExceeded(over)
+
     def _fold(self, live: Annex, wanted: spec.AnnexSpec, user_data: bytes | None) -> Annex:
         """A request for a live annex: folded into it (inside ensure's transaction)."""
         if live.state not in lifecycle.ACTIVE:
@@ -313,6 +353,7 @@ class AnnexService:
             changes["binding_limit"] = limit
         if not changes:
             return live
+        self._check_budget(live, requested, lease, int(self._clock()), merged)
         annex = self.store.update_annex(live.id, **changes)
         log.info("annex %s now wants %d instance(s)", annex.key, annex.requested)
         self.wake()
@@ -485,6 +526,12 @@ class AnnexService:
                 changes["requested"], changes["binding_limit"] = self._capped(
                     annex.owner, wanted, exclude=annex.id
                 )
+            self._check_budget(
+                current,
+                changes.get("requested", current.requested),
+                changes.get("lease_expiration", current.lease_expiration),
+                now,
+            )
             annex = self.store.update_annex(annex.id, **changes)
         log.info("annex %s extended: %s", annex.key, changes)
         self.wake()
@@ -529,6 +576,53 @@ class AnnexService:
             owner = self._owner_for(caller, {"owner": owner or caller.user})
         views = [annex_status.describe(self.store, a) for a in self.store.annexes(owner)]
         return {"json": json.dumps(views, sort_keys=True)}
+
+    def report(self, caller: Caller, args: dict[str, str]) -> dict[str, str]:
+        """ANNEX_REPORT since=<duration> by=owner|annex|type|lifecycle [owner=]: the cost
+        history from the helper's records (issue 16). A user sees their own annexes only; an
+        admin sees everyone's unless owner= narrows it."""
+        owner = args.get("owner") or None
+        if not caller.is_admin:
+            owner = self._owner_for(caller, {"owner": owner or caller.user})
+        try:
+            window = durations.parse_duration(args.get("since") or "30d", "since")
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        by = args.get("by") or "annex"
+        now = int(self._clock())
+        since = now - window
+        used = [
+            u for u in accounting.usages(self.store, since) if owner is None or u.owner == owner
+        ]
+        table = accounting.price_table(self.store)
+        try:
+            groups = cost.group(used, table, by, since=since, until=now)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        overall = cost.total(used, table, since=since, until=now)
+
+        def row(key: str, figure: cost.Cost) -> dict[str, Any]:
+            return {
+                "key": key,
+                "cost": round(figure.amount, 6),
+                "instance_hours": round(figure.hours, 4),
+                "currency": figure.currency,
+                "unpriced": list(figure.unpriced),
+            }
+
+        return {
+            "json": json.dumps(
+                {
+                    "since": since,
+                    "until": now,
+                    "by": by,
+                    "rows": [row(k, v) for k, v in groups.items()],
+                    "total": row("total", overall),
+                    "instances": len(used),
+                },
+                sort_keys=True,
+            )
+        }
 
     # --- the job router hooks ------------------------------------------------------------
 

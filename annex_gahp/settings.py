@@ -63,6 +63,12 @@ class Settings:
     # Capacity health (issue 14): how long a capacity pool (type, zone, spot/on-demand) that
     # gave a capacity error or an interruption is skipped by launches.
     unavailable_offering_ttl: int = 180
+    # Cost (issue 16; budgets.py, prices.py): budgets as written (`500 USD/30d`, "" = none),
+    # the price file ("" = $(ANNEX_STATE_DIR)/prices.json) and how often spot prices are read.
+    budget_per_user: str = ""
+    budget_per_pool: str = ""
+    price_file: str = ""
+    price_refresh: int = 3600
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -142,6 +148,7 @@ def load(lookup: ParamLookup | None = None) -> Settings:
         unavailable_offering_ttl=_duration(
             "ANNEX_UNAVAILABLE_OFFERING_TTL", get("ANNEX_UNAVAILABLE_OFFERING_TTL", "3m")
         ),
+        **_cost_knobs(get, state_dir),
     )
 
 
@@ -153,6 +160,29 @@ def _liveness(get: Callable[[str, str], str]) -> dict[str, int]:
     return {
         "join_timeout": _duration("ANNEX_JOIN_TIMEOUT", get("ANNEX_JOIN_TIMEOUT", "10m")),
         "max_join_failures": failures,
+    }
+
+
+def _cost_knobs(get: Callable[..., str], state_dir: str) -> dict[str, object]:
+    """The cost knobs (issue 16), each checked here so a bad budget stops the start-up."""
+    from annex_gahp import budgets, prices  # noqa: PLC0415 - stdlib-only modules of ours
+
+    knobs = {
+        "budget_per_user": get("ANNEX_BUDGET_PER_USER"),
+        "budget_per_pool": get("ANNEX_BUDGET_PER_POOL"),
+    }
+    for knob, text in (
+        ("ANNEX_BUDGET_PER_USER", knobs["budget_per_user"]),
+        ("ANNEX_BUDGET_PER_POOL", knobs["budget_per_pool"]),
+    ):
+        try:
+            budgets.parse(knob, text)
+        except Exception as err:
+            raise SetupError(str(err)) from None
+    return {
+        **knobs,
+        "price_file": get("ANNEX_PRICE_FILE", prices.default_path(state_dir)),
+        "price_refresh": _duration("ANNEX_PRICE_REFRESH", get("ANNEX_PRICE_REFRESH", "1h")),
     }
 
 

@@ -41,6 +41,8 @@ IMAGE_REFERENCE_RULE = (
     " and _ . - / in the name)"
 )
 
+MAX_COST_RULE = "give a positive amount such as 25 or 2.50"
+
 _NAME_RE = re.compile(names.NAME_PATTERN)
 _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _DIGITS_RE = re.compile(f"^[0-9]{{1,{names.NUMBER_DIGITS_MAX}}}$")
@@ -94,6 +96,7 @@ class AnnexSpec:
     tags: tuple[tuple[str, str], ...] = ()
     strategy: str = "fleet"
     stack_name: str = ""
+    max_cost: str = ""  # annex_max_cost: a positive decimal amount (budgets.py), "" = none
 
     def expires_at(self, now: int, settings) -> int:
         """The annex's end: the expiry if given, else now + the lease (or ANNEX_DEFAULT_LEASE)."""
@@ -444,6 +447,23 @@ RULES: tuple[Rule, ...] = (
         "characters)\"",
         "AWS's tag characters only (EC2 alone is laxer).",
     ),
+    Rule(
+        "AnnexMaxCost",
+        "AnnexMaxCost is undefined || (regexp(\"^$(_annex_price)$\", AnnexMaxCost) && "
+        "!regexp(\"^[0.]+$\", AnnexMaxCost))",
+        _shown_reason("max_cost", "is not allowed: " + MAX_COST_RULE),
+        "The most one annex may spend (a positive amount in the pool's currency).",
+    ),
+    Rule(
+        "AnnexMaxCostBudget",
+        "AnnexMaxCost is undefined || $(ANNEX_SUBMIT_BUDGET_PER_USER) == \"\" || "
+        "real(AnnexMaxCost) <= real(split($(ANNEX_SUBMIT_BUDGET_PER_USER), \" /\")[0])",
+        "strcat(\"annex_max_cost = \", AnnexMaxCost, \" is over your whole budget "
+        "(ANNEX_BUDGET_PER_USER = \", $(ANNEX_SUBMIT_BUDGET_PER_USER), \"): ask for less\")",
+        "An annex may not be allowed to spend more than the user's whole budget. What is left "
+        "of it is checked by the helper (it alone knows the spending): a request whose worst "
+        "case is over what is left is refused there, and the job shows why in AnnexLastError.",
+    ),
 )
 
 
@@ -742,7 +762,23 @@ def from_keywords(
         tags=tags,  # type: ignore[arg-type]
         strategy=str(strategy),
         stack_name=stack_name,
+        max_cost=_max_cost(values.get("max_cost", ""), settings),
     )
+
+
+def _max_cost(value: object, settings) -> str:
+    """annex_max_cost: a positive amount, not over the user's whole budget (what is left of it
+    only the helper knows: accounting.refusal)."""
+    text = str(value).strip()
+    if text and (not _PRICE_RE.match(text) or _ZERO_PRICE_RE.match(text)):
+        raise InputError(f"annex_max_cost = '{text}' is not allowed: {MAX_COST_RULE}")
+    budget = str(getattr(settings, "budget_per_user", "") or "")
+    if text and budget and float(text) > float(re.split(r"[ /]", budget.strip())[0]):
+        raise LimitExceeded(
+            f"annex_max_cost = {text} is over your whole budget"
+            f" (ANNEX_BUDGET_PER_USER = {budget}): ask for less"
+        )
+    return text
 
 
 def _check_text(key: str, value: object) -> None:
@@ -858,7 +894,7 @@ def merge(existing: AnnexSpec, new: AnnexSpec, settings, *, now: int | None = No
     for key in (
         "instance_types", "image_ids", "spot_prices", "vpc", "subnets", "keypair",
         "security_groups", "central_manager", "user_data_file", "user_data_template", "tags",
-        "stack_name",
+        "stack_name", "max_cost",
     ):  # fmt: skip
         mine, theirs = getattr(existing, key), getattr(new, key)
         if theirs and theirs != mine:

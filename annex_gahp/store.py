@@ -38,8 +38,18 @@ _ADDED_COLUMNS = (
     # Version 4: instances in a row that never joined the pool (controllers/liveness.py).
     ("join_failures", "INTEGER NOT NULL DEFAULT 0"),
 )
-# Version 4: when an instance's startd was first seen in the collector (NULL: not yet).
-_ADDED_INSTANCE_COLUMNS = (("joined", "INTEGER"),)
+# Version 4: when an instance's startd was first seen in the collector (NULL: not yet;
+# controllers/liveness.py), and what billing needs (cost, issue 16): its lifecycle (spot or
+# on-demand), its zone and when it was first seen ending; and the prices the helper used
+# (the `prices` table), so a restarted helper computes the same cost from the same records.
+_ADDED_INSTANCE_COLUMNS = (
+    ("joined", "INTEGER"),
+    ("lifecycle", "TEXT NOT NULL DEFAULT ''"),
+    ("zone", "TEXT NOT NULL DEFAULT ''"),
+    ("ended", "INTEGER"),
+)
+# An instance in one of these states is no longer billed from the first time it is seen so.
+ENDING_STATES = ("shutting-down", "terminated")
 # Version 3 keeps what the cloud backend's `prepare` made in one JSON dict only the backend
 # reads (cloud_resources); versions 1 and 2 had two columns that meant a launch template and an
 # SSM parameter, or a stack name and an s3:// URL. Their values move into the dict under their
@@ -93,7 +103,10 @@ CREATE TABLE IF NOT EXISTS instances (
     instance_type TEXT NOT NULL DEFAULT '',
     launched INTEGER NOT NULL,
     last_seen INTEGER NOT NULL,
-    joined INTEGER
+    joined INTEGER,
+    lifecycle TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    ended INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_annex ON instances(annex_id);
 -- Issue 14 (capacity health). New tables rather than new columns: an older file gets them
@@ -117,6 +130,17 @@ CREATE TABLE IF NOT EXISTS unavailable_offerings (
     until INTEGER NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (region, instance_type, zone, lifecycle)
+);
+CREATE TABLE IF NOT EXISTS prices (
+    region TEXT NOT NULL,
+    zone TEXT NOT NULL DEFAULT '',
+    instance_type TEXT NOT NULL,
+    lifecycle TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    per_hour REAL NOT NULL,
+    currency TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (region, zone, instance_type, lifecycle, since)
 );
 """
 
@@ -181,6 +205,21 @@ class InstanceRecord:
     launched: int
     last_seen: int
     joined: int | None = None  # when its startd was first seen in the collector
+    lifecycle: str = ""
+    zone: str = ""
+    ended: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceRow:
+    region: str
+    zone: str
+    instance_type: str
+    lifecycle: str
+    since: int
+    per_hour: float
+    currency: str
+    source: str
 
 
 _ANNEX_FIELDS = [f.name for f in dataclasses.fields(Annex)]
@@ -230,6 +269,7 @@ class Store:
         self._counters: dict[int, dict[str, int]] | None = None
         self._marks: list[Mark] | None = None
         self._depth = 0  # transactions open on the connection (the first, then savepoints)
+        self._price_rows: list[PriceRow] | None = None  # Store.prices, until the next write
         fresh = not os.path.exists(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -479,19 +519,47 @@ class Store:
     # --- instances -----------------------------------------------------------------------
 
     def record_instances(
-        self, annex_id: int, request: str, rows: Iterable[tuple[str, str, str]], now: int
+        self,
+        annex_id: int,
+        request: str,
+        rows: Iterable[tuple[str, str, str]],
+        now: int,
+        details: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """Upsert (instance id, state, type) as last seen."""
+        """Upsert (instance id, state, type) as last seen; `details` adds an instance's
+        (lifecycle, zone) where known. The first write in an ending state records when it
+        ended (billing stops there); a later write never moves that time, so a replayed
+        observation after a crash counts nothing twice."""
+        details = details or {}
         with self.transaction() as db:
             for instance_id, state, instance_type in rows:
+                lifecycle, zone = details.get(instance_id, ("", ""))
+                ended = now if state in ENDING_STATES else None
                 db.execute(
                     "INSERT INTO instances(id, annex_id, request, state, instance_type,"
-                    " launched, last_seen) VALUES (?,?,?,?,?,?,?)"
+                    " launched, last_seen, lifecycle, zone, ended) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
-                    " last_seen=excluded.last_seen, instance_type=CASE WHEN"
+                    " last_seen=MAX(instances.last_seen, excluded.last_seen),"
+                    " instance_type=CASE WHEN"
                     " excluded.instance_type != '' THEN excluded.instance_type"
-                    " ELSE instances.instance_type END",
-                    (instance_id, annex_id, request, state, instance_type, now, now),
+                    " ELSE instances.instance_type END,"
+                    " lifecycle=CASE WHEN excluded.lifecycle != '' THEN excluded.lifecycle"
+                    " ELSE instances.lifecycle END,"
+                    " zone=CASE WHEN excluded.zone != '' THEN excluded.zone"
+                    " ELSE instances.zone END,"
+                    " ended=COALESCE(instances.ended, excluded.ended)",
+                    (
+                        instance_id,
+                        annex_id,
+                        request,
+                        state,
+                        instance_type,
+                        now,
+                        now,
+                        lifecycle,
+                        zone,
+                        ended,
+                    ),
                 )
 
     def instances(self, annex_id: int) -> list[InstanceRecord]:
@@ -595,3 +663,64 @@ class Store:
                     for r in rows
                 ]
             return [m for m in self._marks if m.offering.region == region and m.until > now]
+
+    def all_instances(self, since: int | None = None) -> list[tuple[InstanceRecord, str, str, str]]:
+        """Every instance record with its annex's (owner, name, region), for cost figures;
+        with `since`, only those that may have run after it."""
+        query = (
+            "SELECT i.*, a.owner AS a_owner, a.name AS a_name, a.region AS a_region"
+            " FROM instances i JOIN annexes a ON a.id = i.annex_id"
+        )
+        params: list[Any] = []
+        if since is not None:
+            query += " WHERE COALESCE(i.ended, i.last_seen) >= ?"
+            params.append(since)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY i.launched, i.id", params).fetchall()
+        out = []
+        for row in rows:
+            values = dict(row)
+            extra = (values.pop("a_owner"), values.pop("a_name"), values.pop("a_region"))
+            out.append((InstanceRecord(**values), *extra))
+        return out
+
+    # --- prices ------------------------------------------------------------------------
+
+    def record_price(
+        self,
+        *,
+        region: str,
+        zone: str,
+        instance_type: str,
+        lifecycle: str,
+        per_hour: float,
+        currency: str,
+        source: str,
+        now: int,
+    ) -> bool:
+        """Add a price point from `now` if it differs from the one in force; True if added."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT per_hour, currency FROM prices WHERE region=? AND zone=? AND"
+                " instance_type=? AND lifecycle=? AND since <= ? ORDER BY since DESC LIMIT 1",
+                (region, zone, instance_type, lifecycle, now),
+            ).fetchone()
+            if row is not None and (row[0], row[1]) == (per_hour, currency):
+                return False
+            self._price_rows = None
+            db.execute(
+                "INSERT OR REPLACE INTO prices(region, zone, instance_type, lifecycle, since,"
+                " per_hour, currency, source) VALUES (?,?,?,?,?,?,?,?)",
+                (region, zone, instance_type, lifecycle, now, per_hour, currency, source),
+            )
+        self._price_rows = None  # what a read inside the transaction cached may be undone
+        return True
+
+    def prices(self) -> list[PriceRow]:
+        """Every price point, oldest first. Read for every annex's view each cycle, written
+        rarely: kept in memory until the next write (this process is the only writer)."""
+        with self._lock:
+            if self._price_rows is None:
+                rows = self._db.execute("SELECT * FROM prices ORDER BY since").fetchall()
+                self._price_rows = [PriceRow(**dict(row)) for row in rows]
+            return list(self._price_rows)

@@ -224,6 +224,8 @@ ANNEX_SUBMIT_ALLOWED_REGIONS = replaceAll("^,+|,+$", replaceAll("[\\s,]+", "$(AN
 ANNEX_SUBMIT_DEFAULT_TYPES = replaceAll("^,+|,+$", replaceAll("[\\s,]+", "$(ANNEX_DEFAULT_INSTANCE_TYPES)", ","), "")
 # How many instance types the annex will use: the job's, else ANNEX_DEFAULT_INSTANCE_TYPES.
 ANNEX_SUBMIT_TYPE_COUNT = ifThenElse(AnnexInstanceTypes isnt undefined, size(split(AnnexInstanceTypes, ",")), size(split($(ANNEX_SUBMIT_DEFAULT_TYPES), ",")))
+# ANNEX_BUDGET_PER_USER (e.g. 500 USD/30d) as a ClassAd string ("": no budget).
+ANNEX_SUBMIT_BUDGET_PER_USER = "$(ANNEX_BUDGET_PER_USER)"
 # A positive decimal price.
 _annex_price = ([0-9]{1,6}(\\.[0-9]{0,8})?|\\.[0-9]{1,8})
 

@@ -27,8 +27,10 @@ class Observed:
     instance_type: str
     region: str
     tags: dict[str, str]
-    zone: str = ""  # availability zone, where describe gives it
-    lifecycle: str = "on-demand"  # or "spot" (EC2's InstanceLifecycle)
+    # Where describe gives them: the availability zone, and "spot" or "on-demand" (EC2's
+    # InstanceLifecycle); offerings and billing (cost.py) both read them.
+    zone: str = ""
+    lifecycle: str = "on-demand"
 
     @property
     def key(self) -> tuple[str, str]:

@@ -69,6 +69,12 @@ class Publisher(Protocol):
     def invalidate(self, owner: str, annex: str) -> None: ...
 
 
+class PriceRefresher(Protocol):
+    """prices.PriceSource: records the prices in force into the store."""
+
+    def refresh(self, store: Store, spot_in_use: dict[str, set[str]], now: int) -> None: ...
+
+
 @dataclass
 class Context:
     """What every controller of one loop shares (settings change on a reconfig)."""
@@ -81,6 +87,10 @@ class Context:
     slots: SlotSource | None
     clock: Callable[[], float]
     wake: Callable[[], None]
+    # Cost (issue 16): keeps the store's prices current (prices.PriceSource), and publishes
+    # the per-user budget ads (collector.BudgetPublisher); None: not in this loop.
+    prices: PriceRefresher | None = None
+    budget_ads: Publisher | None = None
 
     def now(self) -> int:
         return int(self.clock())

@@ -21,11 +21,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Ends after which the jobs left behind are held rather than bringing the annex back.
-ENDINGS = (RetireReason.LEASE.value, RetireReason.DELETED.value)
+ENDINGS = (RetireReason.LEASE.value, RetireReason.DELETED.value, RetireReason.BUDGET.value)
 
 
 def ended_message(annex: Annex, reason: str) -> str:
     """The hold reason for jobs whose annex ended: which annex, when, and what to do."""
+    if reason == RetireReason.BUDGET.value:
+        # Its LastError says which budget (controllers/budget.py): a new annex would spend more.
+        why = annex.last_error.removeprefix("stopped: ") or "it reached its budget"
+        return (
+            f"annex {annex.name} stopped: {why}. condor_rm these jobs, or condor_release them "
+            "once there is budget left (a new annex)."
+        )
     if reason == RetireReason.LEASE.value:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(annex.lease_expiration))
         what = f"the lease of annex {annex.name} ends at {when}, and its instances with it"

@@ -93,6 +93,7 @@ class GarbageCollector:
                 request,
                 [(o.id, o.state, o.instance_type) for o in seen if o.request == request],
                 now,
+                {o.id: (o.lifecycle, o.zone) for o in seen if o.request == request},
             )
 
     # --- retiring --------------------------------------------------------------------------
@@ -108,13 +109,11 @@ class GarbageCollector:
         self.ctx.cloud.release(annex)
         # Its instances are gone (none is live): their records say so, for the last report.
         store = self.ctx.store
-        ended = [
-            (i.id, lifecycle.instance_next(i.state, InstanceEvent.GONE), "")
-            for i in store.instances(annex.id)
-            if i.state in lifecycle.INSTANCE_LIVE
-        ]
-        if ended:
-            store.record_instances(annex.id, "", ended, now)
+        # One that vanished unseen is billed until it was last seen running (cost.py).
+        for i in store.instances(annex.id):
+            if i.state in lifecycle.INSTANCE_LIVE:
+                gone = lifecycle.instance_next(i.state, InstanceEvent.GONE)
+                store.record_instances(annex.id, "", [(i.id, gone, "")], min(now, i.last_seen))
         faults.checkpoint("retire.released")
         return self.retired(annex, now, tell_jobs=True)
 

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from annex_gahp import compat, lifecycle, names, offerings
+from annex_gahp import accounting, compat, lifecycle, names, offerings
 from annex_gahp.controllers import Context
 from annex_gahp.controllers.actions import Actions
 from annex_gahp.store import Annex, Store
@@ -66,7 +66,7 @@ def describe(store: Store, annex: Annex, now: int | None = None) -> dict[str, An
         # absent from the ad when none is waiting): lifecycle.retry_delay.
         "LaunchFailures": annex.launch_failures,
         "NextLaunchAttempt": annex.retry_at if lifecycle.backing_off(annex) else None,
-    } | liveness_view(annex) | capacity_health(store, annex, now)
+    } | liveness_view(annex) | capacity_health(store, annex, now) | cost_view(store, annex)
 
 
 def liveness_view(annex: Annex) -> dict[str, Any]:
@@ -96,6 +96,21 @@ def capacity_health(store: Store, annex: Annex, now: int | None = None) -> dict[
         # Absent from the ad while nothing is avoided (a list per ad costs the collector
         # and the helper memory at 1,000 annexes).
         "AvoidedOfferings": avoided or None,
+    }
+
+
+def cost_view(store: Store, annex: Annex) -> dict[str, Any]:
+    """CostPerHour, CostSoFar and Currency (issue 16). A figure that needs a price the helper
+    does not have is left out of the ad and CostUnpriced says which: never a zero."""
+    figures = accounting.annex_cost(store, annex)
+    so_far, per_hour = figures.so_far, figures.per_hour
+    missing = ", ".join(dict.fromkeys(so_far.unpriced + per_hour.unpriced))
+    return {
+        "CostPerHour": round(per_hour.amount, 9) if per_hour.known else None,
+        "CostSoFar": round(so_far.amount, 9) if so_far.known else None,
+        "Currency": so_far.currency if so_far.amount else per_hour.currency,
+        "InstanceHours": round(so_far.hours, 4),
+        "CostUnpriced": f"no price for {missing}" if missing else None,
     }
 
 
@@ -138,6 +153,8 @@ def job_status_attrs(store: Store, annex: Annex | None, owner: str, name: str) -
         annex = last
     view = describe(store, annex)
     extra = instance_attrs(store, annex) if view["Mode"] == "provision" else {}
+    if view["CostSoFar"] is not None:
+        extra[names.JOB_COST_ATTR] = f"{float(view['CostSoFar']):.6f}"  # a ClassAd real
     return extra | {
         "AnnexState": classad_literal(view["AnnexState"]),
         "AnnexRequestedInstances": classad_literal(view["RequestedInstances"]),
@@ -175,7 +192,7 @@ class Status:
             try:
                 view = describe(self.ctx.store, annex, self.ctx.now())
                 if due or self._published.get(annex.id) != view:
-                    self._annotate_jobs(annex, view)
+                    self._annotate_jobs(annex, view, due=due)
                     views.append(view)
                     self._published[annex.id] = view
             except Exception as err:  # one annex's ad or jobs; the others are published
@@ -205,13 +222,15 @@ class Status:
         if annex.spec.mode == "provision" and annex.demand_idle:
             self._annotate_jobs(annex, describe(self.ctx.store, annex))
 
-    def _annotate_jobs(self, annex: Annex, view: dict[str, Any]) -> None:
+    def _annotate_jobs(self, annex: Annex, view: dict[str, Any], *, due: bool = False) -> None:
         # Provision mode: the running job stands for the annex and shows its instances too.
         provision = view.get("Mode") == "provision"
         if not annex.demand_idle and not (provision and annex.demand_running):
             return  # nobody waits; the schedd refuses an edit that matches no job
         previous = self._published.get(annex.id)
-        if previous is not None and all(previous.get(k) == view.get(k) for k in _JOB_VISIBLE):
+        # The cost grows every cycle: the jobs learn it every UPDATE_INTERVAL, not each time.
+        visible = (*_JOB_VISIBLE, "CostSoFar") if due else _JOB_VISIBLE
+        if previous is not None and all(previous.get(k) == view.get(k) for k in visible):
             return
         try:
             self.ctx.demand.annotate(

@@ -348,3 +348,25 @@ def test_throttled_launch_is_retried_with_backoff_not_failed(ec2, base_template)
     assert answered == ["throttled", "throttled", "sent"]
     assert len(result.instance_ids) == 2 and result.errors == []
     assert len(instances.describe_pool(ec2, POOL)) == 2
+
+
+def test_instances_and_volumes_carry_cost_allocation_tags(ec2, base_template, moto_url) -> None:  # noqa: F811
+    """Issue 16: owner, annex and pool are on the instance and on its volumes from creation
+    (the annex's launch template tags volumes, CreateFleet tags instances), so AWS's cost
+    reports can group by them once the tags are activated (docs/admin.md)."""
+    result = fleet.launch(ec2, plan(count=1), base_template)
+    raw = raw_client("ec2", moto_url)
+    (instance_id,) = result.instance_ids
+    wanted = {names.TAG_OWNER: "alice", names.TAG_NAME: "a1", names.TAG_POOL: POOL}
+    found = instances.describe_pool(ec2, POOL)
+    assert wanted.items() <= {v.id: v for v in found}[instance_id].tags.items()
+    data = fleet.annex_template_data({}, plan())
+    (volumes,) = [s for s in data["TagSpecifications"] if s["ResourceType"] == "volume"]
+    assert wanted.items() <= {t["Key"]: t["Value"] for t in volumes["Tags"]}.items()
+    attached = raw.describe_volumes(
+        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
+    )["Volumes"]
+    assert attached, "an instance has its root volume"
+    for volume in attached:  # the emulator tags what it attaches as the template says
+        assert wanted.items() <= {t["Key"]: t["Value"] for t in volume.get("Tags", [])}.items()
+    instances.terminate(ec2, result.instance_ids)

@@ -73,7 +73,7 @@ class Peer:
             "ANNEX_LIST": {
                 "json": json.dumps(
                     [
-                        view,
+                        {**view, "CostSoFar": 1.5, "CostPerHour": 0.384, "Currency": "USD"},
                         {
                             **view,
                             "AnnexName": "old",
@@ -84,7 +84,26 @@ class Peer:
                     ]
                 )
             },
-        }
+            "ANNEX_REPORT": {
+                "json": json.dumps(
+                    {
+                        "since": now - 86400,
+                        "until": now,
+                        "by": "owner",
+                        "rows": [
+                            {"key": "alice", "cost": 1.5, "instance_hours": 15.625,
+                             "currency": "USD", "unpriced": []},
+                            {"key": "bob", "cost": 0.0, "instance_hours": 2.0,
+                             "currency": "USD", "unpriced": ["c5.large on-demand in us-east-1"]},
+                        ],
+                        "total": {"key": "total", "cost": 1.5, "instance_hours": 17.625,
+                                  "currency": "USD",
+                                  "unpriced": ["c5.large on-demand in us-east-1"]},
+                        "instances": 3,
+                    }
+                )
+            },
+        }  # fmt: skip
 
     def table(self) -> dict:
         def make(command: str):
@@ -222,9 +241,11 @@ def test_status_lists_a_table(peer, capsys) -> None:
         "RUNNING/REQ",
         "LEASE",
         "LEFT",
+        "COST",
         "LAST",
         "ERROR",
     ]
+    assert "1.50 USD (+0.38/h)" in lines[1]
     assert lines[1].split()[:5] == ["gpu-burst", "alice", "running", "3/4", "1h30m"]
     assert lines[1].endswith("-")
     assert lines[2].split()[:5] == ["old", "alice", "failed", "3/4", "expired"]
@@ -453,3 +474,18 @@ def test_status_shows_interruptions_replacements_and_avoided_pools() -> None:
         "  interruptions 2, replacements 1, avoiding m5.large/us-east-1a/spot, "
         "c5.large/us-east-1/on-demand"
     )
+
+
+def test_report_asks_the_helper_and_prints_csv(peer, capsys) -> None:
+    p, path = peer
+    code, out, _ = run(["--socket", path, "report", "--since", "1d", "--by", "owner", "--csv"],
+                       capsys)  # fmt: skip
+    assert code == 0
+    assert p.calls == [("ANNEX_REPORT", {"since": "1d", "by": "owner"})]
+    lines = out.splitlines()
+    assert lines[0] == "owner,instance-hours,cost,currency,unpriced"
+    assert lines[1] == "alice,15.6250,1.500000,USD,"
+    assert lines[2] == "bob,2.0000,0.000000,USD,c5.large on-demand in us-east-1"
+    assert lines[3].startswith("total,17.6250,1.500000,USD,")
+    code, out, _ = run(["--socket", path, "report", "--by", "owner"], capsys)
+    assert code == 0 and "alice" in out and "1.50" in out and out.startswith("cost from ")

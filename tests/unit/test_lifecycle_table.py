@@ -104,7 +104,14 @@ def test_instance_table_follows_ec2_and_the_helpers_own_writes():
 
 
 def test_retire_reasons_keep_their_public_values():
-    assert {r.value for r in RetireReason} == {"deleted", "lease", "idle", "ended", "failed"}
+    assert {r.value for r in RetireReason} == {
+        "deleted",
+        "lease",
+        "idle",
+        "ended",
+        "failed",
+        "budget",
+    }
     with pytest.raises(ValueError):
         RetireReason("bored")
 

@@ -98,9 +98,14 @@ _MACROS = {
     "$(ANNEX_SUBMIT_ALLOWED_REGIONS)": '"us-east-1"',
     "$(ANNEX_SUBMIT_TYPE_COUNT)": 'ifThenElse(AnnexInstanceTypes isnt undefined,'
     ' size(split(AnnexInstanceTypes, ",")), size(split("m5.large", ",")))',
+    "$(ANNEX_SUBMIT_BUDGET_PER_USER)": '"500 USD/30d"',
     "$(_annex_price)": r"([0-9]{1,6}(\\.[0-9]{0,8})?|\\.[0-9]{1,8})",
 }
-_CONFIG = {"ANNEX_ALLOWED_REGIONS": "us-east-1", "ANNEX_MAX_INSTANCES": "50"}
+_CONFIG = {
+    "ANNEX_ALLOWED_REGIONS": "us-east-1",
+    "ANNEX_MAX_INSTANCES": "50",
+    "ANNEX_BUDGET_PER_USER": "500 USD/30d",
+}
 
 
 def _expand(expr: str) -> str:
@@ -132,6 +137,8 @@ _REFUSED = [
     {"AnnexImageIds": "resolve:ssm:/aws/service/a/../b"},
     {"AnnexImageIds": "resolve:ssm:/aws/service//b"},
     {"AnnexImageIds": "resolve:ssm:/aws/service/a$b"},
+    {"AnnexMaxCost": "0"}, {"AnnexMaxCost": "ten"}, {"AnnexMaxCost": "-5"},
+    {"AnnexMaxCost": "500.01"},
 ]  # fmt: skip
 
 
@@ -165,7 +172,8 @@ def test_the_rule_table_accepts_a_good_job() -> None:
            "AnnexStrategy": "stack", "AnnexStackName": "st", "AnnexLease": 3600,
            "AnnexInstanceTypes": "m5.large,c5.large", "AnnexSpotPrices": "0.1,0.2",
            "AnnexRegion": "us-east-1", "AnnexTags": "team=hep,cost center=42",
-           "AnnexImageIds": "resolve:ssm:/aws/service/debian/13/latest/amd64"}  # fmt: skip
+           "AnnexImageIds": "resolve:ssm:/aws/service/debian/13/latest/amd64",
+           "AnnexMaxCost": "500"}  # fmt: skip
     ad = classad2.ClassAd(job)
     for rule in spec.RULES:
         assert classad2.ExprTree(_expand(f"{rule.guard} || {rule.accept}")).eval(ad) is True, rule

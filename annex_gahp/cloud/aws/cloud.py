@@ -53,6 +53,12 @@ class AwsCloud:
     def _client(self, service: str, region: str) -> Any:
         return self.ctx.client(service, region)
 
+    def spot_prices(self, region: str, types: list[str]) -> dict[tuple[str, str], float]:
+        """(zone, type) -> the latest spot price per hour there (annex_gahp/prices.py)."""
+        from annex_gahp.cloud.aws import prices  # noqa: PLC0415 - only with a spot annex
+
+        return prices.spot_prices(self.ctx.client("ec2", region), types)
+
     def backend(self, annex: Annex) -> Backend:
         name = annex.spec.strategy or backends.DEFAULT
         try:
