@@ -166,6 +166,31 @@ def wait(condition, timeout: float, what: str):
     )
 
 
+ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
+
+
+def router_log_size() -> int:
+    return ROUTER_LOG.stat().st_size
+
+
+def router_log_since(offset: int) -> str:
+    with ROUTER_LOG.open(errors="replace") as handle:
+        handle.seek(offset)
+        return handle.read()
+
+
+def router_reconfigured() -> None:
+    """condor_reconfig, then wait until the job router has re-read its routes (it logs their
+    order after each reconfig): its next pass uses the new config."""
+    offset = router_log_size()
+    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
+    wait(
+        lambda: "Routes will be matched in this order" in router_log_since(offset),
+        30,
+        "the job router to re-read its routes",
+    )
+
+
 def cleanup(user: str, name: str, clusters: list[int]) -> None:
     for cluster in clusters:
         sandbox.run_as(user, "condor_rm", str(cluster), check=False)
