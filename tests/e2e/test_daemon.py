@@ -5,8 +5,9 @@
   parse is reported and the previous knobs are kept, the helper serving on.
 - The log speaks HTCondor's `MM/DD/YY HH:MM:SS` like the master's own.
 - The master hears the helper's keep-alives (DC_CHILDALIVE): with a short
-  ANNEXD_NOT_RESPONDING_TIMEOUT the helper lives on, and once it is frozen (SIGSTOP) the
-  master kills it as hung and starts a new one.
+  ANNEXD_NOT_RESPONDING_TIMEOUT the master logs each one with that timeout, always before the
+  last one's deadline, and the helper lives on; once it is frozen (SIGSTOP) the master kills
+  it as hung and starts a new one.
 - `annex_gahp --stdio` run as a user relays to the daemon: banner, COMMANDS, VERSION, and an
   ANNEX_LIST of that user's annexes only.
 """
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import re
@@ -200,33 +202,74 @@ def test_reconfig_uses_a_changed_knob_and_survives_a_bad_one(daemon):
     assert serving_pid() == pid
 
 
-def test_the_master_hears_alive_and_replaces_a_frozen_helper(daemon):
-    timeout = 10
-    offset = reconfig(f"ANNEXD_NOT_RESPONDING_TIMEOUT = {timeout}\n")
-    pid = serving_pid()
-    sb.wait_for(
-        lambda: f"told condor_master: alive, next within {timeout} s" in log_since(offset),
-        timeout=30,
-        what="the helper's keep-alive with the new timeout",
-        on_timeout=log_tail,
+def alives_received(text: str, pid: int) -> list[tuple[datetime.datetime, int]]:
+    """(time, timeout) of each DC_CHILDALIVE from `pid` the master logged (D_DAEMONCORE)."""
+    found = re.findall(
+        rf"^(\d\d/\d\d/\d\d \d\d:\d\d:\d\d) received childalive, pid={pid}, secs=(\d+)",
+        text,
+        re.M,
     )
-    # Alive messages keep coming: it outlives its timeout several times over, and at least one
-    # of the master's scans for hung children (once a minute: DaemonKeepAlive).
-    time.sleep(65)
-    assert ours(pid), "the master killed a helper that was alive"
-    master_offset, offset = log_size(MASTER_LOG), log_size()
-    os.kill(pid, signal.SIGSTOP)
+    return [(datetime.datetime.strptime(t, "%m/%d/%y %H:%M:%S"), int(s)) for t, s in found]
+
+
+def test_the_master_hears_alive_and_replaces_a_frozen_helper(daemon):
+    """The master's own record of the keep-alives, then a freeze.
+
+    The master kills a child at its scan for hung children (once a minute, no knob:
+    DaemonKeepAlive) when the deadline of the child's last alive has passed; each alive moves
+    that deadline to its arrival + the timeout it carries. So a helper lives on exactly while
+    every alive arrives within the timeout of the one before. That is read from the master's
+    log (D_DAEMONCORE: "received childalive, pid=P, secs=S") over more than one timeout,
+    instead of sleeping through a whole scan; the freeze then shows the scan acting on those
+    deadlines: killed as hung and replaced."""
+    # 15 s: the helper sends every third of it at a cycle's end (every 2 cycles of 3 s here),
+    # so the gaps stay under it even when a busy machine slows a cycle to 3 s.
+    timeout = 15
+    offset, master_offset = log_size(), log_size(MASTER_LOG)
+    reconfig(f"ANNEXD_NOT_RESPONDING_TIMEOUT = {timeout}\nMASTER_DEBUG = D_DAEMONCORE\n")
     try:
-        # Killed at the first scan after the deadline: within timeout + a minute.
-        new = serving_pid(offset, not_pid=pid, timeout=timeout + 90)
+        pid = serving_pid()
+        sb.wait_for(
+            lambda: f"told condor_master: alive, next within {timeout} s" in log_since(offset),
+            timeout=30,
+            what="the helper's keep-alive with the new timeout",
+            on_timeout=log_tail,
+        )
+
+        def alives() -> list[datetime.datetime]:
+            text = log_since(master_offset, MASTER_LOG)
+            return [at for at, secs in alives_received(text, pid) if secs == timeout]
+
+        # Alive messages keep coming, each within the timeout of the one before, for longer
+        # than the timeout: the deadline never passes while the helper runs.
+        span = timeout + 2
+        sb.wait_for(
+            lambda: (got := alives()) and (got[-1] - got[0]).total_seconds() >= span,
+            timeout=span + 30,
+            what=f"{span} s of keep-alives with secs={timeout} in the MasterLog",
+            on_timeout=lambda: log_since(master_offset, MASTER_LOG)[-3000:],
+        )
+        seen = alives()
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(seen)]
+        # Whole seconds in the log: a gap read as g was shorter than g + 1.
+        assert gaps and max(gaps) + 1 <= timeout, f"alive gaps {gaps} s against {timeout} s"
+        assert ours(pid), "the master killed a helper that was alive"
+        assert f"Child pid {pid} appears hung" not in log_since(master_offset, MASTER_LOG)
+
+        master_offset, offset = log_size(MASTER_LOG), log_size()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Killed at the first scan after the deadline: within timeout + a minute.
+            new = serving_pid(offset, not_pid=pid, timeout=timeout + 90)
+        finally:
+            if ours(pid):
+                os.kill(pid, signal.SIGCONT)
+        master = log_since(master_offset, MASTER_LOG)
+        assert f"Child pid {pid} appears hung! Killing it hard." in master, master[-3000:]
+        assert "was killed because it was no longer responding" in master, master[-3000:]
+        assert new != pid
     finally:
-        if ours(pid):
-            os.kill(pid, signal.SIGCONT)
-    master = log_since(master_offset, MASTER_LOG)
-    assert f"Child pid {pid} appears hung! Killing it hard." in master, master
-    assert "was killed because it was no longer responding" in master, master
-    assert new != pid
-    reconfig("")
+        reconfig("")
 
 
 def test_stdio_gahp_as_a_user_relays_to_the_daemon(daemon):

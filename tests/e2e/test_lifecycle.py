@@ -166,6 +166,31 @@ def wait(condition, timeout: float, what: str):
     )
 
 
+ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
+
+
+def router_log_size() -> int:
+    return ROUTER_LOG.stat().st_size
+
+
+def router_log_since(offset: int) -> str:
+    with ROUTER_LOG.open(errors="replace") as handle:
+        handle.seek(offset)
+        return handle.read()
+
+
+def router_reconfigured() -> None:
+    """condor_reconfig, then wait until the job router has re-read its routes (it logs their
+    order after each reconfig): its next pass uses the new config."""
+    offset = router_log_size()
+    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
+    wait(
+        lambda: "Routes will be matched in this order" in router_log_since(offset),
+        30,
+        "the job router to re-read its routes",
+    )
+
+
 def cleanup(user: str, name: str, clusters: list[int]) -> None:
     for cluster in clusters:
         sandbox.run_as(user, "condor_rm", str(cluster), check=False)
@@ -269,22 +294,47 @@ def test_grow_extend_status_idle_instance_and_rm() -> None:
 # --- caps -----------------------------------------------------------------------------------
 
 
+def schedd_knob(knob: str) -> str:
+    """The running schedd's value of `knob` (what its submit requirements use)."""
+    res = subprocess.run(
+        ["condor_config_val", "-schedd", knob], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def reconfigured(knobs: dict[str, str]) -> None:
+    """condor_reconfig, then wait until the helper has re-read its knobs (its log says so) and
+    the schedd holds `knobs` (instead of sleeping through cycles and hoping)."""
+    offset = helper_log_size()
+    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
+    wait(
+        lambda: "configuration reloaded" in helper_log_since(offset),
+        30,
+        "the helper to reload its configuration",
+    )
+    wait(
+        lambda: all(schedd_knob(k) == v for k, v in knobs.items()),
+        30,
+        f"the schedd to hold {knobs}",
+    )
+
+
 @pytest.fixture
 def tight_caps() -> Iterator[None]:
     """ANNEX_MAX_INSTANCES = 2, ANNEX_MAX_INSTANCES_PER_USER = 3 for the helper and the schedd,
     then back to the sandbox's values."""
+    caps = {"ANNEX_MAX_INSTANCES": "2", "ANNEX_MAX_INSTANCES_PER_USER": "3"}
+    before = {knob: schedd_knob(knob) for knob in caps}
     TEST_CONFIG.write_text(
         "# tests/e2e/test_lifecycle.py (removed after the test)\n"
-        "ANNEX_MAX_INSTANCES = 2\nANNEX_MAX_INSTANCES_PER_USER = 3\n"
+        + "".join(f"{knob} = {value}\n" for knob, value in caps.items())
     )
-    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-    time.sleep(2 * CYCLE)  # the helper re-reads its knobs on the SIGHUP
+    reconfigured(caps)
     try:
         yield
     finally:
         TEST_CONFIG.unlink(missing_ok=True)
-        subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-        time.sleep(CYCLE)
+        reconfigured(before)
 
 
 def never_runs() -> tuple[str, ...]:

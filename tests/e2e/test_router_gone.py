@@ -30,6 +30,7 @@ from test_lifecycle import (
     annex_instances,
     htcondor_annex,
     job_ad_text,
+    router_reconfigured,
     run_hook,
     state_counts,
     status,
@@ -88,14 +89,12 @@ def slow_hook() -> Iterator[None]:
     CONFIG.write_text(
         f"# {__file__} (removed after the test)\nANNEX_HOOK_TRANSLATE_JOB = {wrapper}\n"
     )
-    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-    time.sleep(2)
+    router_reconfigured()
     try:
         yield
     finally:
         CONFIG.unlink(missing_ok=True)
-        subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-        time.sleep(2)
+        router_reconfigured()
 
 
 def hook_started(cluster: int) -> str:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import sandbox
-from test_lifecycle import ALICE, htcondor_annex, unique, wait
+from test_lifecycle import ALICE, htcondor_annex, router_reconfigured, unique, wait
 
-# Serial: it reconfigures the pool's job router with a site route.
-pytestmark = [pytest.mark.sandbox, pytest.mark.serial]
+pytestmark = pytest.mark.sandbox
 
 CONFIG = Path("/etc/condor/config.d/95-site-route-test.conf")
 HOOK_DIR = Path("/usr/local/libexec/annex-test-site-route")  # root's, not world-writable
@@ -78,14 +77,12 @@ def site_route(request) -> Iterator[str | None]:
     if keyword:
         lines += [f"JOB_ROUTER_HOOK_KEYWORD = {keyword}", f"{keyword}_HOOK_TRANSLATE_JOB = {site}"]
     CONFIG.write_text("\n".join(lines) + "\n")
-    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-    time.sleep(2)
+    router_reconfigured()
     try:
         yield keyword
     finally:
         CONFIG.unlink(missing_ok=True)
-        subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-        time.sleep(2)
+        router_reconfigured()
 
 
 def seen_by(kind: str) -> set[int]:
@@ -106,6 +103,8 @@ def router_tail() -> str:
     return "JobRouterLog tail:\n" + "\n".join(lines[-30:])
 
 
+# Serial (site_route): it reconfigures the pool's job router with a site route.
+@pytest.mark.serial
 def test_a_site_route_and_ours_each_route_their_own_jobs(site_route) -> None:
     name = unique("site")
     workdir = str(sandbox.user_tmpdir(ALICE, "annex-site-route-"))
@@ -154,7 +153,10 @@ def test_a_site_route_and_ours_each_route_their_own_jobs(site_route) -> None:
 
 def test_a_job_given_an_annex_later_needs_our_hook_keyword_too() -> None:
     """condor_qedit of TargetAnnexName alone is not routed by Annex (no hook would run for it
-    without a global keyword); with HookKeyword "ANNEX" as well it is, once."""
+    without a global keyword); with HookKeyword "ANNEX" as well it is, once.
+
+    Not serial: it changes no config and counts nothing pool-wide, so it runs beside the other
+    tests with the pool's own routes."""
     name = unique("late")
     workdir = str(sandbox.user_tmpdir(ALICE, "annex-site-route-"))
     cluster = sandbox.condor_submit_as(

@@ -261,12 +261,24 @@ INVALID = sorted((EXAMPLES / "invalid").glob("*.sub"))
 
 @pytest.fixture(scope="module")
 def refusals(workdir) -> dict[str, tuple[subprocess.CompletedProcess[str], set[int], set[int]]]:
-    """Submit every invalid example once (grouped by the config they need)."""
+    """Submit every invalid example once (grouped by the config they need).
+
+    The examples that need knobs share one reconfig when no knob is wanted with two values: an
+    allow-list refuses only the keyword it names, and each example must still print its own
+    line (two reconfigs of the pool instead of two per example)."""
     results = {}
     by_config: dict[tuple, list[Path]] = {}
     for path in INVALID:
         config, _ = expectations(path)
         by_config.setdefault(tuple(sorted(config.items())), []).append(path)
+    wanted: dict[str, set[str]] = {}
+    for config in by_config:
+        for knob, value in config:
+            wanted.setdefault(knob, set()).add(value)
+    if wanted and all(len(values) == 1 for values in wanted.values()):
+        merged = tuple(sorted((knob, values.pop()) for knob, values in wanted.items()))
+        with_knobs = [path for config, paths in by_config.items() if config for path in paths]
+        by_config = {(): by_config.get((), []), merged: with_knobs}
     for config, paths in sorted(by_config.items()):
         with pool_config(dict(config)):
             for path in paths:
