@@ -131,8 +131,32 @@ def check_aws_setup(res) -> None:
     assert (CONFIG_DIR / "15-annex-setup.conf").is_file()
 
 
+MASTER_LOG: dict[str, int] = {}
+
+
+def master_log() -> Path:
+    return Path(subprocess.run(
+        ["condor_config_val", "MASTER_LOG"], capture_output=True, text=True, check=True
+    ).stdout.strip())  # fmt: skip
+
+
+def before_restart() -> None:
+    MASTER_LOG["offset"] = master_log().stat().st_size
+
+
 def check_restart(res) -> None:
-    # The pool and the helper come back: the helper answers its socket again.
+    # condor_restart only asks: the master restarts once every daemon has exited (a schedd in
+    # a graceful shutdown can take minutes). Wait for the master's own start-up line after the
+    # request, so the later blocks (and the serial tests after this one) do not meet a pool
+    # that is about to go down; then the pool and the helper answer again.
+    def restarted() -> bool:
+        path = master_log()
+        offset = MASTER_LOG["offset"] if path.stat().st_size >= MASTER_LOG["offset"] else 0
+        with path.open("rb") as log:  # (from the start when the log was rotated meanwhile)
+            log.seek(offset)
+            return b"STARTING UP" in log.read()
+
+    sandbox.wait_for(restarted, timeout=180, interval=1, what="condor_master to restart")
     sandbox.wait_for(
         lambda: htcondor_annex(ALICE, "status", check=False).returncode == 0
         and sandbox.run_as(ALICE, "condor_q", check=False).returncode == 0,
@@ -212,7 +236,11 @@ def routed() -> None:
 
 
 # What the document tells the reader to wait for before a block, if anything.
-BEFORE: dict[str, Callable[[], None]] = {"venv": source_directory, "watch": routed}
+BEFORE: dict[str, Callable[[], None]] = {
+    "venv": source_directory,
+    "restart": before_restart,
+    "watch": routed,
+}
 
 
 @pytest.fixture
