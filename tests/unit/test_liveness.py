@@ -3,7 +3,7 @@ ANNEX_JOIN_TIMEOUT of its launch (or leaves it for that long) is terminated and 
 failed launch; ANNEX_MAX_JOIN_FAILURES in a row stop the annex's launches; provision mode is
 never looked at. The product's Reconciler and AwsCloud on a real moto server, with the
 collector's startd ads and the schedd as recording peers and an injected clock
-(test_lifecycle_reconcile.py's world). tests/e2e/test_liveness.py proves it with the real pool.
+(test_lifecycle_reconcile.py's world). tests/e2e/test_join_timeout.py proves it with the real pool.
 """
 
 from __future__ import annotations

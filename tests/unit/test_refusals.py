@@ -7,7 +7,7 @@ One test per kind of refusal on JOB_ROUTED's path: a value the helper does not a
 spec, an attribute that evaluates to error, a region AWS does not have), an admin limit (the
 lease, a region not allowed, the per-user cap), a conflict with the live annex, an annex that
 is retiring, an annex whose lease ended before the job was released, provision mode's user
-data. tests/e2e/test_refusals.py shows the same through the real router and schedd.
+data. tests/e2e/test_refusals_reach_jobs.py shows the same through the real router and schedd.
 """
 
 from __future__ import annotations

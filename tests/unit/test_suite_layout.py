@@ -55,3 +55,14 @@ def test_the_pool_wide_tests_are_serial():
     assert {"test_daemon.py", "test_helper_crash.py", "test_submit_interface.py"} <= set(
         serial
     ), serial
+
+
+def test_no_e2e_file_shares_its_name_with_a_unit_test():
+    """tests/ has no packages (rootdir import mode): two test files of one name are one module
+    to pytest, and the run that collects both (scripts/test's no-pool part in the sandbox, with
+    the e2e tests' conftest on the path) fails to collect the second - which the fast tier on
+    the host, collecting tests/unit alone, never shows."""
+    unit = {f.name for f in (E2E.parent / "unit").glob("test_*.py")}
+    assert len(unit) >= 30, unit  # the glob found the unit tests
+    shared = sorted(unit & {f.name for f in _files()})
+    assert shared == [], f"rename these e2e files (say what they test end to end): {shared}"

@@ -47,7 +47,7 @@ def wait(condition, timeout: float, what: str):
 @pytest.fixture
 def short_join_timeout() -> Iterator[None]:
     TEST_CONFIG.write_text(
-        "# tests/e2e/test_liveness.py (removed after the test)\n"
+        "# tests/e2e/test_join_timeout.py (removed after the test)\n"
         f"ANNEX_JOIN_TIMEOUT = {JOIN_TIMEOUT}\n"
     )
     subprocess.run(["condor_reconfig"], check=True, capture_output=True)
