@@ -4,14 +4,19 @@ schedd's ad plus the cron's attributes, prefixed Annex) and the job as TARGET.""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from aws_fixtures import REGION, moto_server_url, moto_url  # noqa: F401
+from test_cost import _priced_world
 
 from annex_gahp import budgets, spec
 from annex_gahp.controllers.budget import submit_view
 from annex_gahp.cost import Cost
+from annex_gahp.errors import LimitExceeded
 from annex_gahp.hooks import budget_cron
+from annex_gahp.schedd import Demand
 
 RULE = next(r for r in spec.RULES if r.name == "AnnexBudgetLeft")
 USER = budgets.parse("ANNEX_BUDGET_PER_USER", "10 USD/30d")
@@ -44,11 +49,11 @@ def schedd_ad(classad2, output: str):
     return ad
 
 
-def judge(data: object, **job: object) -> str | None:
+def judge(data: object, now: float | None = None, **job: object) -> str | None:
     """None if the requirement passes, else the message condor_submit prints."""
     pytest.importorskip("htcondor2")  # registers HTCondor's functions (split, ...)
     classad2 = pytest.importorskip("classad2")
-    my = schedd_ad(classad2, budget_cron.render(data, time.time()))
+    my = schedd_ad(classad2, budget_cron.render(data, time.time() if now is None else now))
     target = classad2.ClassAd({"TargetAnnexName": "burst", "Owner": "alice",
                                "AnnexInstances": 1, "AnnexLease": 3600, **job})  # fmt: skip
     if classad2.ExprTree(f"{RULE.guard} || {RULE.accept}").eval(my, target) is True:
@@ -162,3 +167,31 @@ def test_the_helper_writes_what_the_cron_reads(tmp_path, capsys) -> None:
     assert "BudgetLeft = [ 'alice' = 4.0; ]" in out and "BudgetUser = 10.0" in out
     assert budget_cron.main([str(tmp_path / "nowhere")]) == 0
     assert capsys.readouterr().out == "BudgetUpdated = undefined\n"
+
+
+def test_the_loop_publishes_what_the_helper_then_enforces(moto_url, tmp_path):  # noqa: F811
+    """The reconcile loop's view, through the cron and the rule, refuses what the helper
+    refuses, with the same amount left."""
+    world = _priced_world(
+        moto_url, tmp_path, 1.0, budget_per_user="10 USD/30d", state_dir=str(tmp_path)
+    )
+    small = spec.from_keywords(
+        {"name": "small", "instances": 2, "lease": "5h"}, "alice", world.service.settings
+    )
+    world.demand.jobs[("alice", "small")] = Demand(idle=4)
+    world.service.ensure(small)
+    world.loop.run_once()
+    world.clock.now += 3600 * 4
+    world.loop.run_once()  # 8 spent
+    world.loop.run_once()  # the budget view is computed from the last cycle's records
+    with open(budget_cron.path(world.service.settings.state_dir), encoding="utf-8") as src:
+        data = json.load(src)
+    assert data["left"] == {"alice": pytest.approx(2.0)} and data["live"] == {"alice/small": True}
+    assert data["prices"] == {f"{REGION}:m5.large": 1.0} and data["region"] == REGION
+    said = judge(data, AnnexInstances=3, AnnexLease=None, now=world.clock.now)
+    assert said and "ANNEX_BUDGET_PER_USER = 10.00 USD/30d: 2.00 USD left" in said
+    big = spec.from_keywords({"name": "big", "instances": 3}, "alice", world.service.settings)
+    with pytest.raises(LimitExceeded, match=r"10.00 USD/30d: 2.00 USD left"):
+        world.service.ensure(big)
+    assert judge(data, AnnexInstances=2, AnnexLease=None, now=world.clock.now) is None
+    assert judge(data, TargetAnnexName="small", AnnexInstances=9, now=world.clock.now) is None
