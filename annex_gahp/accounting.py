@@ -87,6 +87,26 @@ def request_price(
     return worst, ""
 
 
+def submit_prices(store: Store, settings: Settings, now: int) -> dict[str, float]:
+    """The on-demand price per hour in force per `region:type`, as request_price finds it
+    (the store's, else the price file's), for condor_submit's budget requirement."""
+    found: dict[str, float] = {}
+    try:
+        data = prices.read_file(settings.price_file) if settings.price_file else {}
+    except Exception:  # unreadable: the loop logs it; these prices are missing
+        data = {}
+    for key, per_hour, _currency in prices.file_points(data):
+        if key.lifecycle == cost.ON_DEMAND:
+            found[f"{key.region}:{key.instance_type}"] = per_hour
+    table = price_table(store)
+    for key in table:
+        if key.lifecycle == cost.ON_DEMAND and not key.zone:
+            point = cost.price_now(table, key, now)
+            if point is not None:
+                found[f"{key.region}:{key.instance_type}"] = point.per_hour
+    return found
+
+
 def _from_file(settings: Settings, key: cost.PriceKey) -> cost.PricePoint | None:
     """The price file's on-demand price, for a request made before the loop recorded it."""
     try:

@@ -224,6 +224,90 @@ def _shown_reason(key: str, rest: str) -> str:
     )
 
 
+# ---- what is left of the budgets, as the schedd's cron job publishes it ---------------------
+# hooks/budget_cron.py puts the helper's view into the schedd's ad (MY, with the prefix Annex);
+# condor_submit evaluates submit requirements with the schedd's ad as MY and the job as TARGET.
+# Every term passes when the data is missing or stale, or a price is unknown: the helper, which
+# judges every new annex again (accounting.refusal), is the authority.
+_BUDGET_MAX_TYPES = 4  # the types priced here; a request with more is left to the helper
+
+
+def _budget_view() -> str:
+    """One nested ClassAd record that computes the request's worst case once, as
+    accounting.refusal does: instances x lease x the highest price it may pay (its spot
+    maximum, else the on-demand price), at most its annex_max_cost; `worst` is undefined when
+    it cannot be priced here. Inside the record, TARGET is the job and MY the schedd's ad."""
+    n = _BUDGET_MAX_TYPES
+    fields = {
+        "types": 'split(ifThenElse(isString(TARGET.AnnexInstanceTypes), '
+                 'TARGET.AnnexInstanceTypes, MY.AnnexBudgetTypes), ",")',
+        "region": "ifThenElse(isString(TARGET.AnnexRegion), TARGET.AnnexRegion,"
+                  " MY.AnnexBudgetRegion)",
+        "spots": 'split(TARGET.AnnexSpotPrices, ",")',
+        **{f"p{i}": f'ifThenElse(size(types) > {i}, MY.AnnexBudgetPrices[strcat(region, ":", '
+                    f"types[{i}])] ?: -1.0, 0.0)" for i in range(n)},
+        **{f"s{i}": f"ifThenElse(size(spots) > {i}, real(spots[{i}]), 0.0)" for i in range(n)},
+        "price": (
+            f"ifThenElse(isString(TARGET.AnnexSpotPrices), ifThenElse(size(spots) <= {n}, "
+            f"max({{{', '.join(f's{i}' for i in range(n))}}}), undefined), "
+            f"ifThenElse(size(types) <= {n} && min({{{', '.join(f'p{i}' for i in range(n))}}})"
+            f" >= 0, max({{{', '.join(f'p{i}' for i in range(n))}}}), undefined))"
+        ),
+        "lease": "ifThenElse(isInteger(TARGET.AnnexLease), TARGET.AnnexLease,"
+                 " ifThenElse(isInteger(TARGET.AnnexExpiry), TARGET.AnnexExpiry - time(),"
+                 " MY.AnnexBudgetLease))",
+        "raw": "ifThenElse(isInteger(TARGET.AnnexInstances), TARGET.AnnexInstances, 1)"
+               " * lease / 3600.0 * price",
+        "cap": "real(TARGET.AnnexMaxCost)",
+        "worst": "ifThenElse(isString(TARGET.AnnexMaxCost), ifThenElse(isReal(raw) && raw < cap,"
+                 " raw, cap), raw)",
+        "userLeft": "MY.AnnexBudgetLeft[TARGET.Owner] ?: MY.AnnexBudgetUser",
+        "overUser": "(worst > userLeft) =?= true",
+        "overPool": "(worst > MY.AnnexBudgetPoolLeft) =?= true",
+    }  # fmt: skip
+    return "[ " + " ".join(f"{k} = {v};" for k, v in fields.items()) + " ]"
+
+
+def _money(expr: str) -> str:
+    """An amount as budgets.money shows it (cents), in ClassAd."""
+    cents = f"int(round(({expr}) * 100))"
+    return f'strcat(string({cents} / 100), ".", substr(strcat("0", string({cents} % 100)), -2))'
+
+
+def _budget_left_rules() -> tuple[Rule, ...]:
+    view = _budget_view()
+    fresh = (
+        "MY.AnnexBudgetUpdated >= time() - 600 && "
+        'MY.AnnexBudgetLive[strcat(Owner, "/", TargetAnnexName)] =!= true'
+    )
+
+    def said(who: str, knob: str, text: str, left: str) -> str:
+        return (
+            f'strcat("the worst case of this annex (", {_money(view + ".worst")}, " ", '
+            f'MY.AnnexBudgetCurrency, ") is over what is left of {who}budget {knob} = ", {text}, '
+            f'": ", {_money(left)}, " ", MY.AnnexBudgetCurrency, " left; ask for fewer '
+            'instances, a shorter lease or a lower annex_max_cost")'
+        )
+
+    user = said("your ", "ANNEX_BUDGET_PER_USER", "MY.AnnexBudgetUserText", view + ".userLeft")
+    pool = said("the pool's ", "ANNEX_BUDGET_PER_POOL", "MY.AnnexBudgetPoolText",
+                "MY.AnnexBudgetPoolLeft")  # fmt: skip
+    return (
+        Rule(
+            "AnnexBudgetLeft",
+            f"(({fresh}) && ({view}.overUser || {view}.overPool)) =!= true",
+            f"ifThenElse({view}.overUser, {user}, {pool})",
+            "What is left of ANNEX_BUDGET_PER_USER (for the job's Owner) and"
+            " ANNEX_BUDGET_PER_POOL, as the helper last saw it, published into the schedd's ad"
+            " by the schedd cron job ANNEXBUDGET (annex_budget_cron): a request whose worst"
+            " case (instances x lease x price, at most its annex_max_cost) is over it is"
+            " refused. It passes when nothing is published (no budget, no helper, data older"
+            " than 10 minutes), for an annex that is already running (the helper judges its"
+            " growth) and when a price is unknown; the helper checks every request again.",
+        ),
+    )
+
+
 RULES: tuple[Rule, ...] = (
     *_keyword_rules(),
     Rule(
@@ -464,6 +548,7 @@ RULES: tuple[Rule, ...] = (
         "of it is checked by the helper (it alone knows the spending): a request whose worst "
         "case is over what is left is refused there, and the job shows why in AnnexLastError.",
     ),
+    *_budget_left_rules(),
 )
 
 

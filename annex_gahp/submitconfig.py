@@ -229,6 +229,18 @@ ANNEX_SUBMIT_BUDGET_PER_USER = "$(ANNEX_BUDGET_PER_USER)"
 # A positive decimal price.
 _annex_price = ([0-9]{1,6}(\\.[0-9]{0,8})?|\\.[0-9]{1,8})
 
+# What is left of the budgets, for the AnnexBudgetLeft requirement: the schedd runs
+# annex_budget_cron every ANNEX_BUDGET_CRON_PERIOD seconds (default 60); it prints the helper's
+# view (budget-submit.json in ANNEX_STATE_DIR) as AnnexBudget* attributes of the schedd's ad.
+# A new SCHEDD_CRON job starts only when the schedd (re)starts, not on condor_reconfig.
+SCHEDD_CRON_JOBLIST = $(SCHEDD_CRON_JOBLIST) ANNEXBUDGET
+SCHEDD_CRON_ANNEXBUDGET_EXECUTABLE = $(ANNEX_BIN_DIR)/annex_budget_cron
+SCHEDD_CRON_ANNEXBUDGET_ARGS = $(ANNEX_STATE_DIR)
+SCHEDD_CRON_ANNEXBUDGET_MODE = Periodic
+SCHEDD_CRON_ANNEXBUDGET_PERIOD = $(ANNEX_BUDGET_CRON_PERIOD:60)
+SCHEDD_CRON_ANNEXBUDGET_PREFIX = Annex
+SCHEDD_CRON_ANNEXBUDGET_RECONFIG_RERUN = True
+
 '''
 
 

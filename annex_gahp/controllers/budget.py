@@ -17,6 +17,7 @@ from typing import Any
 from annex_gahp import accounting, budgets, cost, lifecycle
 from annex_gahp.controllers import Context, one_line
 from annex_gahp.controllers.actions import Actions
+from annex_gahp.hooks import budget_cron
 from annex_gahp.lifecycle import RetireReason
 from annex_gahp.store import Annex
 
@@ -56,6 +57,7 @@ class Budget:
         capped = any(a.spec.max_cost for a in annexes if a.state in lifecycle.ACTIVE)
         self._table: cost.Prices = {}
         if not (capped or self._user or self._pool):
+            self._write_submit_view(annexes, now)
             return
         store = self.ctx.store
         self._table = accounting.price_table(store)
@@ -69,6 +71,7 @@ class Budget:
                     history, self._table, now - self._user.period, owner
                 )
         self._publish(self._user, self._owners, self._pool, self._pool_spent)
+        self._write_submit_view(annexes, now)
 
     def check(self, annex: Annex, now: int) -> Annex:
         """One annex's step, after its instances were recorded this cycle: at its budget, it
@@ -140,6 +143,32 @@ class Budget:
         except Exception as err:  # a bad price file: said in the log, the loop goes on
             log.warning("could not refresh prices: %s", one_line(err))
 
+    def _write_submit_view(self, annexes: list[Annex], now: int) -> None:
+        """What condor_submit's budget requirement needs, for the schedd's cron job
+        (hooks/budget_cron.py): what is left, the prices, the live annexes (joining one is
+        judged by its growth, here, not by its whole request)."""
+        settings = self.ctx.settings
+        view: dict[str, Any] = {"updated": now}
+        if self._user or self._pool:
+            view.update(
+                submit_view(
+                    self._user,
+                    self._owners,
+                    self._pool,
+                    self._pool_spent,
+                    accounting.submit_prices(self.ctx.store, settings, now),
+                )
+            )
+            view["live"] = {f"{a.owner}/{a.name}": True for a in annexes
+                            if a.state in lifecycle.ACTIVE}  # fmt: skip
+            view["region"] = settings.region or ""
+            view["types"] = list(settings.default_instance_types)
+            view["lease"] = settings.default_lease
+        try:
+            budget_cron.write(settings.state_dir, view)
+        except OSError as err:
+            log.warning("could not write the budget view for condor_submit: %s", one_line(err))
+
     def _publish(
         self,
         user_budget: budgets.Budget | None,
@@ -182,3 +211,24 @@ def budget_view(owner: str, knob: str, budget: budgets.Budget, used: cost.Cost) 
         "Currency": budget.currency,
         "Unpriced": ", ".join(used.unpriced) or None,
     }
+
+
+def submit_view(
+    user_budget: budgets.Budget | None,
+    owners: dict[str, cost.Cost],
+    pool_budget: budgets.Budget | None,
+    pool_spent: cost.Cost | None,
+    prices: dict[str, float],
+) -> dict[str, Any]:
+    """The budgets' part of budget-submit.json (hooks/budget_cron.py reads it)."""
+    view: dict[str, Any] = {"prices": prices}
+    if user_budget is not None:
+        view["user"] = user_budget.amount
+        view["user_text"] = user_budget.shown()
+        view["currency"] = user_budget.currency
+        view["left"] = {o: round(budgets.left(user_budget, c.amount), 6) for o, c in owners.items()}
+    if pool_budget is not None and pool_spent is not None:
+        view["pool_left"] = round(budgets.left(pool_budget, pool_spent.amount), 6)
+        view["pool_text"] = pool_budget.shown()
+        view.setdefault("currency", pool_budget.currency)
+    return view

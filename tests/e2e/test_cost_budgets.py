@@ -1,8 +1,8 @@
 """Cost and budgets (issue 16) in the real pool, with a price file and the emulator.
 
 - a request over the budget is refused: by condor_submit when its annex_max_cost is over the
-  user's whole budget, and by the helper (AnnexLastError) when its worst case is over what is
-  left;
+  user's whole budget or its worst case over what is left (the schedd cron's AnnexBudget*
+  attributes), and by the helper (AnnexLastError) when condor_submit could not judge it;
 - an annex stops at its annex_max_cost: retired with reason `budget`, its job held with a
   reason naming the cap, its instance terminated; the Annex ad showed CostSoFar on the way;
 - `htcondor-annex report` matches the helper's own records of that annex's instance.
@@ -66,8 +66,10 @@ def test_a_request_over_budget_is_refused_at_submit_and_by_the_helper(priced):
         "annex_max_cost = 50 is over your whole budget (ANNEX_BUDGET_PER_USER = 10 USD/30d)"
         in refused.value.stderr
     ), refused.value.stderr
-    # Worst case 1 instance x 1 h x 3600 USD/h: over the 10 USD that are left.
-    cluster = pool.submit(job(name), user="bob")
+    # Worst case 1 instance x 1 h x 3600 USD/h: over the 10 USD that are left. Five instance
+    # types are more than condor_submit prices (spec._BUDGET_MAX_TYPES): the helper judges it.
+    types = ",".join(["m5.large"] * 5)
+    cluster = pool.submit(job(name, f"annex_instance_types = {types}"), user="bob")
     why = wait_for(
         lambda: (pool.job_ad(cluster) or {}).get("AnnexLastError"),
         timeout=60,
@@ -126,3 +128,38 @@ def test_an_annex_stops_at_its_max_cost_and_the_report_matches(priced):
     assert spent["Remaining"] == pytest.approx(1000 - spent["Spent"])
     assert any(a.get("BudgetKnob") == "ANNEX_BUDGET_PER_POOL" for a in pool.json_ads(BUDGET_ADS))
     pool.run(f"condor_rm {cluster}")
+
+
+def test_a_request_over_what_is_left_is_refused_by_condor_submit(priced):
+    pool = priced
+    # What alice has spent already (the annex of the test above, when run with it): her budget
+    # is that plus 10 USD, so 10 USD are left.
+    report = json.loads(
+        pool.run("htcondor-annex report --since 30d --by owner --json", user="alice").stdout
+    )
+    spent = sum(r["cost"] for r in report["rows"] if r["key"] == "alice")
+    budget = f"{spent + 10:.6f} USD/30d"
+    pool.config(ANNEX_BUDGET_PER_USER=budget, ANNEX_BUDGET_CRON_PERIOD=5)
+    # A new cron period takes a schedd restart (a reconfig keeps the old one).
+    pool.run("condor_restart -schedd", check=True)
+
+    def published():
+        ads = pool.json_ads("condor_status -schedd")
+        wanted = pytest.approx(spent + 10)
+        return next((a for a in ads if a.get("AnnexBudgetUser") == wanted), None)
+
+    wait_for(published, timeout=40, what="the budget in the schedd's ad")
+    name = f"left-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        pool.submit(job(name))
+    said = refused.value.stderr
+    assert "the worst case of this annex (3600.00 USD) is over what is left of your budget" in said
+    assert f"ANNEX_BUDGET_PER_USER = {spent + 10:.2f} USD/30d: 10.00 USD left" in said, said
+    assert not pool.annex_ads(name) and not pool.instances(name)
+    # The budget gone, the schedd's ad says so before the next test submits.
+    pool.undo_config()
+    wait_for(
+        lambda: not any(a.get("AnnexBudgetUser") for a in pool.json_ads("condor_status -schedd")),
+        timeout=40,
+        what="no budget in the schedd's ad",
+    )
