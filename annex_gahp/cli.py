@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from annex_gahp import client, durations, names
 
@@ -290,18 +291,27 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_reply(args: argparse.Namespace, result: dict[str, str]) -> tuple[Any, int | None]:
+    """The `json` field of the helper's answer, and the exit code when the command is done
+    with it already: unreadable, or printed as it is for --json."""
+    try:
+        data = json.loads(result.get("json", "null"))
+    except ValueError:
+        return None, _error("the helper sent unreadable JSON")
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return data, 0
+    return data, None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.name:
         result = _call(args, "ANNEX_STATUS", name=args.name, **_owner(args))
     else:
         result = _call(args, "ANNEX_LIST", **_owner(args))
-    try:
-        data = json.loads(result.get("json", "null"))
-    except ValueError:
-        return _error("the helper sent unreadable JSON")
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
+    data, done = _json_reply(args, result)
+    if done is not None:
+        return done
     annexes = [data] if isinstance(data, dict) else list(data or [])
     if not annexes:
         print("no annexes")
@@ -337,19 +347,14 @@ def capacity_health_line(annex: dict) -> str:
     )
 
 
-
 def cmd_report(args: argparse.Namespace) -> int:
     """The cost history, from the helper's records (ANNEX_REPORT): through the helper like
     every other verb, so a user sees only their own annexes and nobody reads the state file."""
     kwargs = {"since": args.since, "by": args.by, **_owner(args)}
     result = _call(args, "ANNEX_REPORT", **kwargs)
-    try:
-        data = json.loads(result.get("json", "null"))
-    except ValueError:
-        return _error("the helper sent unreadable JSON")
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
+    data, done = _json_reply(args, result)
+    if done is not None:
+        return done
     print(format_report(data, csv_out=args.csv))
     return 0
 

@@ -11,6 +11,7 @@ import boto3
 import pytest
 from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
 from fake_schedd import FakeSchedd
+from test_lifecycle_reconcile import Clock, Collector
 
 from annex_gahp import names, offerings, spec
 from annex_gahp.cloud.aws import capacity_faults, fleet
@@ -24,26 +25,6 @@ from annex_gahp.store import Store
 
 TTL = 180
 INTERVAL = 10
-
-
-class Clock:
-    def __init__(self, now: float = 1_900_000_000) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.ads: list[dict[str, Any]] = []
-        self.invalidated: list[str] = []
-
-    def slots(self, pool_id: str) -> list[dict[str, Any]]:
-        return list(self.ads)
-
-    def invalidate(self, instance_ids: list[str]) -> None:
-        self.invalidated += instance_ids
 
 
 class Publisher:
