@@ -9,14 +9,13 @@ import time
 
 import pytest
 from aws_fixtures import REGION, moto_server_url, moto_url  # noqa: F401
-from test_cost import _priced_world
+from test_cost import _priced_world, spend_eight
 
 from annex_gahp import budgets, spec
 from annex_gahp.controllers.budget import submit_view
 from annex_gahp.cost import Cost
 from annex_gahp.errors import LimitExceeded
 from annex_gahp.hooks import budget_cron
-from annex_gahp.schedd import Demand
 
 RULE = next(r for r in spec.RULES if r.name == "AnnexBudgetLeft")
 USER = budgets.parse("ANNEX_BUDGET_PER_USER", "10 USD/30d")
@@ -175,14 +174,7 @@ def test_the_loop_publishes_what_the_helper_then_enforces(moto_url, tmp_path):  
     world = _priced_world(
         moto_url, tmp_path, 1.0, budget_per_user="10 USD/30d", state_dir=str(tmp_path)
     )
-    small = spec.from_keywords(
-        {"name": "small", "instances": 2, "lease": "5h"}, "alice", world.service.settings
-    )
-    world.demand.jobs[("alice", "small")] = Demand(idle=4)
-    world.service.ensure(small)
-    world.loop.run_once()
-    world.clock.now += 3600 * 4
-    world.loop.run_once()  # 8 spent
+    spend_eight(world)
     world.loop.run_once()  # the budget view is computed from the last cycle's records
     with open(budget_cron.path(world.service.settings.state_dir), encoding="utf-8") as src:
         data = json.load(src)

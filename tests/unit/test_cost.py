@@ -248,6 +248,19 @@ def test_spot_prices_come_from_ec2_per_zone(moto_url, tmp_path):  # noqa: F811
 # ---- the loop ---------------------------------------------------------------------------------
 
 
+def spend_eight(world) -> None:
+    """alice's annex `small` (2 instances x 5 h x 1.0 = 10: fits a 10 USD budget, just) runs
+    4 hours at 1.0 an hour: 8 spent."""
+    small = spec.from_keywords(
+        {"name": "small", "instances": 2, "lease": "5h"}, "alice", world.service.settings
+    )
+    world.demand.jobs[("alice", "small")] = Demand(idle=4)
+    world.service.ensure(small)
+    world.loop.run_once()
+    world.clock.now += 3600 * 4
+    world.loop.run_once()
+
+
 def _priced_world(moto_url, tmp_path, per_hour: float, **knobs):  # noqa: F811
     world = build(moto_url, tmp_path)
     path = tmp_path / "prices.json"
@@ -290,15 +303,7 @@ def test_an_annex_at_its_max_cost_retires_and_its_jobs_are_held(moto_url, tmp_pa
 
 def test_a_request_over_what_is_left_is_refused_by_the_helper(moto_url, tmp_path):  # noqa: F811
     world = _priced_world(moto_url, tmp_path, 1.0, budget_per_user="10 USD/30d")
-    # 2 instances x 5 h x 1.0 = 10: fits, just.
-    small = spec.from_keywords(
-        {"name": "small", "instances": 2, "lease": "5h"}, "alice", world.service.settings
-    )
-    world.demand.jobs[("alice", "small")] = Demand(idle=4)
-    world.service.ensure(small)
-    world.loop.run_once()
-    world.clock.now += 3600 * 4
-    world.loop.run_once()  # 8 spent
+    spend_eight(world)
     wanted = spec.from_keywords({"name": "big", "instances": 3}, "alice", world.service.settings)
     with pytest.raises(
         LimitExceeded, match=r"ANNEX_BUDGET_PER_USER = 10.00 USD/30d: 2.00 USD left"
