@@ -107,11 +107,11 @@ def history_in(schedd: str, cluster: int):
     return found[0] if found else None
 
 
-def submit_to(schedd: str, name: str, seconds: int, jobs: int = 1) -> int:
+def submit_to(schedd: str, name: str, seconds: int, jobs: int = 1, extra: str = "") -> int:
     workdir = str(sandbox.user_tmpdir(ALICE, "annex-schedds-"))
     text = (
         f"executable = /bin/sleep\narguments = {seconds}\nannex_name = {name}\n"
-        f"annex_lease = 10m\nqueue {jobs}\n"
+        f"annex_lease = 10m\n{extra}queue {jobs}\n"
     )
     res = sandbox.run_as(
         ALICE, "condor_submit", "-name", schedd, "-terse", "-", input=text, cwd=workdir
@@ -147,8 +147,11 @@ def test_a_job_of_the_second_schedd_gets_its_annex_and_its_status_there(second_s
         assert str(done.get("LastRemoteHost", "")) != ""
         assert "AnnexState" in done  # (as the helper last wrote it while the job waited)
 
-        # A job that waits for the annex in the second schedd: the delete holds it there.
-        waiting = submit_to(schedd2, name, seconds=600)
+        # A job that waits for the annex in the second schedd: the delete holds it there. It
+        # must not match the annex's now free slot: a job the negotiator starts before the
+        # router's next poll is never routed (the router takes idle jobs), and this test then
+        # failed now and then in CI.
+        waiting = submit_to(schedd2, name, seconds=600, extra="requirements = false\n")
         sandbox.wait_for(
             lambda: (ad := job_in(schedd2, waiting)) and ad.get("AnnexRoutedName") == name,
             timeout=30,

@@ -404,6 +404,23 @@ def test_install_step_rendered_for_apt_or_the_admins_command(tmp_path: Path) -> 
         userdata.render_bootstrap(context(condor_install_command="a\0b"))
 
 
+def _without_condor(path: str, shims: Path) -> list[str]:
+    """PATH's folders, each one that holds condor_master replaced by links to its other
+    programs (everything but condor_*), so a boot script finds no HTCondor but the rest."""
+    out = []
+    for folder in filter(None, path.split(os.pathsep)):
+        if not (Path(folder) / "condor_master").exists():
+            out.append(folder)
+            continue
+        shim = shims / str(len(out))
+        shim.mkdir(parents=True, exist_ok=True)
+        for program in Path(folder).iterdir():
+            if not program.name.startswith("condor_"):
+                (shim / program.name).symlink_to(program)
+        out.append(str(shim))
+    return out
+
+
 def _run_stock_boot(
     tmp_path: Path, imds: FakeImds, ctx: userdata.BootContext
 ) -> tuple[subprocess.CompletedProcess[str], str]:
@@ -417,8 +434,11 @@ def _run_stock_boot(
         ANNEX_POWEROFF_CMD="true",
         ANNEX_AGENT_INTERVAL="0.2",
     )
-    # Only the folder the install command fills, then the system's: no HTCondor before it.
-    env["PATH"] = f"{tmp_path / 'condor-bin'}:{env['PATH']}"
+    # Only the folder the install command fills, then the system's without HTCondor: where the
+    # tests run beside a pool (the sandbox's no-pool run), condor_master is in /usr/sbin.
+    env["PATH"] = os.pathsep.join(
+        [str(tmp_path / "condor-bin"), *_without_condor(env["PATH"], tmp_path / "no-condor")]
+    )
     done = subprocess.run(
         ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -461,6 +481,8 @@ def test_failed_install_fails_fast_on_the_console(tmp_path: Path, imds: FakeImds
     assert "installing HTCondor failed" in log
     assert not (tmp_path / "root/condor-started").exists()
     assert not (tmp_path / "root/usr/sbin/policy-rc.d").exists()
+
+
 def test_agent_publishes_a_spot_notice_for_the_startd(tmp_path: Path, imds: FakeImds) -> None:
     """`watch` polls IMDS's instance-action every ANNEX_AGENT_SPOT_INTERVAL: nothing while
     there is no notice; then the startd's cron file carries AnnexInterruption (the time it saw
