@@ -174,7 +174,9 @@ def wait_for_job(cluster: int, timeout: float = 120, proc: int = 0) -> Any:
             raise AssertionError(
                 f"job {cluster}.{proc} is {'removed' if status == 3 else 'held'}: "
                 f"{ad.get('HoldReason', '')}")
-        return ad if status == 4 else None
+        # The queue says 4 a moment before the schedd has written the end of the run
+        # (LastRemoteHost, ...) and moved the job to the history: wait for that final ad.
+        return ad if status == 4 and "LastRemoteHost" in ad else None
 
     def tail():
         ad = job_ad(cluster, proc)
