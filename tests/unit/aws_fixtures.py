@@ -12,6 +12,7 @@ import json
 import socket
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,13 +30,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def small_ami_catalogue(path: Path) -> Path:
+    """moto's own 44 default AMIs plus the ones its public Amazon Linux SSM parameters name in
+    REGION, instead of its full catalogue (~1,200 per region): every reset rebuilds each region's
+    images, and serializing an unfiltered DescribeImages took a third of the fast tier's time."""
+    from moto.utilities.utils import load_resource  # noqa: PLC0415 - moto's own reader (gzip)
+
+    default = load_resource("moto.ec2.models", "../resources/amis.json")
+    latest = load_resource("moto.ec2.models", f"../resources/latest_amis/{REGION}.json")
+    linux = f"resources/ami-amazon-linux-latest/{REGION}.json"
+    named = {p["Value"] for p in load_resource("moto.ssm.models", linux)}
+    path.write_text(json.dumps(default + [a for a in latest if a["ami_id"] in named]))
+    return path
+
+
 @pytest.fixture(scope="session")
-def moto_server_url() -> Iterator[str]:
+def moto_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    # Read when moto first builds an EC2 backend, which is after this (checked: importing
+    # moto.server does not load the AMIs).
+    catalogue = small_ami_catalogue(tmp_path_factory.mktemp("moto") / "amis.json")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOTO_AMIS_PATH", str(catalogue))
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        yield f"http://127.0.0.1:{port}"
+        server.stop()
 
 
 def reset(url: str) -> None:
@@ -110,14 +130,16 @@ def count_calls(client: Any, operation: str) -> list[dict[str, Any]]:
 
 
 @functools.cache
-def images(url: str) -> tuple[str, ...]:
-    """moto's built-in AMIs (the same after every reset); listing them is slow, so once."""
-    found = raw_client("ec2", url).describe_images(Owners=["amazon"])["Images"]
+def images(url: str, region: str = REGION) -> tuple[str, ...]:
+    """moto's built-in AMIs (the same after every reset); listing them takes a second or more
+    (over a thousand images), so once per region and worker."""
+    ec2 = boto3.client("ec2", endpoint_url=url, region_name=region)
+    found = ec2.describe_images(Owners=["amazon"])["Images"]
     return tuple(i["ImageId"] for i in found[:4])
 
 
-def default_image(url: str) -> str:
-    return images(url)[0]
+def default_image(url: str, region: str = REGION) -> str:
+    return images(url, region)[0]
 
 
 # --- the templates as deployed to AWS (no emulator: the policies' real, scoped form) ----------

@@ -17,7 +17,7 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
+from aws_fixtures import REGION, default_image, make_settings, moto_server_url, moto_url  # noqa: F401
 from botocore.exceptions import ClientError, EndpointConnectionError
 from fake_schedd import FakeSchedd
 
@@ -55,7 +55,7 @@ class Publisher:
 class World:
     def __init__(self, url: str, tmp_path: Any, store: Store | None = None, **settings: Any):
         self.ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION)
-        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        image = default_image(url)
         self.ec2.create_launch_template(
             LaunchTemplateName="annex-base",
             LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"},
@@ -178,7 +178,7 @@ def test_an_unobserved_region_is_not_reaped_nor_relaunched(moto_url, tmp_path): 
     far = world.want("bob", "far", region=FAR)
     # bob's annex runs in FAR; a launch template exists there too.
     ec2_far = boto3.client("ec2", endpoint_url=moto_url, region_name=FAR)
-    image = ec2_far.describe_images()["Images"][0]["ImageId"]
+    image = default_image(moto_url, FAR)
     ec2_far.create_launch_template(
         LaunchTemplateName="annex-base",
         LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"},
@@ -389,7 +389,7 @@ def test_a_record_holding_a_bad_region_fails_only_its_own_annex(moto_url, tmp_pa
 
 def launch_tagged(url: str, region: str, owner: str, name: str, pool: str) -> str:
     ec2 = boto3.client("ec2", endpoint_url=url, region_name=region)
-    image = ec2.describe_images()["Images"][0]["ImageId"]
+    image = default_image(url, region)
     tags = {
         names.TAG_POOL: pool,
         names.TAG_OWNER: owner,

@@ -9,7 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
+from aws_fixtures import REGION, default_image, make_settings, moto_server_url, moto_url  # noqa: F401
 from fake_schedd import FakeSchedd
 
 from annex_gahp import lifecycle, names, spec
@@ -73,7 +73,7 @@ class Publisher:
 @pytest.fixture
 def world(moto_url, tmp_path):  # noqa: F811
     ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name=REGION)
-    image = ec2.describe_images()["Images"][0]["ImageId"]
+    image = default_image(moto_url)
     ec2.create_launch_template(
         LaunchTemplateName="annex-base",
         LaunchTemplateData={"ImageId": image, "InstanceType": "m5.large"},

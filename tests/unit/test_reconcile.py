@@ -12,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
+from aws_fixtures import REGION, default_image, make_settings, moto_server_url, moto_url  # noqa: F401
 from fake_schedd import FakeSchedd
 
 from annex_gahp import names, spec
@@ -58,7 +58,7 @@ class World:
 
 def build(moto_url: str, tmp_path, store: Store | None = None, clock: Clock | None = None):  # noqa: F811
     ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name=REGION)
-    image = ec2.describe_images()["Images"][0]["ImageId"]
+    image = default_image(moto_url)
     try:
         ec2.create_launch_template(
             LaunchTemplateName="annex-base",
@@ -252,7 +252,7 @@ def test_orphans_are_reaped_after_the_grace_period(moto_url, tmp_path):  # noqa:
     world = build(moto_url, tmp_path)
     want(world)
     world.loop.run_once()  # a record exists, so the store is not "fresh" on the next start
-    image = world.ec2.describe_images()["Images"][0]["ImageId"]
+    image = default_image(moto_url)
     orphan = world.ec2.run_instances(
         ImageId=image,
         MinCount=1,

@@ -9,7 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_fixtures import REGION, make_settings, moto_server_url, moto_url  # noqa: F401
+from aws_fixtures import REGION, default_image, make_settings, moto_server_url, moto_url  # noqa: F401
 from fake_schedd import FakeSchedd
 from test_lifecycle_reconcile import Clock, Collector
 
@@ -42,7 +42,7 @@ class Publisher:
 class World:
     def __init__(self, moto_url: str, tmp_path: Path, store: Store | None = None) -> None:  # noqa: F811
         self.ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name=REGION)
-        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        image = default_image(moto_url)
         try:
             self.ec2.create_launch_template(
                 LaunchTemplateName="annex-base", LaunchTemplateData={"ImageId": image}

@@ -207,6 +207,8 @@ def imds() -> Iterator[FakeImds]:
                 self._reply(404, "Not Found")
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # An agent still polling holds a connection open; its handler thread need not be waited for.
+    server.block_on_close = False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
