@@ -90,7 +90,7 @@ def as_series(rows: Iterable[Any]) -> dict[cost.PriceKey, list[cost.PricePoint]]
     for row in rows:
         key = cost.PriceKey(row.region, row.instance_type, row.lifecycle, row.zone)
         series[key].append(cost.PricePoint(row.since, row.per_hour, row.currency))
-    return dict(series)
+    return {key: tuple(points) for key, points in series.items()}  # shared: read-only
 
 
 class PriceSource:

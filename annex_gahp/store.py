@@ -270,6 +270,7 @@ class Store:
         self._marks: list[Mark] | None = None
         self._depth = 0  # transactions open on the connection (the first, then savepoints)
         self._price_rows: list[PriceRow] | None = None  # Store.prices, until the next write
+        self._price_generation = 0  # changes with every price write (accounting caches by it)
         fresh = not os.path.exists(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -708,13 +709,21 @@ class Store:
             if row is not None and (row[0], row[1]) == (per_hour, currency):
                 return False
             self._price_rows = None
+            self._price_generation += 1
             db.execute(
                 "INSERT OR REPLACE INTO prices(region, zone, instance_type, lifecycle, since,"
                 " per_hour, currency, source) VALUES (?,?,?,?,?,?,?,?)",
                 (region, zone, instance_type, lifecycle, now, per_hour, currency, source),
             )
         self._price_rows = None  # what a read inside the transaction cached may be undone
+        self._price_generation += 1
         return True
+
+    @property
+    def price_generation(self) -> int:
+        """A number that changes whenever a price point is written: views of the prices
+        (accounting.price_table) are rebuilt only then."""
+        return self._price_generation
 
     def prices(self) -> list[PriceRow]:
         """Every price point, oldest first. Read for every annex's view each cycle, written
