@@ -29,7 +29,7 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_fixtures import REGION, free_port, make_settings
+from aws_fixtures import REGION, free_port, make_settings, small_ami_catalogue
 from botocore.exceptions import ClientError
 
 from annex_gahp import names, userdata
@@ -41,10 +41,11 @@ AGENT = Path(userdata.__file__).parent / "templates" / "annex-agent.py"
 
 
 @pytest.fixture(scope="module")
-def enforcing_moto() -> Iterator[str]:
+def enforcing_moto(tmp_path_factory) -> Iterator[str]:
     """A moto server that authenticates and authorises every request after the first 3."""
     port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    amis = small_ami_catalogue(tmp_path_factory.mktemp("moto") / "amis.json")
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", MOTO_AMIS_PATH=str(amis))
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=env,
