@@ -388,3 +388,21 @@ def test_an_owner_at_the_budget_has_every_annex_retired_and_held(moto_url, tmp_p
     assert annex.retire_reason == RetireReason.BUDGET.value
     assert "alice reached the budget ANNEX_BUDGET_PER_USER = 1.00 USD/30d" in annex.last_error
     assert any("ANNEX_BUDGET_PER_USER" in reason for _, _, reason in world.demand.held)
+
+
+def test_the_price_table_is_rebuilt_after_each_price_write_and_only_then(tmp_path):
+    store = Store(str(tmp_path / "s.sqlite"))
+    point = {"region": REGION, "zone": "", "instance_type": "m5.large", "lifecycle": "spot"}
+    store.record_price(**point, per_hour=0.05, currency="USD", source="ec2", now=1000)
+    first = accounting.price_table(store)
+    assert accounting.price_table(store) is first  # views read it, nothing rebuilt it
+    key = cost.PriceKey(REGION, "m5.large", "spot", "")
+    assert [p.per_hour for p in first[key]] == [0.05]
+    # The same price again is no write; a new one is seen by the next view.
+    assert not store.record_price(**point, per_hour=0.05, currency="USD", source="ec2", now=2000)
+    assert accounting.price_table(store) is first
+    store.record_price(**point, per_hour=0.07, currency="USD", source="ec2", now=3000)
+    assert [p.per_hour for p in accounting.price_table(store)[key]] == [0.05, 0.07]
+    # A second store (another state file) has tables of its own.
+    other = Store(str(tmp_path / "other.sqlite"))
+    assert accounting.price_table(other) == {}
