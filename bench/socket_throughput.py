@@ -269,9 +269,9 @@ def main() -> int:
         return 0
     env = common.bench_env()
     ok = True
-    # After the api benchmark the router still runs a translate hook for most of its removed
-    # 1,000 jobs for a minute or two; those processes would be measured too (858/s in a whole
-    # `scripts/bench` run on 72adfde+, where this ran right after api; 1,430/s alone).
+    # After the api benchmark the router may still run a translate hook for many of its
+    # removed 1,000 jobs (router_quiet's docstring); those processes would be measured too.
+    # Usually it is already quiet (no wait in the run of 2026-12-05 11:10).
     period = float(common.run(["condor_config_val", "JOB_ROUTER_POLLING_PERIOD"]).stdout or 5)
     waited = common.router_quiet(period)
     if waited > 1:
