@@ -145,16 +145,6 @@ def condor_q_af(user: str, cluster: int, *attrs: str) -> list[list[str]]:
     return [line.split("\t") for line in res.stdout.splitlines() if line.strip()]
 
 
-def helper_log_since(offset: int) -> str:
-    with HELPER_LOG.open(errors="replace") as handle:
-        handle.seek(offset)
-        return handle.read()
-
-
-def helper_log_size() -> int:
-    return HELPER_LOG.stat().st_size
-
-
 def helper_log_tail() -> str:
     lines = HELPER_LOG.read_text(errors="replace").splitlines()
     return "AnnexGahpLog tail:\n" + "\n".join(lines[-30:])
@@ -169,25 +159,25 @@ def wait(condition, timeout: float, what: str):
 ROUTER_LOG = Path("/var/log/condor/JobRouterLog")
 
 
-def router_log_size() -> int:
-    return ROUTER_LOG.stat().st_size
+def reconfig_until(log: Path, line: str, what: str) -> None:
+    """condor_reconfig, then wait until `log` has `line` after what it held before: the
+    daemon's own word that it has read the new config (instead of sleeping and hoping)."""
+    offset = log.stat().st_size
 
+    def written() -> bool:
+        with log.open(errors="replace") as handle:
+            handle.seek(offset)
+            return line in handle.read()
 
-def router_log_since(offset: int) -> str:
-    with ROUTER_LOG.open(errors="replace") as handle:
-        handle.seek(offset)
-        return handle.read()
+    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
+    wait(written, 30, what)
 
 
 def router_reconfigured() -> None:
     """condor_reconfig, then wait until the job router has re-read its routes (it logs their
     order after each reconfig): its next pass uses the new config."""
-    offset = router_log_size()
-    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-    wait(
-        lambda: "Routes will be matched in this order" in router_log_since(offset),
-        30,
-        "the job router to re-read its routes",
+    reconfig_until(
+        ROUTER_LOG, "Routes will be matched in this order", "the job router to re-read its routes"
     )
 
 
@@ -305,13 +295,7 @@ def schedd_knob(knob: str) -> str:
 def reconfigured(knobs: dict[str, str]) -> None:
     """condor_reconfig, then wait until the helper has re-read its knobs (its log says so) and
     the schedd holds `knobs` (instead of sleeping through cycles and hoping)."""
-    offset = helper_log_size()
-    subprocess.run(["condor_reconfig"], check=True, capture_output=True)
-    wait(
-        lambda: "configuration reloaded" in helper_log_since(offset),
-        30,
-        "the helper to reload its configuration",
-    )
+    reconfig_until(HELPER_LOG, "configuration reloaded", "the helper to reload its configuration")
     wait(
         lambda: all(schedd_knob(k) == v for k, v in knobs.items()),
         30,
